@@ -45,3 +45,9 @@ class InputError(EdgediffError):
 
 class PassError(EdgediffError):
     """An unknown pass name, or a pass that cannot run on the given module or target."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (TVM and torch errors carry long tracebacks in them)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

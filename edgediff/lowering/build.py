@@ -1,0 +1,122 @@
+"""Run the pass pipeline, build with TVM and export the library for the target (cross-compiling if needed)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgediff.errors import BuildError, CrossCompilerNotFoundError, first_line
+from edgediff.passes import instantiate
+
+
+@dataclass
+class PassResult:
+    name: str
+    report: dict[str, Any]
+    seconds: float
+
+
+def run_passes(
+    mod: Any, spec: Any, names: list[str], on_pass: Callable[[str], None] | None = None
+) -> tuple[Any, list[PassResult]]:
+    """Apply the named passes in order inside the target's context; return the module and each report."""
+    import time
+
+    target = spec.build_target()
+    results: list[PassResult] = []
+    with target:
+        for name, pass_ in instantiate(names, spec):
+            if on_pass:
+                on_pass(name)
+            start = time.perf_counter()
+            try:
+                mod = pass_(mod)
+            except Exception as err:
+                raise BuildError(f"pass '{name}' failed for target {spec.name}: {first_line(err)}") from err
+            results.append(PassResult(name, dict(pass_.report), time.perf_counter() - start))
+    return mod, results
+
+
+def build(mod: Any, spec: Any) -> Any:
+    """Lower the scheduled module to a VM executable (memory planning, VM codegen, LLVM/OpenCL codegen)."""
+    import tvm
+    from tvm import relax
+
+    target = spec.build_target()
+    if spec.kind == "gpu":
+        backend = relax.backend.gpu_generic
+    else:
+        backend = relax.backend.cpu_generic.pipeline  # its package does not re-export dataflow_lower_passes
+    finalize = tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+    try:
+        with target:
+            return tvm.compile(mod, target=target, relax_pipeline=finalize)
+    except Exception as err:
+        hint = ""
+        if spec.kind == "gpu" and "schedule" not in str(err):
+            hint = " (GPU kernels need the 'schedule' pass to bind threads)"
+        raise BuildError(f"TVM build for target {spec.name} failed: {first_line(err)}{hint}") from err
+
+
+@dataclass
+class ExportedLibrary:
+    """The library file written for the artifact and how it was produced."""
+
+    file: str  # file name inside the artifact
+    format: str  # "shared" (a loadable .so) or "objects" (a .tar of object files to link on the device)
+    compiler: str | None
+    note: str | None = None
+
+
+def export_library(executable: Any, spec: Any, directory: Path, *, require_compiler: bool = False) -> ExportedLibrary:
+    """Write the compiled library into ``directory``.
+
+    A host target gets a ``.so`` linked by the host compiler. A cross target gets a ``.so`` linked by its
+    cross compiler when that is installed; otherwise a ``.tar`` of object files and a note saying how to
+    link it (or, with ``require_compiler``, an error).
+    """
+    from tvm.support import cc
+
+    compiler = spec.cross_compiler
+    if compiler is None:
+        path = directory / "model.so"
+        executable.export_library(str(path))
+        return ExportedLibrary(path.name, "shared", "host")
+    if shutil.which(compiler):
+        path = directory / "model.so"
+        try:
+            executable.export_library(str(path), fcompile=cc.cross_compiler(compiler))
+        except Exception as err:
+            raise BuildError(f"linking with {compiler} failed: {first_line(err)}") from err
+        return ExportedLibrary(path.name, "shared", compiler)
+    message = (
+        f"cross compiler '{compiler}' for target {spec.name} is not installed "
+        "(Debian: apt-get install g++-aarch64-linux-gnu)"
+    )
+    if require_compiler:
+        raise CrossCompilerNotFoundError(message)
+    path = directory / "model.tar"
+    executable.export_library(str(path))
+    note = (
+        f"{message}; wrote model.tar (object files). Link it on a machine that has the compiler: "
+        f"tar xf model.tar && {compiler} -shared -fPIC -o model.so *.o, then set library.file to model.so "
+        "in manifest.json (and its sha256)"
+    )
+    return ExportedLibrary(path.name, "objects", None, note)
+
+
+def device_sources(executable: Any) -> dict[str, str]:
+    """Generated device code (e.g. OpenCL C) by module kind, for inspection and kernel tests."""
+    sources: dict[str, str] = {}
+
+    def walk(module: Any) -> None:
+        for imported in module.imports:
+            if imported.kind not in ("llvm", "c", "static_library"):
+                sources[imported.kind] = sources.get(imported.kind, "") + imported.inspect_source()
+            walk(imported)
+
+    walk(executable.mod)
+    return sources

@@ -1,0 +1,77 @@
+"""The edgediff pass pipeline: which passes run, in which order, for a target.
+
+Order matters and belongs to the compiler, not to the caller: graph rewrites see Relax operators, so they
+run before ``legalize`` turns operators into kernels; fusion runs on kernels; scheduling runs last on the
+fused kernels. Users choose *which* passes run (by name); the order is always the one below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# Importing the pass modules registers them.
+from edgediff.passes import (  # noqa: F401
+    apply_schedules,
+    cast_to_fp16,
+    decompose_for_inference,
+    fuse_ops,
+    legalize_ops,
+    npu_op_coverage,
+)
+from edgediff.passes.registry import PASSES, get_pass_entry
+
+from edgediff.errors import PassError
+
+PASS_ORDER: tuple[str, ...] = (
+    # graph level (Relax operators)
+    "decompose-for-inference",
+    "cast-to-fp16",
+    "npu-op-coverage",
+    # kernel level (TIR)
+    "legalize",
+    "fuse-ops",
+    "schedule",
+)
+
+
+def default_pipeline(spec: Any) -> list[str]:
+    """The passes a target runs when the user names none: the spec's own list, else one per target kind."""
+    if spec.passes:
+        return resolve_pipeline(spec, list(spec.passes))
+    names = ["decompose-for-inference"]
+    if not spec.supports_dtype("float32"):
+        names.append("cast-to-fp16")
+    if spec.kind == "npu":
+        names.append("npu-op-coverage")
+    names += ["legalize", "fuse-ops", "schedule"]
+    return names
+
+
+def resolve_pipeline(spec: Any, passes: Iterable[str] | Mapping[str, bool] | None) -> list[str]:
+    """Turn the user's ``passes`` argument into the ordered list of pass names to run.
+
+    ``None`` is the target's default pipeline; a list names exactly the passes to run; a mapping switches
+    passes of the default pipeline on or off by name (``{"fuse-ops": False}``).
+    """
+    if passes is None:
+        return default_pipeline(spec)
+    if isinstance(passes, Mapping):
+        chosen = set(default_pipeline(spec))
+        for name, enabled in passes.items():
+            get_pass_entry(name)
+            (chosen.add if enabled else chosen.discard)(name)
+    else:
+        chosen = set()
+        for name in passes:
+            get_pass_entry(name)
+            chosen.add(name)
+    missing = [name for name, entry in PASSES.items() if entry.required and name not in chosen]
+    if missing:
+        raise PassError(f"pass '{missing[0]}' is required and cannot be switched off")
+    return [name for name in PASS_ORDER if name in chosen]
+
+
+def instantiate(names: Iterable[str], spec: Any) -> list[tuple[str, Any]]:
+    """Construct each named pass for ``spec``."""
+    return [(name, get_pass_entry(name).factory(spec)) for name in names]

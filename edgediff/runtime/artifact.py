@@ -1,0 +1,237 @@
+"""Reading edgediff artifacts: manifest, weights and the compiled library. Torch-free.
+
+An artifact is a directory::
+
+    manifest.json   model, target spec, passes and their reports, inputs/outputs, versions, file hashes
+    model.so        the compiled library (or model.tar of objects when no cross compiler was installed)
+    weights.bin     every weight, 64-byte aligned, in the order the compiled ``main`` takes them
+    kernels/        generated device source (OpenCL C for GPU targets), for inspection
+
+Weights live apart from the library so that a multi-GB model never goes through the linker, and so that
+weights can be swapped (LoRA, re-quantisation) without a rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import ArtifactError, InputError
+from edgediff.runtime.tensor_info import TensorInfo
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
+WEIGHT_ALIGNMENT = 64
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and sanity-check ``manifest.json`` of the artifact at ``path``."""
+    root = Path(path)
+    manifest_path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"artifact '{root}' does not exist or is not a directory")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"'{root}' is not an edgediff artifact: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{manifest_path}: corrupted manifest ({err})") from err
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: artifact format version {version}, this edgediff reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _check_file(root: Path, record: dict[str, Any], what: str, *, hash_it: bool) -> Path:
+    path = root / record["file"]
+    if not path.is_file():
+        raise ArtifactError(f"{root}: {what} file '{record['file']}' is missing")
+    if path.stat().st_size != record["bytes"]:
+        raise ArtifactError(
+            f"{root}: {what} file '{record['file']}' has {path.stat().st_size} bytes, "
+            f"manifest says {record['bytes']} (corrupted or replaced)"
+        )
+    if hash_it and sha256_file(path) != record["sha256"]:
+        raise ArtifactError(f"{root}: {what} file '{record['file']}' fails its sha256 check (corrupted)")
+    return path
+
+
+def _check_tvm_version(root: Path, manifest: dict[str, Any]) -> None:
+    import tvm
+
+    built = str(manifest.get("versions", {}).get("tvm", ""))
+    # The VM bytecode and kernel ABI change between TVM minor releases.
+    if built.split(".")[:2] != tvm.__version__.split(".")[:2]:
+        raise ArtifactError(
+            f"{root}: built with TVM {built}, but this runtime has TVM {tvm.__version__}; rebuild the artifact"
+        )
+
+
+def load_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -> list[np.ndarray]:
+    """Memory-map ``weights.bin`` and return one read-only array per weight, in call order."""
+    record = manifest["weights"]
+    path = _check_file(root, record, "weights", hash_it=verify)
+    if record["bytes"] == 0:
+        return []
+    blob = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays = []
+    for entry in record["tensors"]:
+        raw = blob[entry["offset"] : entry["offset"] + entry["nbytes"]]
+        arrays.append(raw.view(np.dtype(entry["dtype"])).reshape(entry["shape"]))
+    return arrays
+
+
+class CompiledModule:
+    """A host-runnable artifact as a callable: numpy (or torch) inputs in, numpy outputs out."""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        _check_tvm_version(self.path, self.manifest)
+        library = self.manifest["library"]
+        if not self.manifest.get("runs_on_host", False):
+            raise ArtifactError(
+                f"{self.path}: built for target {self.manifest['target']['name']}, which does not run on this "
+                "machine; copy it to the device (see `edgediff bundle`) or compile for 'host'"
+            )
+        if library["format"] != "shared":
+            raise ArtifactError(f"{self.path}: library is {library['file']} (objects), not a loadable .so")
+        library_path = _check_file(self.path, library, "library", hash_it=True)
+        self.inputs = [TensorInfo.from_dict(d) for d in self.manifest["inputs"]]
+        self.outputs = [TensorInfo.from_dict(d) for d in self.manifest["outputs"]]
+        self.device = tvm.cpu()
+        self._vm = VirtualMachine(tvm.runtime.load_module(str(library_path)), self.device)
+        self._main = self._vm["main"]
+        weights = load_weights(self.path, self.manifest, verify=verify)
+        self._weights = [tvm.runtime.tensor(np.ascontiguousarray(w), self.device) for w in weights]
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["model"]["name"])
+
+    def _to_array(self, value: Any, info: TensorInfo) -> np.ndarray:
+        if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
+            value = value.detach().cpu().numpy()
+        array = np.asarray(value)
+        if tuple(array.shape) != info.shape:
+            raise InputError(
+                f"{self.name}: input '{info.name}' has shape {list(array.shape)}, expected {list(info.shape)}"
+            )
+        if array.dtype != np.dtype(info.dtype):
+            if np.can_cast(array.dtype, info.dtype, casting="same_kind"):
+                array = array.astype(info.dtype)
+            else:
+                raise InputError(f"{self.name}: input '{info.name}' is {array.dtype}, expected {info.dtype}")
+        return np.ascontiguousarray(array)
+
+    def __call__(self, *inputs: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+        if len(inputs) == 1 and isinstance(inputs[0], dict):
+            inputs = tuple(inputs[0][info.name] for info in self.inputs)
+        if len(inputs) != len(self.inputs):
+            expected = ", ".join(info.describe() for info in self.inputs)
+            raise InputError(f"{self.name}: got {len(inputs)} inputs, expected {len(self.inputs)} ({expected})")
+        import tvm
+
+        args = [tvm.runtime.tensor(self._to_array(v, info), self.device) for v, info in zip(inputs, self.inputs)]
+        result = self._main(*args, *self._weights)
+        if len(self.outputs) == 1:
+            return result.numpy()
+        return tuple(item.numpy() for item in result)
+
+    def __repr__(self) -> str:
+        sig = ", ".join(info.describe() for info in self.inputs)
+        return f"CompiledModule({self.name} @ {self.path}: ({sig}))"
+
+
+def check_artifact(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """Verify an artifact's files against its manifest without loading the library; return the manifest."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    _check_file(root, manifest["library"], "library", hash_it=verify)
+    _check_file(root, manifest["weights"], "weights", hash_it=verify)
+    return manifest
+
+
+def load(path: str | os.PathLike, *, verify: bool = True) -> CompiledModule:
+    """Load a host-runnable artifact as a callable module (checks hashes and the TVM version)."""
+    return CompiledModule(path, verify=verify)
+
+
+def describe_manifest(manifest: dict[str, Any], path: str | os.PathLike | None = None) -> str:
+    """A readable summary of an artifact, as printed by ``edgediff inspect``."""
+    model, target, library = manifest["model"], manifest["target"], manifest["library"]
+    weights = manifest["weights"]
+    lines = [
+        f"edgediff artifact{f' {path}' if path else ''}",
+        f"  model     {model['name']}" + (f" ({model['family']})" if model.get("family") else ""),
+        f"  target    {target['name']} ({target['kind']}): {target.get('description', '')}",
+        f"  library   {library['file']} [{library['format']}], {library['bytes']:,} bytes"
+        + (f", linked with {library['compiler']}" if library.get("compiler") else ""),
+        f"  weights   {weights['file']}: {len(weights['tensors'])} tensors, {weights['bytes']:,} bytes",
+        "  inputs    " + "; ".join(TensorInfo.from_dict(d).describe() for d in manifest["inputs"]),
+        "  outputs   " + "; ".join(TensorInfo.from_dict(d).describe() for d in manifest["outputs"]),
+        f"  runs here {'yes' if manifest.get('runs_on_host') else 'no (cross-compiled)'}",
+        f"  built     {manifest['created']} in {manifest['compile_seconds']:.1f} s with "
+        + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
+        "  passes",
+    ]
+    for item in manifest["passes"]:
+        lines.append(f"    {item['name']:<24} {item['report'].get('summary', '')}  [{item['seconds']:.2f} s]")
+    for note in manifest.get("notes", []):
+        lines.append(f"  note      {note}")
+    if manifest.get("device_code"):
+        for kind, record in manifest["device_code"].items():
+            lines.append(f"  device    {kind}: {record['kernels']} kernels in {record['file']}")
+    return "\n".join(lines)
+
+
+class Artifact:
+    """A compiled artifact on disk: what :func:`edgediff.compile_model` returns."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+
+    @property
+    def library_path(self) -> Path:
+        return self.path / self.manifest["library"]["file"]
+
+    @property
+    def runs_on_host(self) -> bool:
+        return bool(self.manifest.get("runs_on_host"))
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return [TensorInfo.from_dict(d) for d in self.manifest["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return [TensorInfo.from_dict(d) for d in self.manifest["outputs"]]
+
+    def load(self, *, verify: bool = True) -> CompiledModule:
+        return CompiledModule(self.path, verify=verify)
+
+    def describe(self) -> str:
+        return describe_manifest(self.manifest, self.path)
+
+    def __repr__(self) -> str:
+        return f"Artifact({self.path}, model={self.manifest['model']['name']}, target={self.manifest['target']['name']})"
