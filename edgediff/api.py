@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,14 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=len(STAGES), desc=f"{name} -> {target}", unit="stage", leave=True)
+            # draw only on a terminal, so logs and pipes get no redraw noise
+            self.bar = tqdm(
+                total=len(STAGES),
+                desc=f"{name} -> {target}",
+                unit="stage",
+                leave=True,
+                disable=not sys.stderr.isatty(),
+            )
 
     def stage(self, label: str) -> None:
         if self.bar is not None:
@@ -42,8 +50,10 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool) -> None:
         if self.bar is not None:
+            # a failed compile's bar is erased so the error message stands alone
+            self.bar.leave = not failed
             self.bar.close()
 
 
@@ -64,9 +74,10 @@ def _versions(source: str) -> dict[str, str]:
 def _target_notes(spec: Any) -> list[str]:
     notes = []
     if spec.kind == "npu":
+        host_triple = spec.tvm_target.get("mtriple", "host") if isinstance(spec.tvm_target, dict) else "host"
         notes.append(
             "NPU program not generated yet: every kernel is built for the NPU's host CPU "
-            f"({spec.tvm_target.get('mtriple', 'host') if isinstance(spec.tvm_target, dict) else spec.tvm_target})"
+            f"({host_triple})"
             "; the npu-op-coverage report lists the ops the NPU would take"
         )
     if spec.features.get("texture_memory"):
@@ -112,6 +123,7 @@ def compile_model(
     start = time.perf_counter()
 
     bar = _Progress(progress, name or _display_name(model), spec.name)
+    failed = True
     try:
         bar.stage("capture (torch.export)")
         captured = capture(model, example_inputs, input_names=input_names, name=name)
@@ -121,14 +133,18 @@ def compile_model(
         imported = import_to_relax(captured)
         bar.advance()
 
-        mod, pass_results = run_passes(imported.mod, spec, pass_names, on_pass=lambda p: bar.stage(f"pass {p}"))
+        mod, pass_results = run_passes(
+            imported.mod, spec, pass_names, on_pass=lambda p: bar.stage(f"pass {p}")
+        )
         bar.advance()
 
         bar.stage("build (TVM)")
         executable = build(mod, spec)
         bar.advance()
 
-        destination = Path(output_dir) if output_dir else Path("edgediff-out") / f"{captured.name}-{spec.name}"
+        destination = (
+            Path(output_dir) if output_dir else Path("edgediff-out") / f"{captured.name}-{spec.name}"
+        )
         with atomic_directory(destination) as staging:
             bar.stage("export library")
             library = export_library(executable, spec, staging, require_compiler=require_cross_compiler)
@@ -155,8 +171,11 @@ def compile_model(
                 "passes": [
                     {"name": r.name, "seconds": round(r.seconds, 3), "report": r.report} for r in pass_results
                 ],
-                "library": {**file_record(staging, library.file), "format": library.format,
-                            "compiler": library.compiler},
+                "library": {
+                    **file_record(staging, library.file),
+                    "format": library.format,
+                    "compiler": library.compiler,
+                },
                 "weights": weights,
                 "device_code": device_code,
                 "versions": _versions(captured.source),
@@ -164,8 +183,9 @@ def compile_model(
             }
             write_manifest(staging, manifest)
             bar.advance()
+        failed = False
     finally:
-        bar.close()
+        bar.close(failed=failed)
     return Artifact(destination)
 
 

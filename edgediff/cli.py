@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from edgediff.errors import EdgediffError
@@ -80,7 +81,9 @@ def _cmd_passes(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgediff", description="Compile diffusion models for edge targets.")
+    parser = argparse.ArgumentParser(
+        prog="edgediff", description="Compile diffusion models for edge targets."
+    )
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -89,10 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target", default="host", help="built-in target name or target YAML path")
     compile_.add_argument("-o", "--output", required=True, help="artifact directory to write")
     compile_.add_argument("--passes", help="comma-separated passes to run instead of the target default")
-    compile_.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
-                          help="switch off one pass of the default pipeline (repeatable)")
-    compile_.add_argument("--require-cross-compiler", action="store_true",
-                          help="fail instead of writing a .tar of objects when the cross compiler is missing")
+    compile_.add_argument(
+        "--disable-pass",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="switch off one pass of the default pipeline (repeatable)",
+    )
+    compile_.add_argument(
+        "--require-cross-compiler",
+        action="store_true",
+        help="fail instead of writing a .tar of objects when the cross compiler is missing",
+    )
     compile_.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     compile_.set_defaults(run=_cmd_compile)
 
@@ -119,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch.export's own deprecation chatter is not the user's business
+    warnings.filterwarnings("ignore", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run

@@ -50,7 +50,9 @@ def build(mod: Any, spec: Any) -> Any:
         backend = relax.backend.gpu_generic
     else:
         backend = relax.backend.cpu_generic.pipeline  # its package does not re-export dataflow_lower_passes
-    finalize = tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+    finalize = tvm.transform.Sequential(
+        backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+    )
     try:
         with target:
             return tvm.compile(mod, target=target, relax_pipeline=finalize)
@@ -71,7 +73,9 @@ class ExportedLibrary:
     note: str | None = None
 
 
-def export_library(executable: Any, spec: Any, directory: Path, *, require_compiler: bool = False) -> ExportedLibrary:
+def export_library(
+    executable: Any, spec: Any, directory: Path, *, require_compiler: bool = False
+) -> ExportedLibrary:
     """Write the compiled library into ``directory``.
 
     A host target gets a ``.so`` linked by the host compiler. A cross target gets a ``.so`` linked by its

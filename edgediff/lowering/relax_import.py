@@ -88,9 +88,7 @@ def _import_exported_program(captured: CapturedModel) -> ImportedModel:
         raise UnsupportedOpError(
             f"unsupported op '{node.target.__name__}' ({_node_location(node)}) in {captured.name}{extra}"
         )
-    importer.convert_map = {
-        key: _guarded(convert, key) for key, convert in importer.convert_map.items()
-    }
+    importer.convert_map = {key: _guarded(convert, key) for key, convert in importer.convert_map.items()}
     try:
         mod = importer.from_exported_program(
             program,

@@ -31,5 +31,5 @@ def kernel_count(mod: Any) -> int:
 
 
 def tir_call_count(mod: Any) -> int:
-    """Number of ``call_tir`` launches in ``main``: each is one kernel launch and one output write to memory."""
+    """Number of ``call_tir`` launches: each is one kernel launch and one output written to memory."""
     return relax_op_histogram(mod).get("relax.call_tir", 0)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from edgediff.errors import PassError
+
 # Importing the pass modules registers them.
 from edgediff.passes import (  # noqa: F401
     apply_schedules,
@@ -20,8 +22,6 @@ from edgediff.passes import (  # noqa: F401
     npu_op_coverage,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
-
-from edgediff.errors import PassError
 
 PASS_ORDER: tuple[str, ...] = (
     # graph level (Relax operators)

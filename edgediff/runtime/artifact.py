@@ -53,7 +53,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
-            f"{manifest_path}: artifact format version {version}, this edgediff reads version {FORMAT_VERSION}"
+            f"{manifest_path}: artifact format version {version}, "
+            f"this edgediff reads version {FORMAT_VERSION}"
         )
     return manifest
 
@@ -79,7 +80,8 @@ def _check_tvm_version(root: Path, manifest: dict[str, Any]) -> None:
     # The VM bytecode and kernel ABI change between TVM minor releases.
     if built.split(".")[:2] != tvm.__version__.split(".")[:2]:
         raise ArtifactError(
-            f"{root}: built with TVM {built}, but this runtime has TVM {tvm.__version__}; rebuild the artifact"
+            f"{root}: built with TVM {built}, but this runtime has TVM {tvm.__version__}; "
+            "rebuild the artifact"
         )
 
 
@@ -110,7 +112,8 @@ class CompiledModule:
         library = self.manifest["library"]
         if not self.manifest.get("runs_on_host", False):
             raise ArtifactError(
-                f"{self.path}: built for target {self.manifest['target']['name']}, which does not run on this "
+                f"{self.path}: built for target {self.manifest['target']['name']}, "
+                "which does not run on this "
                 "machine; copy it to the device (see `edgediff bundle`) or compile for 'host'"
             )
         if library["format"] != "shared":
@@ -148,10 +151,15 @@ class CompiledModule:
             inputs = tuple(inputs[0][info.name] for info in self.inputs)
         if len(inputs) != len(self.inputs):
             expected = ", ".join(info.describe() for info in self.inputs)
-            raise InputError(f"{self.name}: got {len(inputs)} inputs, expected {len(self.inputs)} ({expected})")
+            raise InputError(
+                f"{self.name}: got {len(inputs)} inputs, expected {len(self.inputs)} ({expected})"
+            )
         import tvm
 
-        args = [tvm.runtime.tensor(self._to_array(v, info), self.device) for v, info in zip(inputs, self.inputs)]
+        args = [
+            tvm.runtime.tensor(self._to_array(v, info), self.device)
+            for v, info in zip(inputs, self.inputs, strict=True)
+        ]
         result = self._main(*args, *self._weights)
         if len(self.outputs) == 1:
             return result.numpy()
@@ -234,4 +242,5 @@ class Artifact:
         return describe_manifest(self.manifest, self.path)
 
     def __repr__(self) -> str:
-        return f"Artifact({self.path}, model={self.manifest['model']['name']}, target={self.manifest['target']['name']})"
+        model, target = self.manifest["model"]["name"], self.manifest["target"]["name"]
+        return f"Artifact({self.path}, model={model}, target={target})"

@@ -1,0 +1,69 @@
+"""A roofline cost model over a :class:`TargetSpec`.
+
+Passes use it to make target-aware decisions without running anything: whether an op is compute- or
+memory-bound, whether a tile fits a memory level, how many lanes a vector holds. A roofline is coarse,
+but it only has to rank alternatives on the same target, and it needs nothing beyond the spec's figures.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from edgediff.errors import TargetSpecError
+from edgediff.targets.schema import DTYPE_BITS
+from edgediff.targets.spec import TargetSpec
+
+MemoryLevel = Literal["sram", "l1", "l2"]
+
+
+class CostModel:
+    """Roofline estimates for one target: time = max(compute time at peak, DRAM traffic time)."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+
+    def peak_flops(self, dtype: str = "float32") -> float:
+        """Peak throughput in FLOP/s (OP/s for integer dtypes); raises if the target lacks ``dtype``."""
+        gflops = self.spec.compute.peak_gflops.get(dtype)
+        if gflops is None:
+            raise TargetSpecError(
+                f"target {self.spec.name!r} does not support dtype {dtype!r}; "
+                f"it supports {', '.join(self.spec.dtypes)}"
+            )
+        return gflops * 1e9
+
+    @property
+    def dram_bytes_per_second(self) -> float:
+        """Peak DRAM bandwidth in bytes/s (the spec gives GB/s, decimal)."""
+        return self.spec.memory.dram_bandwidth_gbps * 1e9
+
+    def estimate_seconds(self, flops: float, dram_bytes: float, dtype: str = "float32") -> float:
+        """Lower-bound run time of work doing ``flops`` operations and moving ``dram_bytes`` through DRAM.
+
+        Compute and memory traffic are assumed to overlap perfectly, so the slower of the two dominates.
+        """
+        if flops < 0 or dram_bytes < 0:
+            raise ValueError(f"flops and dram_bytes must be non-negative, got {flops} and {dram_bytes}")
+        return max(flops / self.peak_flops(dtype), dram_bytes / self.dram_bytes_per_second)
+
+    def arithmetic_intensity_ridge(self, dtype: str = "float32") -> float:
+        """FLOP per DRAM byte above which work is compute-bound here: the roofline's ridge point."""
+        return self.peak_flops(dtype) / self.dram_bytes_per_second
+
+    def fits(self, nbytes: int, level: MemoryLevel) -> bool:
+        """Whether ``nbytes`` fit in one memory level; a level the target lacks (size 0) holds nothing."""
+        capacities = {
+            "sram": self.spec.memory.sram_bytes,
+            "l1": self.spec.memory.l1_bytes,
+            "l2": self.spec.memory.l2_bytes,
+        }
+        if level not in capacities:
+            raise ValueError(f"unknown memory level {level!r}; expected one of {', '.join(capacities)}")
+        capacity = capacities[level]
+        return capacity > 0 and 0 <= nbytes <= capacity
+
+    def vector_lanes(self, dtype: str = "float32") -> int:
+        """Elements of ``dtype`` per SIMD register (vector_bits / dtype bits), e.g. 4 float32 in 128 bits."""
+        if dtype not in DTYPE_BITS:
+            raise TargetSpecError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
+        return max(1, self.spec.compute.vector_bits // DTYPE_BITS[dtype])

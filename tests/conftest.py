@@ -1,0 +1,56 @@
+"""Shared fixtures: compiled artifacts are cached per test session (compiling is the slow part)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgediff.runtime.artifact import Artifact
+
+TINY_MODELS = ("tiny-sd15-unet", "tiny-sdxl-unet", "tiny-dit", "tiny-pixart", "tiny-sana", "tiny-vae-decoder")
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Artifact]:
+    """``compiled(model, target)`` -> Artifact, compiled once per session for each (model, target)."""
+    from edgediff import compile_model
+
+    cache: dict[tuple[str, str], Artifact] = {}
+    root = tmp_path_factory.mktemp("artifacts")
+
+    def get(model: str, target: str) -> Artifact:
+        key = (model, target)
+        if key not in cache:
+            cache[key] = compile_model(
+                model, target=target, output_dir=root / f"{model}-{target}", progress=False
+            )
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def zoo_model() -> Callable:
+    """``zoo_model(name)`` -> the ZooModel the compiled artifacts were built from (same seed)."""
+    from edgediff import zoo
+
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = zoo.build(name)
+        return cache[name]
+
+    return get
+
+
+def elf_machine(path: Path) -> int:
+    """The ELF e_machine field of a shared object (183 = AArch64, 62 = x86-64)."""
+    header = path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(header[18:20], "little")
+
+
+AARCH64 = 183
