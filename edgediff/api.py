@@ -99,6 +99,8 @@ def compile_model(
     name: str | None = None,
     progress: bool = True,
     require_cross_compiler: bool = False,
+    batch: int | None = None,
+    latent_size: int | None = None,
 ) -> Artifact:
     """Compile a diffusion model (or any ``nn.Module`` / ONNX file) for an edge target.
 
@@ -114,6 +116,8 @@ def compile_model(
             ``edgediff-out/<model>-<target>``.
         require_cross_compiler: fail instead of writing a ``.tar`` of objects when the target's cross
             compiler is missing.
+        batch, latent_size: input shapes for zoo names and diffusers folders (batch 2 = one-call
+            classifier-free guidance).
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
@@ -126,7 +130,9 @@ def compile_model(
     failed = True
     try:
         bar.stage("capture (torch.export)")
-        captured = capture(model, example_inputs, input_names=input_names, name=name)
+        captured = capture(
+            model, example_inputs, input_names=input_names, name=name, batch=batch, latent_size=latent_size
+        )
         bar.advance()
 
         bar.stage("import (fx -> Relax)")

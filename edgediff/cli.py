@@ -30,8 +30,86 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         output_dir=args.output,
         progress=not args.quiet,
         require_cross_compiler=args.require_cross_compiler,
+        batch=args.batch,
+        latent_size=args.latent_size,
     )
     print(artifact.describe())
+    return 0
+
+
+def _load_array(path: str | None, what: str):
+    import numpy as np
+
+    if path is None:
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as err:
+        raise EdgediffError(f"cannot read {what} '{path}': {err}") from err
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edgediff.runtime.image import write_png
+    from edgediff.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.from_directory(args.artifacts)
+    if args.prompt is not None:
+        raise EdgediffError(
+            f"--prompt needs a compiled text encoder and a tokenizer in {args.artifacts}; "
+            "this artifact set has "
+            "none: pass --prompt-embeds FILE.npy"
+        )
+    conditioning = _load_array(args.prompt_embeds, "--prompt-embeds")
+    negative = _load_array(args.negative_prompt_embeds, "--negative-prompt-embeds")
+    if args.class_label is not None:
+        conditioning = {"class_labels": np.array([args.class_label], dtype=np.int64)}
+    if conditioning is None:
+        raise EdgediffError("give the conditioning: --prompt-embeds FILE.npy (or --class-label N for DiT)")
+
+    bar = None
+    if not args.quiet and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=args.steps, desc=f"{args.sampler} x {args.steps}", unit="eval")
+
+    def progress(i: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(1)
+
+    try:
+        result = pipeline.generate(
+            conditioning,
+            negative=negative,
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            callback=progress,
+            decode=pipeline.decoder is not None,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.save_latents:
+        np.save(args.save_latents, result.latents)
+    if result.image is not None:
+        write_png(args.output, result.image)
+        print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
+    else:
+        print(
+            f"no decoder/ in {args.artifacts}: latents only"
+            + ("" if args.save_latents else " (--save-latents)")
+        )
+    print(result.timings.summary())
+    if args.profile:
+        steps = np.asarray(result.timings.steps) * 1e3
+        model = np.asarray(result.timings.model) * 1e3
+        print("per model evaluation (ms): step total / inside the compiled model / runtime overhead")
+        for i, (total, inside) in enumerate(zip(steps, model, strict=True)):
+            print(f"  {i:3d}  {total:9.3f}  {inside:9.3f}  {total - inside:7.3f}")
     return 0
 
 
@@ -104,8 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail instead of writing a .tar of objects when the cross compiler is missing",
     )
+    compile_.add_argument("--batch", type=int, help="batch of a zoo/diffusers model (2 = one-call CFG)")
+    compile_.add_argument("--latent-size", type=int, help="latent height/width of a zoo/diffusers model")
     compile_.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     compile_.set_defaults(run=_cmd_compile)
+
+    generate = commands.add_parser("generate", help="run the sampler loop on an artifact set, write a PNG")
+    generate.add_argument("artifacts", help="directory with denoiser/ (and decoder/) artifacts")
+    generate.add_argument("--prompt-embeds", help="prompt embeddings (.npy, batch 1)")
+    generate.add_argument("--negative-prompt-embeds", help="negative (empty) prompt embeddings for guidance")
+    generate.add_argument("--prompt", help="prompt text (needs a compiled text encoder in the set)")
+    generate.add_argument("--class-label", type=int, help="class label for class-conditional models (DiT)")
+    generate.add_argument("--sampler", default="dpmpp-2m", help="sampler name (default dpmpp-2m)")
+    generate.add_argument("--steps", type=int, default=20)
+    generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("-o", "--output", default="out.png")
+    generate.add_argument("--save-latents", help="also save the final latents (.npy)")
+    generate.add_argument("--profile", action="store_true", help="per-step time inside/outside the model")
+    generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.set_defaults(run=_cmd_generate)
 
     inspect_ = commands.add_parser("inspect", help="print an artifact's manifest readably")
     inspect_.add_argument("artifact")

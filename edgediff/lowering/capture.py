@@ -45,20 +45,30 @@ def capture(
     *,
     input_names: Sequence[str] | None = None,
     name: str | None = None,
+    batch: int | None = None,
+    latent_size: int | None = None,
 ) -> CapturedModel:
-    """Resolve ``model`` (module, ZooModel, zoo name, diffusers folder or .onnx path) and capture it."""
+    """Resolve ``model`` (module, ZooModel, zoo name, diffusers folder or .onnx path) and capture it.
+
+    ``batch`` and ``latent_size`` choose the example input shapes of zoo names and diffusers folders (batch 2
+    is the classifier-free-guidance build).
+    """
     from edgediff import zoo
 
+    shape_options = {k: v for k, v in (("batch", batch), ("latent_size", latent_size)) if v is not None}
     if isinstance(model, (str, os.PathLike)):
         text = os.fspath(model)
         if text.lower().endswith(".onnx"):
+            _reject_shape_options(shape_options, "an ONNX file (pass example_inputs)")
             return _capture_onnx(Path(text), example_inputs, input_names=input_names, name=name)
         if os.path.isdir(text):
-            model = zoo.load_local(text)
+            model = zoo.load_local(text, **shape_options)
         elif os.path.sep in text or text.startswith("."):
             raise ModelNotFoundError(f"model path '{text}' does not exist")
         else:
-            model = zoo.build(text)
+            model = zoo.build(text, **shape_options)
+        shape_options = {}
+    _reject_shape_options(shape_options, f"a {type(model).__name__} (build it with the shapes you want)")
     if isinstance(model, zoo.ZooModel):
         return _capture_torch(
             model.module,
@@ -92,6 +102,13 @@ def capture(
         f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, a zoo name, a diffusers folder "
         "or an .onnx file"
     )
+
+
+def _reject_shape_options(options: dict[str, int], what: str) -> None:
+    if options:
+        raise InputError(
+            f"{' and '.join(options)} only apply to zoo names and diffusers folders, not to {what}"
+        )
 
 
 def _forward_arg_names(module: torch.nn.Module, count: int) -> tuple[str, ...]:

@@ -1,0 +1,298 @@
+"""Text-to-image generation on compiled artifacts: the sampler loop, classifier-free guidance, VAE decode.
+
+Torch-free: numpy, the TVM runtime and the standard library. A pipeline is a compiled denoiser (UNet or
+transformer), optionally a compiled VAE decoder, and conditioning given as arrays (prompt embeddings, class
+labels). Everything a run depends on is in its arguments, so a seeded run is bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import EdgediffError, InputError
+from edgediff.runtime.artifact import CompiledModule
+from edgediff.runtime.image import to_uint8_image
+from edgediff.runtime.samplers import Sampler, SamplerError, get_sampler
+
+# Inputs every denoiser has; all its other inputs are conditioning.
+SAMPLE_INPUT = "sample"
+TIMESTEP_INPUT = "timestep"
+ARTIFACT_SET_ROLES = ("denoiser", "decoder", "text_encoder")
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage; ``model`` is the part of each step spent inside the compiled denoiser."""
+
+    text_encoder: float = 0.0
+    steps: list[float] = field(default_factory=list)
+    model: list[float] = field(default_factory=list)
+    decoder: float = 0.0
+    total: float = 0.0
+
+    @property
+    def runtime_overhead(self) -> float:
+        """Fraction of the step time spent outside the compiled denoiser (sampler math, copies, CFG)."""
+        steps = sum(self.steps)
+        return (steps - sum(self.model)) / steps if steps else 0.0
+
+    def summary(self) -> str:
+        lines = []
+        if self.text_encoder:
+            lines.append(f"text encoder  {1e3 * self.text_encoder:9.2f} ms")
+        if self.steps:
+            per_step = np.asarray(self.steps) * 1e3
+            lines.append(
+                f"denoiser      {per_step.sum():9.2f} ms for {len(per_step)} steps "
+                f"(median {np.median(per_step):.2f} ms, min {per_step.min():.2f}, max {per_step.max():.2f})"
+            )
+            lines.append(
+                f"  runtime overhead {100 * self.runtime_overhead:.2f}% of step time (outside the model)"
+            )
+        if self.decoder:
+            lines.append(f"decoder       {1e3 * self.decoder:9.2f} ms")
+        lines.append(f"total         {1e3 * self.total:9.2f} ms")
+        return "\n".join(lines)
+
+
+@dataclass
+class Generation:
+    """The result of one run: final latents, the decoded image (HWC uint8, if a decoder ran) and timings."""
+
+    latents: np.ndarray
+    image: np.ndarray | None
+    timings: Timings
+
+
+class Pipeline:
+    """A compiled denoiser (+ decoder) driven by one of the numpy samplers."""
+
+    def __init__(
+        self,
+        denoiser: CompiledModule,
+        decoder: CompiledModule | None = None,
+        text_encoder: CompiledModule | None = None,
+    ) -> None:
+        self.denoiser = denoiser
+        self.decoder = decoder
+        self.text_encoder = text_encoder
+        names = [info.name for info in denoiser.inputs]
+        if names[:2] != [SAMPLE_INPUT, TIMESTEP_INPUT]:
+            raise InputError(
+                f"{denoiser.path}: a denoiser's first inputs must be ({SAMPLE_INPUT}, {TIMESTEP_INPUT}), "
+                f"got {names}"
+            )
+        self.meta: dict[str, Any] = dict(denoiser.manifest["model"].get("meta") or {})
+        self.prediction_type = self.meta.get("prediction_type") or "epsilon"
+        self.conditioning = denoiser.inputs[2:]
+        sample = denoiser.inputs[0]
+        self.batch = sample.shape[0]
+        self.latent_shape = (1, *sample.shape[1:])
+        if self.batch not in (1, 2):
+            raise InputError(
+                f"{denoiser.path}: denoiser compiled for batch {self.batch}; use 1, or 2 for CFG"
+            )
+        if decoder is not None:
+            expected = tuple(decoder.inputs[0].shape)
+            if expected != self.latent_shape:
+                raise InputError(
+                    f"decoder {decoder.path} takes latents {list(expected)}, "
+                    f"the denoiser produces {list(self.latent_shape)}"
+                )
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        denoiser: str | os.PathLike,
+        decoder: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | None = None,
+        *,
+        verify: bool = True,
+    ) -> Pipeline:
+        """Load the artifacts of a pipeline (each a directory written by ``compile_model``)."""
+
+        def load(path: str | os.PathLike | None) -> CompiledModule | None:
+            return CompiledModule(path, verify=verify) if path is not None else None
+
+        return cls(load(denoiser), load(decoder), load(text_encoder))
+
+    @classmethod
+    def from_directory(cls, path: str | os.PathLike, *, verify: bool = True) -> Pipeline:
+        """Load an artifact set: a directory holding denoiser/ and optionally decoder/, text_encoder/."""
+        root = Path(path)
+        if not (root / "denoiser").is_dir():
+            raise EdgediffError(
+                f"'{root}' is not an artifact set: it needs a denoiser/ artifact "
+                f"(and optionally {', '.join(r + '/' for r in ARTIFACT_SET_ROLES[1:])})"
+            )
+        found = {role: root / role if (root / role).is_dir() else None for role in ARTIFACT_SET_ROLES}
+        return cls.from_artifacts(found["denoiser"], found["decoder"], found["text_encoder"], verify=verify)
+
+    # ------------------------------------------------------------------------------------------ conditioning
+
+    def _conditioning(
+        self, values: Mapping[str, Any] | np.ndarray | None, what: str
+    ) -> dict[str, np.ndarray]:
+        """Check one image's conditioning arrays (batch 1) against the denoiser's inputs."""
+        if values is None:
+            values = {}
+        elif not isinstance(values, Mapping):
+            if len(self.conditioning) != 1:
+                names = [info.name for info in self.conditioning]
+                raise InputError(f"the denoiser takes several conditioning inputs {names}; pass a dict")
+            values = {self.conditioning[0].name: values}
+        unknown = set(values) - {info.name for info in self.conditioning}
+        if unknown:
+            raise InputError(f"{what}: the denoiser has no input {sorted(unknown)}")
+        checked = {}
+        for info in self.conditioning:
+            if info.name not in values:
+                raise InputError(f"{what}: missing '{info.name}' ({info.describe()} at batch {self.batch})")
+            array = np.asarray(values[info.name]).astype(info.dtype, copy=False)
+            if array.shape[1:] != info.shape[1:] or array.shape[0] != 1:
+                raise InputError(
+                    f"{what}: '{info.name}' has shape {list(array.shape)}, expected {[1, *info.shape[1:]]}"
+                )
+            checked[info.name] = array
+        return checked
+
+    def _default_negative(self) -> dict[str, np.ndarray] | None:
+        # Class-conditional models (DiT) have a learned "null" class for the unconditional branch.
+        if "null_class_label" in self.meta and [i.name for i in self.conditioning] == ["class_labels"]:
+            return {"class_labels": np.array([self.meta["null_class_label"]], dtype=np.int64)}
+        return None
+
+    # ---------------------------------------------------------------------------------------------- sampling
+
+    def make_sampler(self, name: str, steps: int, **options: Any) -> Sampler:
+        """The sampler ``name`` configured for this model (its prediction type and scheduler config)."""
+        if steps < 1:
+            raise SamplerError(f"steps must be at least 1, got {steps}")
+        config = self.meta.get("scheduler_config")
+        if config:
+            return Sampler.from_diffusers_config(
+                name, {**config, "prediction_type": self.prediction_type}, steps, **options
+            )
+        if self.prediction_type == "flow" and "flow_shift" in self.meta:
+            options.setdefault("shift", self.meta["flow_shift"])
+        return get_sampler(name, num_steps=steps, prediction_type=self.prediction_type, **options)
+
+    def _denoise_fn(
+        self,
+        cond: dict[str, np.ndarray],
+        uncond: dict[str, np.ndarray] | None,
+        guidance: float,
+        timings: Timings,
+    ) -> Callable[[np.ndarray, float], np.ndarray]:
+        start_ch, stop_ch = self.meta.get("noise_pred_channels") or (0, self.latent_shape[1])
+        timestep_dtype = self.denoiser.inputs[1].dtype
+        names = [info.name for info in self.conditioning]
+        if uncond is not None and self.batch == 2:
+            pair = [np.concatenate([uncond[n], cond[n]]) for n in names]
+        elif self.batch == 2:  # a CFG build used without guidance: run the conditional branch twice
+            pair = [np.concatenate([cond[n], cond[n]]) for n in names]
+        single = [cond[n] for n in names]
+        single_uncond = [uncond[n] for n in names] if uncond is not None else None
+
+        def call(x: np.ndarray, t: float, extra: list[np.ndarray]) -> np.ndarray:
+            timestep = np.full((x.shape[0],), t, dtype=timestep_dtype)
+            start = time.perf_counter()
+            out = self.denoiser(x, timestep, *extra)
+            timings.model[-1] += time.perf_counter() - start
+            return out[:, start_ch:stop_ch]
+
+        def denoise(x: np.ndarray, t: float) -> np.ndarray:
+            if self.batch == 2:
+                both = call(np.concatenate([x, x]), t, pair)
+                if uncond is None:
+                    return both[1:]
+                out_uncond, out_cond = both[:1], both[1:]
+            elif single_uncond is not None:
+                out_uncond, out_cond = call(x, t, single_uncond), call(x, t, single)
+            else:
+                return call(x, t, single)
+            return out_uncond + guidance * (out_cond - out_uncond)
+
+        return denoise
+
+    def generate(
+        self,
+        conditioning: Mapping[str, Any] | np.ndarray | None = None,
+        *,
+        negative: Mapping[str, Any] | np.ndarray | None = None,
+        sampler: str = "dpmpp-2m",
+        steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        sampler_options: Mapping[str, Any] | None = None,
+        decode: bool = True,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Generate one image.
+
+        ``conditioning`` holds the denoiser's conditioning inputs for one image (e.g. prompt embeddings
+        ``(1, 77, 768)``; a bare array when the denoiser has one conditioning input). Guidance (``> 1``) needs
+        ``negative`` conditioning (the empty prompt's embeddings) unless the model has a null class. The
+        initial noise comes from ``numpy.random.default_rng(seed)`` unless ``latents`` is given.
+        """
+        total_start = time.perf_counter()
+        timings = Timings()
+        chosen = self.make_sampler(sampler, steps, **dict(sampler_options or {}))
+        cond = self._conditioning(conditioning, "conditioning")
+        use_cfg = guidance_scale > 1.0
+        uncond = None
+        if use_cfg:
+            if negative is None:
+                uncond = self._default_negative()
+                if uncond is None:
+                    raise InputError(
+                        f"guidance scale {guidance_scale} needs negative conditioning (the empty prompt's "
+                        "embeddings, --negative-prompt-embeds) or a text encoder; or use --guidance 1"
+                    )
+            else:
+                uncond = self._conditioning(negative, "negative conditioning")
+
+        rng = np.random.default_rng(seed)
+        if latents is None:
+            latents = rng.standard_normal(self.latent_shape).astype(np.float32)
+        else:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != self.latent_shape:
+                raise InputError(
+                    f"latents have shape {list(latents.shape)}, expected {list(self.latent_shape)}"
+                )
+
+        denoise = self._denoise_fn(cond, uncond, guidance_scale, timings)
+        evaluations = len(chosen.timesteps)
+
+        def timed_denoise(x: np.ndarray, t: float) -> np.ndarray:
+            timings.model.append(0.0)
+            return denoise(x, t)
+
+        # A step is everything between two callbacks: input scaling, the model call(s), guidance and the
+        # sampler update. The user's callback (a progress bar) is left out.
+        step_start = [time.perf_counter()]
+
+        def on_step(i: int, _x: np.ndarray) -> None:
+            timings.steps.append(time.perf_counter() - step_start[0])
+            if callback:
+                callback(i, evaluations)
+            step_start[0] = time.perf_counter()
+
+        final = chosen.sample(timed_denoise, latents, rng=rng, callback=on_step)
+
+        image = None
+        if decode and self.decoder is not None:
+            start = time.perf_counter()
+            image = to_uint8_image(self.decoder(final))
+            timings.decoder = time.perf_counter() - start
+        timings.total = time.perf_counter() - total_start
+        return Generation(final, image, timings)
