@@ -1,4 +1,4 @@
-"""``make demo``: compile the built-in tiny UNet and VAE decoder, check them against PyTorch, generate an image.
+"""``make demo``: compile the tiny UNet and VAE decoder, check them against PyTorch, generate an image.
 
 Run as ``python -m edgediff.demo --output demo-out``. Writes ``demo-out/image.png`` and
 ``demo-out/report.txt``.
@@ -24,7 +24,9 @@ DEMO_MODELS: dict[str, tuple[str, dict[str, int]]] = {
 CROSS_TARGET = "arm-a78"
 
 
-def _compare_with_torch(name: str, options: dict[str, int], artifact_path: Path) -> tuple[float, float, float]:
+def _compare_with_torch(
+    name: str, options: dict[str, int], artifact_path: Path
+) -> tuple[float, float, float]:
     """Run the compiled host module and eager PyTorch on the same inputs: (max abs error, ms, torch ms)."""
     import torch
 
@@ -54,11 +56,14 @@ def _generate(pipeline_dir: Path, out: Path) -> list[str]:
     rng = np.random.default_rng(0)
     prompt_embeds = rng.standard_normal(text_shape).astype(np.float32)  # stands in for a text encoder
     negative = np.zeros(text_shape, np.float32)
-    result = pipeline.generate(prompt_embeds, negative=negative, sampler="dpmpp-2m", steps=20, guidance_scale=7.5)
+    result = pipeline.generate(
+        prompt_embeds, negative=negative, sampler="dpmpp-2m", steps=20, guidance_scale=7.5
+    )
     image_path = write_png(out / "image.png", result.image)
     return [
         "",
-        "generation: 20 x dpmpp-2m, guidance 7.5, seed 0, random prompt embeddings (random weights: expect noise)",
+        "generation: 20 x dpmpp-2m, guidance 7.5, seed 0, random prompt embeddings "
+        "(random weights: expect noise)",
         f"  image           {image_path} ({result.image.shape[1]}x{result.image.shape[0]})",
         *("  " + line for line in result.timings.summary().splitlines()),
     ]
