@@ -137,6 +137,8 @@ def compile_model(
 
         bar.stage("import (fx -> Relax)")
         imported = import_to_relax(captured)
+        # the Relax module now owns copies of the weights: let the torch graph go before the build
+        captured.exported_program = captured.torch_module = None
         bar.advance()
 
         mod, pass_results = run_passes(

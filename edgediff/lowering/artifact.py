@@ -38,14 +38,14 @@ def atomic_directory(destination: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def write_weights(directory: Path, weights: list[np.ndarray], names: list[str]) -> dict[str, Any]:
-    """Write ``weights`` into one aligned blob; return its manifest record."""
+def write_weights(directory: Path, weights: list[Any], names: list[str]) -> dict[str, Any]:
+    """Write ``weights`` (numpy arrays or TVM tensors) into one aligned blob; return its manifest record."""
     path = directory / WEIGHTS_FILE
     tensors = []
     offset = 0
     with open(path, "wb") as handle:
         for index, (name, array) in enumerate(zip(names, weights, strict=True)):
-            array = np.ascontiguousarray(array)
+            array = np.ascontiguousarray(array.numpy() if hasattr(array, "numpy") else array)
             padding = (-offset) % WEIGHT_ALIGNMENT
             handle.write(b"\0" * padding)
             offset += padding

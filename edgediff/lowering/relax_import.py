@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from edgediff.errors import CaptureError, UnsupportedOpError, first_line
 from edgediff.lowering.capture import CapturedModel
 from edgediff.runtime.tensor_info import TensorInfo
@@ -25,7 +23,9 @@ class ImportedModel:
     """A Relax module whose ``main`` takes the user inputs followed by the weights."""
 
     mod: Any  # tvm.IRModule
-    weights: list[np.ndarray]
+    # TVM tensors as the importer made them; converted to numpy one at a time when written, so a multi-GB
+    # model is not held twice
+    weights: list[Any]
     weight_names: list[str]  # torch state-dict names (or ONNX initializer names)
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
@@ -102,7 +102,7 @@ def _import_exported_program(captured: CapturedModel) -> ImportedModel:
     except Exception as err:
         raise CaptureError(f"importing {captured.name} into Relax failed: {first_line(err)}") from err
     mod, params = relax.frontend.detach_params(mod)
-    weights = [tensor.numpy() for tensor in params.get("main", [])]
+    weights = list(params.get("main", []))
 
     # The importer names weight inputs after the fx placeholders; map them back to state-dict names so
     # the artifact can be matched against checkpoints and LoRA files.
@@ -137,7 +137,7 @@ def _import_onnx(captured: CapturedModel) -> ImportedModel:
     except Exception as err:
         raise UnsupportedOpError(f"importing ONNX model {captured.name} failed: {first_line(err)}") from err
     mod, params = relax.frontend.detach_params(mod)
-    weights = [tensor.numpy() for tensor in params.get("main", [])]
+    weights = list(params.get("main", []))
     relax_params = list(mod["main"].params)
     num_inputs = len(relax_params) - len(weights)
     weight_names = [v.name for v in relax_params[num_inputs:]]
