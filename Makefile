@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup cross-toolchain demo test lint bench clean
+.PHONY: setup cross-toolchain device-tools demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -23,15 +23,32 @@ cross-toolchain:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
 
+# What the cross tests run the builds on: qemu-user + an arm64 Debian root for arm-a78 (scripts/arm64_root.py,
+# cached in .cache/: about a minute the first time), PoCL for the adreno-740 OpenCL kernels (pyopencl is a dev
+# dependency). apt runs only when a tool is missing.
+device-tools: setup
+	@{ command -v qemu-aarch64-static && test -x /usr/sbin/debootstrap && test -e /etc/OpenCL/vendors/pocl.icd; } \
+	  >/dev/null 2>&1 || { \
+	  echo "installing qemu-user-static debootstrap pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq qemu-user-static debootstrap \
+	    pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev >/dev/null; }
+	$(PY) scripts/arm64_root.py build
+
 demo: setup cross-toolchain
 	$(PY) -m edgediff.demo --output demo-out
 
-test: setup cross-toolchain
+test: setup cross-toolchain device-tools
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check edgediff tests benchmarks
-	$(PY) -m ruff format --check edgediff tests benchmarks
+	$(PY) -m ruff check edgediff tests benchmarks scripts
+	$(PY) -m ruff format --check edgediff tests benchmarks scripts
+
+# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run.
+bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache build

@@ -1,8 +1,8 @@
 """edgediff: a hardware-aware compiler for diffusion models (PyTorch -> TVM modules for edge targets).
 
-Public API: :func:`compile_model`, :func:`load`, :class:`Artifact`, and the error types in
-:mod:`edgediff.errors`. Attributes are imported lazily so that ``import edgediff.runtime`` stays light
-(and torch-free) on a device.
+Public API: :func:`compile_model`, :func:`compile_pipeline`, :func:`load`, :class:`Artifact`, and the error
+types in :mod:`edgediff.errors`. Attributes are imported lazily so that ``import edgediff.runtime`` stays
+light (and torch-free) on a device.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compile_model": ("edgediff.api", "compile_model"),
+    "compile_pipeline": ("edgediff.api", "compile_pipeline"),
     "load": ("edgediff.runtime.artifact", "load"),
     "Artifact": ("edgediff.runtime.artifact", "Artifact"),
     "CompiledModule": ("edgediff.runtime.artifact", "CompiledModule"),

@@ -1,10 +1,12 @@
-"""``edgediff.compile_model``: capture -> passes -> TVM build -> artifact."""
+"""``edgediff.compile_model``: capture -> passes -> TVM build -> artifact; ``compile_pipeline``: the
+artifact set (denoiser, decoder, text encoder + tokenizer) that ``edgediff generate`` runs."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +18,7 @@ from edgediff.lowering.build import build, device_sources, export_library, run_p
 from edgediff.lowering.capture import capture
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
+from edgediff.precision.plan import resolve_request
 from edgediff.runtime.artifact import FORMAT_VERSION, Artifact
 from edgediff.targets import load_target
 
@@ -101,6 +104,8 @@ def compile_model(
     require_cross_compiler: bool = False,
     batch: int | None = None,
     latent_size: int | None = None,
+    precision: Any = None,
+    precision_budget: Mapping[str, Any] | None = None,
 ) -> Artifact:
     """Compile a diffusion model (or any ``nn.Module`` / ONNX file) for an edge target.
 
@@ -118,12 +123,21 @@ def compile_model(
             compiler is missing.
         batch, latent_size: input shapes for zoo names and diffusers folders (batch 2 = one-call
             classifier-free guidance).
+        precision: ``None`` (the model's own precision), ``"auto"`` (per-layer formats measured along the
+            sampling trajectory, see :mod:`edgediff.precision`), one format for every layer (``"fp16"``,
+            ``"w8"``, ``"int8"`` = ``"w8a8"``, ``"w8a8-token"``, ``"int4"`` = ``"w4"``), a
+            :class:`~edgediff.precision.PrecisionConfig` (pins, calibration) or a ready
+            :class:`~edgediff.precision.PrecisionPlan`.
+        precision_budget: for ``"auto"``: ``{"bytes": 1e9 or "1GB", "latency_ms": ..., "sqnr_db": ...}``.
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
     """
     spec = load_target(target)
     pass_names = resolve_pipeline(spec, passes)
+    precision_request = resolve_request(precision, precision_budget, spec)
+    if precision_request is not None:
+        pass_names = resolve_pipeline(spec, [*pass_names, "mixed-precision"])
     start = time.perf_counter()
 
     bar = _Progress(progress, name or _display_name(model), spec.name)
@@ -137,12 +151,20 @@ def compile_model(
 
         bar.stage("import (fx -> Relax)")
         imported = import_to_relax(captured)
+        plan = pass_options = None
+        if precision_request is not None:  # measured on the torch model, so before it is dropped
+            from edgediff.precision.planner import plan_for_compile
+
+            plan = plan_for_compile(
+                precision_request, captured, imported, spec, progress=lambda s: bar.stage(f"precision: {s}")
+            )
+            pass_options = {"mixed-precision": {"plan": plan, "weight_names": imported.weight_names}}
         # the Relax module now owns copies of the weights: let the torch graph go before the build
         captured.exported_program = captured.torch_module = None
         bar.advance()
 
         mod, pass_results = run_passes(
-            imported.mod, spec, pass_names, on_pass=lambda p: bar.stage(f"pass {p}")
+            imported.mod, spec, pass_names, on_pass=lambda p: bar.stage(f"pass {p}"), options=pass_options
         )
         bar.advance()
 
@@ -160,7 +182,12 @@ def compile_model(
             bar.advance()
 
             bar.stage("write weights + manifest")
-            weights = write_weights(staging, imported.weights, imported.weight_names)
+            arrays, names = imported.weights, imported.weight_names
+            if plan is not None:  # the weight half of the mixed-precision rewrite
+                from edgediff.passes.mixed_precision import quantize_weights
+
+                arrays, names = quantize_weights(plan, arrays, names)
+            weights = write_weights(staging, arrays, names)
             notes = _target_notes(spec) + ([library.note] if library.note else [])
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -189,6 +216,10 @@ def compile_model(
                 "versions": _versions(captured.source),
                 "notes": notes,
             }
+            if plan is not None:
+                from edgediff.precision.report import write_report
+
+                manifest["precision"] = write_report(staging, plan)
             write_manifest(staging, manifest)
             bar.advance()
         failed = False
@@ -211,3 +242,132 @@ def _write_device_sources(executable: Any, directory: Path) -> dict[str, Any]:
         (directory / relative).write_text(source)
         records[kind] = {"file": relative, "kernels": len(set(KERNEL_DEFINITION.findall(source)))}
     return records
+
+
+# The subfolder of a diffusers pipeline folder each role of an artifact set comes from (None: load_local's
+# own choice, the unet/ or transformer/).
+PIPELINE_SUBFOLDERS = {
+    "denoiser": None,
+    "decoder": "vae",
+    "text_encoder": "text_encoder",
+    "tokenizer": "tokenizer",
+}
+
+
+def compile_pipeline(
+    denoiser: Any,
+    decoder: Any = None,
+    text_encoder: Any = None,
+    tokenizer: str | os.PathLike | None = None,
+    *,
+    target: Any = "host",
+    output_dir: str | os.PathLike,
+    batch: int = 2,
+    progress: bool = True,
+    require_cross_compiler: bool = False,
+) -> Path:
+    """Compile an artifact set: ``output_dir`` with ``denoiser/``, and ``decoder/``, ``text_encoder/`` and
+    ``tokenizer/`` when given, which ``Pipeline.from_directory`` and ``edgediff generate`` run.
+
+    Each model is a zoo name, a :class:`~edgediff.zoo.ZooModel`, or a local folder: a component folder, or a
+    diffusers pipeline folder whose ``unet``/``transformer``, ``vae`` or ``text_encoder`` is taken.
+    ``tokenizer`` is a CLIP tokenizer folder (default: the ``tokenizer/`` beside a local text encoder); it is
+    copied, not compiled. The denoiser is built for the text encoder's sequence length and the decoder for
+    the denoiser's latent size; the text encoder must make the denoiser's conditioning (one input of its
+    width, as SD 1.x/2.x UNets take it) and the tokenizer must fit the text encoder, all checked before
+    anything is compiled. ``batch`` is the denoiser's (2: one-call classifier-free guidance; the text
+    encoder runs once per prompt). The set is written atomically, like an artifact.
+    """
+    from edgediff import zoo
+    from edgediff.errors import InputError
+    from edgediff.runtime.tokenizer import TOKENIZER_FILES, CLIPTokenizer
+
+    enc = tok = None
+    if text_encoder is not None:
+        enc = _set_component(text_encoder, "text_encoder")
+        if enc.family != "text-encoder":
+            raise InputError(f"text encoder {enc.name} is a {enc.family}")
+        if tokenizer is None:
+            tokenizer = _beside(text_encoder, "tokenizer")
+        if tokenizer is None:
+            raise InputError(
+                f"text encoder {enc.name} needs its tokenizer folder: pass tokenizer= (--tokenizer DIR)"
+            )
+        if (Path(tokenizer) / "model_index.json").is_file():
+            tokenizer = Path(tokenizer) / PIPELINE_SUBFOLDERS["tokenizer"]
+        tok = CLIPTokenizer.from_directory(tokenizer)
+        tok.check_fits(enc.meta, f"text encoder {enc.name}")
+    elif tokenizer is not None:
+        raise InputError("a tokenizer without a text encoder has nothing to feed; pass text_encoder too")
+
+    # A UNet attends to any number of text tokens: give it the encoder's (its tokenizer pads to that many).
+    seq_len = enc.meta["seq_len"] if enc is not None else None
+    den = _set_component(denoiser, "denoiser", batch=batch, seq_len=seq_len)
+    denoisers = [f for f in zoo.FAMILIES if f not in ("vae-decoder", "text-encoder")]
+    if den.family not in denoisers:
+        raise InputError(f"denoiser {den.name} is a {den.family}; expected one of {', '.join(denoisers)}")
+    if enc is not None:
+        makes = (enc.meta["seq_len"], enc.meta["hidden_size"])
+        takes = [tuple(t.shape[1:]) for t in den.example_inputs[2:]]
+        if takes != [makes]:
+            raise InputError(
+                f"text encoder {enc.name} makes [1, {makes[0]}, {makes[1]}] embeddings; the denoiser "
+                f"{den.name} takes {list(den.input_names[2:])} of {[[1, *t] for t in takes]}"
+            )
+    dec = None
+    if decoder is not None:
+        sample = tuple(den.example_inputs[0].shape[1:])
+        dec = _set_component(decoder, "decoder", latent_size=den.meta["latent_size"])
+        if dec.family != "vae-decoder" or tuple(dec.example_inputs[0].shape[1:]) != sample:
+            raise InputError(
+                f"decoder {dec.name} ({dec.family}) takes {list(dec.example_inputs[0].shape)}; the denoiser "
+                f"makes latents {[1, *sample]}"
+            )
+
+    with atomic_directory(Path(output_dir)) as staging:
+        for role, model in (("denoiser", den), ("decoder", dec), ("text_encoder", enc)):
+            if model is not None:
+                compile_model(
+                    model,
+                    target=target,
+                    output_dir=staging / role,
+                    progress=progress,
+                    require_cross_compiler=require_cross_compiler,
+                )
+        if tok is not None and tok.path is not None:
+            (staging / "tokenizer").mkdir()
+            for name in TOKENIZER_FILES:
+                if (tok.path / name).is_file():
+                    shutil.copy2(tok.path / name, staging / "tokenizer" / name)
+    return Path(output_dir)
+
+
+def _set_component(model: Any, role: str, **options: Any) -> Any:
+    """A zoo name, local folder or ZooModel as the ZooModel of one role of an artifact set."""
+    from edgediff import zoo
+    from edgediff.errors import ModelNotFoundError
+
+    if isinstance(model, zoo.ZooModel):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelNotFoundError(
+            f"{role}: expected a zoo name, a local folder or a ZooModel, got a {type(model).__name__}"
+        )
+    path = Path(model)
+    if path.is_dir():
+        subfolder = PIPELINE_SUBFOLDERS[role] if (path / "model_index.json").is_file() else None
+        return zoo.load_local(path, subfolder=subfolder, **options)
+    if os.path.sep in os.fspath(model) or os.fspath(model).startswith("."):
+        raise ModelNotFoundError(f"{role}: model path '{os.fspath(model)}' does not exist")
+    return zoo.build(os.fspath(model), **options)
+
+
+def _beside(model: Any, subfolder: str) -> Path | None:
+    """``subfolder`` of the pipeline folder a local component came from (or is), if there is one."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_dir():
+        return None
+    path = Path(model)
+    for pipeline in (path, path.parent):
+        if (pipeline / "model_index.json").is_file() and (pipeline / subfolder).is_dir():
+            return pipeline / subfolder
+    return None

@@ -17,6 +17,7 @@ from edgediff.errors import EdgediffError
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from edgediff.api import compile_model
+    from edgediff.precision.plan import config_from_options
 
     passes = None
     if args.passes:
@@ -32,8 +33,45 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         require_cross_compiler=args.require_cross_compiler,
         batch=args.batch,
         latent_size=args.latent_size,
+        precision=config_from_options(
+            args.precision,
+            max_bytes=args.max_bytes,
+            max_latency_ms=args.max_latency_ms,
+            min_sqnr_db=args.min_sqnr,
+            pins=args.pin,
+        ),
     )
     print(artifact.describe())
+    if artifact.manifest.get("precision"):
+        record = artifact.manifest["precision"]
+        print(f"  precision {record['report']} (table), {record['plot']} (plot)")
+    return 0
+
+
+def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
+    from edgediff.api import compile_pipeline
+    from edgediff.runtime.artifact import Artifact
+
+    root = compile_pipeline(
+        args.denoiser,
+        args.decoder,
+        args.text_encoder,
+        args.tokenizer,
+        target=args.target,
+        output_dir=args.output,
+        batch=args.batch,
+        progress=not args.quiet,
+        require_cross_compiler=args.require_cross_compiler,
+    )
+    for role in ("denoiser", "decoder", "text_encoder"):
+        if (root / role).is_dir():
+            artifact = Artifact(root / role)
+            signature = "; ".join(i.describe() for i in artifact.inputs)
+            signature += " -> " + "; ".join(o.describe() for o in artifact.outputs)
+            print(f"{role + '/':<14} {artifact.manifest['model']['name']}: {signature}")
+    if (root / "tokenizer").is_dir():
+        print(f"{'tokenizer/':<14} {', '.join(sorted(p.name for p in (root / 'tokenizer').iterdir()))}")
+    print(f"wrote artifact set {root} for {args.target}")
     return 0
 
 
@@ -55,18 +93,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from edgediff.runtime.pipeline import Pipeline
 
     pipeline = Pipeline.from_directory(args.artifacts)
-    if args.prompt is not None:
-        raise EdgediffError(
-            f"--prompt needs a compiled text encoder and a tokenizer in {args.artifacts}; "
-            "this artifact set has "
-            "none: pass --prompt-embeds FILE.npy"
-        )
+    if args.prompt is not None or args.negative_prompt is not None:
+        parts = (("text_encoder/", pipeline.text_encoder), ("tokenizer/", pipeline.tokenizer))
+        missing = [name for name, part in parts if part is None]
+        if missing:
+            raise EdgediffError(
+                f"--prompt needs a compiled text encoder and its tokenizer in {args.artifacts}; this "
+                f"artifact set has no {' or '.join(missing)}: pass --prompt-embeds FILE.npy (or build the "
+                "set with edgediff compile-pipeline --text-encoder ... --tokenizer ...)"
+            )
     conditioning = _load_array(args.prompt_embeds, "--prompt-embeds")
     negative = _load_array(args.negative_prompt_embeds, "--negative-prompt-embeds")
     if args.class_label is not None:
         conditioning = {"class_labels": np.array([args.class_label], dtype=np.int64)}
-    if conditioning is None:
-        raise EdgediffError("give the conditioning: --prompt-embeds FILE.npy (or --class-label N for DiT)")
+    if conditioning is None and args.prompt is None:
+        raise EdgediffError(
+            "give the conditioning: --prompt TEXT (needs a text encoder in the set), "
+            "--prompt-embeds FILE.npy, or --class-label N for DiT"
+        )
 
     bar = None
     if not args.quiet and sys.stderr.isatty():
@@ -83,6 +127,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         result = pipeline.generate(
             conditioning,
             negative=negative,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
             sampler=args.sampler,
             steps=args.steps,
             guidance_scale=args.guidance,
@@ -118,6 +164,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     manifest = check_artifact(args.artifact, verify=not args.no_verify)
     print(json.dumps(manifest, indent=2) if args.json else describe_manifest(manifest, args.artifact))
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from edgediff.bundle import bundle_name, make_bundle
+
+    path = make_bundle(args.artifacts, args.output)
+    name = bundle_name(path)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    print(f"on the device: tar xf {path.name} && python3 {name}/run.py list  (see {name}/README.md)")
     return 0
 
 
@@ -184,14 +240,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("--batch", type=int, help="batch of a zoo/diffusers model (2 = one-call CFG)")
     compile_.add_argument("--latent-size", type=int, help="latent height/width of a zoo/diffusers model")
+    compile_.add_argument(
+        "--precision",
+        help="auto (per-layer, measured) or one format for all layers: fp32, fp16, w8, int8 (= w8a8), "
+        "w8a8-token, int4 (= w4)",
+    )
+    compile_.add_argument("--max-bytes", help="auto precision: largest weights size, e.g. 800MB or 1GiB")
+    compile_.add_argument("--max-latency-ms", type=float, help="auto precision: largest estimated latency")
+    compile_.add_argument("--min-sqnr", type=float, help="auto precision: smallest prediction SQNR in dB")
+    compile_.add_argument(
+        "--pin", action="append", default=[], metavar="LAYER=FORMAT", help="fix a layer's format (glob ok)"
+    )
     compile_.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     compile_.set_defaults(run=_cmd_compile)
+
+    pipe = commands.add_parser(
+        "compile-pipeline", help="compile denoiser, decoder and text encoder into an artifact set"
+    )
+    pipe.add_argument("--denoiser", required=True, help="zoo name, diffusers component or pipeline folder")
+    pipe.add_argument("--decoder", help="VAE decoder: zoo name or folder (built for the denoiser's latents)")
+    pipe.add_argument("--text-encoder", help="CLIP text encoder: zoo name or folder")
+    pipe.add_argument("--tokenizer", help="CLIP tokenizer folder (default: the one beside --text-encoder)")
+    pipe.add_argument("--target", default="host", help="built-in target name or target YAML path")
+    pipe.add_argument("-o", "--output", required=True, help="artifact set directory to write")
+    pipe.add_argument("--batch", type=int, default=2, help="denoiser batch (2 = one-call CFG, default)")
+    pipe.add_argument("--require-cross-compiler", action="store_true", help="as for compile")
+    pipe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pipe.set_defaults(run=_cmd_compile_pipeline)
 
     generate = commands.add_parser("generate", help="run the sampler loop on an artifact set, write a PNG")
     generate.add_argument("artifacts", help="directory with denoiser/ (and decoder/) artifacts")
     generate.add_argument("--prompt-embeds", help="prompt embeddings (.npy, batch 1)")
     generate.add_argument("--negative-prompt-embeds", help="negative (empty) prompt embeddings for guidance")
-    generate.add_argument("--prompt", help="prompt text (needs a compiled text encoder in the set)")
+    generate.add_argument("--prompt", help="prompt text (needs text_encoder/ and tokenizer/ in the set)")
+    generate.add_argument("--negative-prompt", help="negative prompt text for guidance (default: empty)")
     generate.add_argument("--class-label", type=int, help="class label for class-conditional models (DiT)")
     generate.add_argument("--sampler", default="dpmpp-2m", help="sampler name (default dpmpp-2m)")
     generate.add_argument("--steps", type=int, default=20)
@@ -208,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_.add_argument("--json", action="store_true", help="print the raw manifest")
     inspect_.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
     inspect_.set_defaults(run=_cmd_inspect)
+
+    bundle = commands.add_parser("bundle", help="pack artifacts + the torch-free runtime for a device")
+    bundle.add_argument("artifacts", nargs="+", help="artifact or artifact-set directories")
+    bundle.add_argument("-o", "--output", required=True, help="bundle file (.tar, .tar.gz or .tgz)")
+    bundle.set_defaults(run=_cmd_bundle)
 
     targets = commands.add_parser("targets", help="list, show and validate target specs")
     target_commands = targets.add_subparsers(dest="targets_command", required=True)

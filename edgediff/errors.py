@@ -47,6 +47,11 @@ class PassError(EdgediffError):
     """An unknown pass name, or a pass that cannot run on the given module or target."""
 
 
+class PrecisionError(EdgediffError):
+    """A precision request that cannot be met: an unknown format, a dtype the target lacks, a budget no
+    assignment reaches, or a model the precision planner cannot measure."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (TVM and torch errors carry long tracebacks in them)."""
     text = str(err).strip()

@@ -30,7 +30,7 @@ from edgediff.errors import InputError, ModelNotFoundError
 
 __all__ = ["ZooModel", "build", "list_models", "load_local", "wrap"]
 
-FAMILIES = ("unet", "dit", "pixart", "sana", "vae-decoder")
+FAMILIES = ("unet", "dit", "pixart", "sana", "vae-decoder", "text-encoder")
 
 
 @dataclass
@@ -218,6 +218,30 @@ SD_VAE_CONFIG: dict[str, Any] = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
+# runwayml/stable-diffusion-v1-5, text_encoder/config.json: the text tower of openai/clip-vit-large-patch14
+# (123,060,480 parameters). Its bos/eos/pad ids (0, 2, 1) predate transformers' fix of them (PR #24773);
+# the tokenizer's real ids are CLIP_TOKEN_IDS.
+CLIP_TEXT_L14_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+# <|startoftext|>, <|endoftext|> and the pad token (<|endoftext|>) of the SD 1.x CLIP tokenizer.
+CLIP_TOKEN_IDS = {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+
 # Tiny SD 1.x UNet: cross-attention down/up blocks, a plain down/up block and the cross-attention mid block.
 TINY_SD15_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 2,
@@ -298,6 +322,23 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# Tiny CLIP text encoder for tiny-sd15-unet: hidden size = its cross_attention_dim (32), 8 positions = its
+# 8-token sequence. As in CLIP, bos and eos/pad are the last two ids of the vocabulary.
+TINY_CLIP_TEXT_CONFIG: dict[str, Any] = {
+    **CLIP_TEXT_L14_CONFIG,
+    "bos_token_id": 998,
+    "eos_token_id": 999,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "max_position_embeddings": 8,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "pad_token_id": 999,
+    "projection_dim": 32,
+    "vocab_size": 1000,
+}
+
+
 @dataclass(frozen=True)
 class _Spec:
     """One zoo entry: the diffusers class and config plus what the config alone does not say."""
@@ -369,6 +410,13 @@ _SPECS: dict[str, _Spec] = {
     "sd-vae-decoder": _Spec(
         "vae-decoder", "AutoencoderKL", SD_VAE_CONFIG, "runwayml/stable-diffusion-v1-5 vae"
     ),
+    "clip-text-l14": _Spec(
+        "text-encoder",
+        "CLIPTextModel",
+        CLIP_TEXT_L14_CONFIG,
+        "runwayml/stable-diffusion-v1-5 text_encoder (openai/clip-vit-large-patch14)",
+        seq_len=77,
+    ),
     "tiny-sd15-unet": _Spec(
         "unet",
         "UNet2DConditionModel",
@@ -415,6 +463,9 @@ _SPECS: dict[str, _Spec] = {
         **_SANA,
     ),
     "tiny-vae-decoder": _Spec("vae-decoder", "AutoencoderKL", TINY_VAE_CONFIG, "tiny sd-vae-decoder"),
+    "tiny-clip-text": _Spec(
+        "text-encoder", "CLIPTextModel", TINY_CLIP_TEXT_CONFIG, "tiny clip-text-l14", seq_len=8
+    ),
 }
 
 # Defaults for models that arrive without a zoo spec (wrap / load_local); load_local overrides them from
@@ -435,7 +486,9 @@ _WRAPPABLE = (
     "PixArtTransformer2DModel",
     "SanaTransformer2DModel",
     "AutoencoderKL",
+    "CLIPTextModel",
 )
+_TRANSFORMERS_CLASSES = ("CLIPTextModel",)  # built from the transformers library, not diffusers
 # Older DiT / PixArt checkpoints name the generic class; diffusers picks the real one from norm_type.
 _TRANSFORMER2D_REMAP = {
     "ada_norm_zero": "DiTTransformer2DModel",
@@ -584,6 +637,21 @@ class VAEDecoderWrapper(nn.Module):
         return self.decoder(z)
 
 
+class CLIPTextEncoderWrapper(nn.Module):
+    """CLIP text encoder (transformers' ``CLIPTextModel``): ``(input_ids) -> last_hidden_state``.
+
+    The output is what SD 1.x/2.x pipelines feed the UNet as ``encoder_hidden_states``: the last layer's
+    states after the final layer norm, for every token (no attention mask, as those pipelines call it).
+    """
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------
@@ -594,12 +662,20 @@ def list_models() -> list[str]:
     return list(_SPECS)
 
 
-def build(name: str, *, batch: int = 1, latent_size: int | None = None, seed: int = 0) -> ZooModel:
+def build(
+    name: str,
+    *,
+    batch: int = 1,
+    latent_size: int | None = None,
+    seed: int = 0,
+    seq_len: int | None = None,
+) -> ZooModel:
     """Build zoo model ``name`` with random weights drawn from ``seed``.
 
     The same seed gives the same weights and example inputs, without disturbing the caller's global RNG.
     ``latent_size`` (default: the config's sample size) only shapes the example inputs; transformer models
-    recompute their positional embedding for other sizes, as diffusers does.
+    recompute their positional embedding for other sizes, as diffusers does. ``seq_len`` (default: the
+    entry's) is the number of text tokens: of a denoiser's text conditioning, or a text encoder's input.
     """
     spec = _spec(name)
     model = _instantiate(spec.class_name, spec.config, seed=seed)
@@ -609,7 +685,7 @@ def build(name: str, *, batch: int = 1, latent_size: int | None = None, seed: in
         batch=batch,
         latent_size=latent_size,
         seed=seed,
-        seq_len=spec.seq_len,
+        seq_len=seq_len or spec.seq_len,
         prediction_type=spec.prediction_type,
         scaling_factor=spec.scaling_factor,
         vae_scale_factor=spec.vae_scale_factor,
@@ -621,7 +697,8 @@ def wrap(
     model: nn.Module, *, batch: int = 1, latent_size: int | None = None, name: str | None = None
 ) -> ZooModel:
     """Wrap an already-built diffusers model (UNet2DConditionModel, DiTTransformer2DModel,
-    PixArtTransformer2DModel, SanaTransformer2DModel, or AutoencoderKL, which gives its decoder path).
+    PixArtTransformer2DModel, SanaTransformer2DModel, or AutoencoderKL, which gives its decoder path) or a
+    transformers CLIPTextModel.
 
     Facts the model's own config does not hold (prediction type, VAE scaling factor) get the family's usual
     values; :func:`load_local` reads them from the pipeline folder instead. The model is shared, not
@@ -636,13 +713,17 @@ def load_local(
     batch: int = 1,
     latent_size: int | None = None,
     subfolder: str | None = None,
+    seq_len: int | None = None,
 ) -> ZooModel:
     """Load real weights from a local diffusers folder, never touching the network.
 
     ``path`` is either a component folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or
     ``.bin``) or a pipeline folder (``model_index.json``), where ``subfolder`` picks the component: by default
-    ``unet`` if present, else ``transformer``; ``vae`` gives the VAE decoder. The pipeline's scheduler and vae
-    configs, when found, supply the prediction type and VAE scaling factor.
+    ``unet`` if present, else ``transformer``; ``vae`` gives the VAE decoder and ``text_encoder`` the CLIP
+    text encoder (transformers weights: ``model.safetensors`` or ``pytorch_model.bin``). The pipeline's
+    scheduler and vae configs, when found, supply the prediction type and VAE scaling factor; its
+    ``tokenizer/`` supplies a text encoder's bos/eos/pad ids. ``seq_len`` is the number of text tokens
+    (default: 77, 120 or 300 for a denoiser's conditioning by family, a text encoder's position count).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -679,29 +760,35 @@ def load_local(
     class_name = _resolve_class_name(config)
     if class_name not in _WRAPPABLE:
         raise ModelNotFoundError(
-            f"{component}: model class {config.get('_class_name')!r} is not supported; "
+            f"{component}: model class {class_name or None!r} is not supported; "
             f"expected one of {', '.join(_WRAPPABLE)}"
         )
-    variant = _weights_variant(component)
+    from_transformers = class_name in _TRANSFORMERS_CLASSES
+    stems = _TRANSFORMERS_WEIGHTS if from_transformers else _DIFFUSERS_WEIGHTS
+    variant = _weights_variant(component, stems)
     if variant is False:
-        raise ModelNotFoundError(
-            f"{component}: no weights; expected diffusion_pytorch_model.safetensors or .bin with config.json"
-        )
+        raise ModelNotFoundError(f"{component}: no weights; expected {' or '.join(stems)} with config.json")
 
-    import diffusers
+    if from_transformers:
+        import transformers
 
-    cls = getattr(diffusers, class_name)
-    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": torch.float32, "variant": variant}
-    if importlib.util.find_spec("accelerate") is None:
-        kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
+        cls = getattr(transformers, class_name)
+        kwargs: dict[str, Any] = {"local_files_only": True, "dtype": torch.float32, "variant": variant}
+    else:
+        import diffusers
+
+        cls = getattr(diffusers, class_name)
+        kwargs = {"local_files_only": True, "torch_dtype": torch.float32, "variant": variant}
+        if importlib.util.find_spec("accelerate") is None:
+            kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, minus its warning
     with _offline():
         try:
             model, info = cls.from_pretrained(str(component), output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelNotFoundError(f"{component}: could not load {class_name} weights: {first}") from exc
-    # diffusers fills weights missing from the checkpoint with random ones and only warns; a compiled
-    # model with silently random layers is worse than no model.
+    # diffusers and transformers fill weights missing from the checkpoint with random ones and only warn;
+    # a compiled model with silently random layers is worse than no model.
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise ModelNotFoundError(
@@ -717,16 +804,25 @@ def load_local(
         name = f"{root.name}-{subfolder}"
     else:
         name = f"{pipeline_dir.name}-{root.name}"
+    extra_meta: dict[str, Any] = {"source": str(component.resolve()), "tiny": False}
+    if family == "text-encoder" and pipeline_dir is not None and (pipeline_dir / "tokenizer").is_dir():
+        from edgediff.runtime.tokenizer import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_directory(pipeline_dir / "tokenizer")
+        extra_meta.update(
+            {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+        )
     return _make_zoo_model(
         model,
         name=name,
         batch=batch,
         latent_size=latent_size,
+        seq_len=seq_len,
         prediction_type=facts.get("prediction_type") if family != "vae-decoder" else None,
         scaling_factor=facts.get("scaling_factor"),
         vae_scale_factor=facts.get("vae_scale_factor"),
         num_time_ids=facts.get("num_time_ids", 6),
-        extra_meta={"source": str(component.resolve()), "tiny": False},
+        extra_meta=extra_meta,
     )
 
 
@@ -747,37 +843,52 @@ def _spec(name: str) -> _Spec:
 def _instantiate(
     class_name: str, config: Mapping[str, Any], *, seed: int = 0, meta: bool = False
 ) -> nn.Module:
-    """Build a diffusers model from ``config``; ``meta=True`` allocates no storage (to count parameters)."""
-    import diffusers
-
-    cls = getattr(diffusers, class_name)
+    """Build a diffusers (or transformers) model from ``config``; ``meta=True`` allocates no storage (to count
+    parameters)."""
     if meta:
         with torch.device("meta"):
-            return cls.from_config(dict(config))
+            return _new_model(class_name, config)
     # fork_rng keeps the caller's global RNG untouched while making the init reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls.from_config(dict(config))
+        return _new_model(class_name, config)
+
+
+def _new_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
+    if class_name in _TRANSFORMERS_CLASSES:
+        import transformers
+
+        cls = getattr(transformers, class_name)
+        return cls(cls.config_class(**config))
+    import diffusers
+
+    return getattr(diffusers, class_name).from_config(dict(config))
 
 
 def _resolve_class_name(config: Mapping[str, Any]) -> str:
-    name = str(config.get("_class_name", ""))
+    # diffusers configs name their class in _class_name, transformers configs in architectures
+    name = str(config.get("_class_name") or (config.get("architectures") or [""])[0])
     if name == "Transformer2DModel":
         return _TRANSFORMER2D_REMAP.get(config.get("norm_type", ""), name)
     return name
 
 
-def _weights_variant(component: Path) -> str | None | bool:
-    """The diffusers ``variant`` to load (None: the plain file), or False when there are no weights."""
-    stems = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _weights_variant(component: Path, stems: tuple[str, ...] = _DIFFUSERS_WEIGHTS) -> str | None | bool:
+    """The ``variant`` to load (None: the plain file), or False when there are no weights."""
     for stem in stems:
         if (component / stem).is_file() or (component / f"{stem}.index.json").is_file():
             return None
     # Only e.g. diffusion_pytorch_model.fp16.safetensors: load that variant (upcast to float32 on load).
-    for candidate in sorted(component.glob("diffusion_pytorch_model.*.*")):
-        parts = candidate.name.split(".")
-        if len(parts) == 3 and parts[2] in ("safetensors", "bin"):
-            return parts[1]
+    for stem in stems:
+        base, ext = stem.rsplit(".", 1)
+        for candidate in sorted(component.glob(f"{base}.*.{ext}")):
+            parts = candidate.name.split(".")
+            if len(parts) == 3:
+                return parts[1]
     return False
 
 
@@ -832,6 +943,7 @@ def _family(model: nn.Module) -> str:
         "PixArtTransformer2DModel": "pixart",
         "SanaTransformer2DModel": "sana",
         "AutoencoderKL": "vae-decoder",
+        "CLIPTextModel": "text-encoder",
     }
     if name not in families:
         raise ModelNotFoundError(f"cannot wrap {name}: expected one of {', '.join(families)}")
@@ -845,6 +957,52 @@ def _jsonable(value: Any) -> Any:
 
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _make_text_encoder(
+    model: nn.Module,
+    *,
+    name: str,
+    batch: int,
+    seed: int,
+    seq_len: int | None,
+    extra_meta: Mapping[str, Any] | None,
+) -> ZooModel:
+    """A CLIP text encoder: seeded example token ids ``(batch, seq_len)`` and the facts a runtime needs to
+    feed it (sequence length, hidden size, vocabulary size, bos/eos/pad ids)."""
+    cfg = model.config
+    tokens = seq_len or cfg.max_position_embeddings
+    if not 1 <= tokens <= cfg.max_position_embeddings:
+        raise InputError(f"{name}: seq_len must be 1..{cfg.max_position_embeddings}, got {tokens}")
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen)
+    module = CLIPTextEncoderWrapper(model).eval().requires_grad_(False)
+    # Configs from before transformers PR #24773 say bos/eos/pad = 0/2/1 (transformers checks eos == 2 too);
+    # the CLIP tokenizer they were trained with uses CLIP_TOKEN_IDS.
+    token_ids = (
+        dict(CLIP_TOKEN_IDS) if cfg.eos_token_id == 2 else {k: getattr(cfg, k) for k in CLIP_TOKEN_IDS}
+    )
+    meta = {
+        "family": "text-encoder",
+        "seq_len": tokens,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        **token_ids,
+        "prediction_type": None,
+        "param_count": sum(p.numel() for p in module.parameters()),
+        **(extra_meta or {}),
+    }
+    config = {"_class_name": type(model).__name__, **{k: getattr(cfg, k, None) for k in CLIP_TEXT_L14_CONFIG}}
+    return ZooModel(
+        name=name,
+        family="text-encoder",
+        module=module,
+        example_inputs=(input_ids,),
+        input_names=("input_ids",),
+        output_names=("last_hidden_state",),
+        config=_jsonable(config),
+        meta=_jsonable(meta),
+    )
 
 
 def _make_zoo_model(
@@ -866,6 +1024,12 @@ def _make_zoo_model(
     cfg = model.config
     if not isinstance(batch, int) or batch < 1:
         raise InputError(f"{name}: batch must be a positive integer, got {batch!r}")
+    if family == "text-encoder":
+        if latent_size is not None:
+            raise InputError(f"{name}: latent_size does not apply to a text encoder")
+        return _make_text_encoder(
+            model, name=name, batch=batch, seed=seed, seq_len=seq_len, extra_meta=extra_meta
+        )
 
     if family == "vae-decoder":
         n_up = len(cfg.block_out_channels) - 1

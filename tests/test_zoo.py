@@ -36,6 +36,7 @@ FULL_PARAMS = {
     "pixart-alpha": 610_856_096,  # "0.6B" (PixArt-alpha paper)
     "sana-600m": 591_747_872,  # "0.6B" / 590M (SANA paper)
     "sd-vae-decoder": 83_653_863,  # whole AutoencoderKL; the decoder path alone is 49,490,199
+    "clip-text-l14": 123_060_480,  # the SD 1.5 text encoder (CLIP ViT-L/14 text tower)
 }
 
 
@@ -56,11 +57,13 @@ def tiny_models() -> dict[str, zoo.ZooModel]:
 
 def test_list_models_complete() -> None:
     full = ["sd15-unet", "sdxl-unet", "dit-xl-2", "pixart-alpha", "sana-600m", "sd-vae-decoder"]
+    full += ["clip-text-l14"]
     tiny = ["tiny-sd15-unet", "tiny-sdxl-unet", "tiny-dit", "tiny-pixart", "tiny-sana", "tiny-vae-decoder"]
+    tiny += ["tiny-clip-text"]
     assert zoo.list_models() == full + tiny
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", list(EXPECTED))  # the image models; text encoders below
 def test_tiny_builds_and_runs(name: str, tiny_models: dict[str, zoo.ZooModel]) -> None:
     zm = tiny_models[name]
     names, out_channels = EXPECTED[name]
@@ -234,6 +237,64 @@ def test_load_local_pipeline_folder(tmp_path) -> None:
     assert inner.name == "pipe-unet" and inner.meta["prediction_type"] == "v_prediction"
 
 
+def test_tiny_text_encoder(tiny_models: dict[str, zoo.ZooModel]) -> None:
+    zm = tiny_models["tiny-clip-text"]
+    assert zm.family == "text-encoder" and zm.input_names == ("input_ids",)
+    assert zm.output_names == ("last_hidden_state",)
+    (ids,) = zm.example_inputs
+    assert ids.shape == (1, 8) and ids.dtype == torch.int64 and int(ids.max()) < 1000
+    # sized for tiny-sd15-unet's encoder_hidden_states (1, 8, 32)
+    unet_text = tiny_models["tiny-sd15-unet"].example_inputs[2].shape[1:]
+    assert (zm.meta["seq_len"], zm.meta["hidden_size"]) == tuple(unet_text)
+    assert (zm.meta["bos_token_id"], zm.meta["eos_token_id"], zm.meta["pad_token_id"]) == (998, 999, 999)
+    with torch.no_grad():
+        out = zm.module(*zm.example_inputs)
+        # what an SD pipeline takes as prompt embeddings: the last hidden state after the final layer norm
+        assert torch.equal(out, zm.module.text_encoder(ids).last_hidden_state)
+    assert out.shape == (1, 8, 32)
+    assert zoo.build("tiny-clip-text", batch=2).example_inputs[0].shape == (2, 8)
+    with pytest.raises(InputError, match="latent_size does not apply to a text encoder"):
+        zoo.build("tiny-clip-text", latent_size=8)
+
+
+def test_load_local_text_encoder(tmp_path, tiny_models: dict[str, zoo.ZooModel]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tests.runtime.tokenizer_fixtures import write_tokenizer
+
+    original = tiny_models["tiny-clip-text"]
+    pipe = tmp_path / "pipe"
+    original.module.text_encoder.save_pretrained(pipe / "text_encoder")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    loaded = zoo.load_local(pipe, subfolder="text_encoder")
+    assert loaded.name == "pipe-text_encoder" and loaded.meta["bos_token_id"] == 998
+    _assert_same(original, loaded)
+
+    # the pipeline's tokenizer/ supplies the token ids (here shifted: a 1200-token vocabulary)
+    write_tokenizer(pipe / "tokenizer", vocab_size=1200)
+    inner = zoo.load_local(pipe / "text_encoder")
+    assert inner.name == "pipe-text_encoder"
+    assert (inner.meta["bos_token_id"], inner.meta["eos_token_id"]) == (1198, 1199)
+
+    # SD 1.x checkpoints name their weights text_model.*, as transformers 4 did
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text((pipe / "text_encoder" / "config.json").read_text())
+    weights = load_file(pipe / "text_encoder" / "model.safetensors")
+    save_file({f"text_model.{k}": v for k, v in weights.items()}, old / "model.safetensors")
+    _assert_same(original, zoo.load_local(old))
+
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ModelNotFoundError, match="missing"):
+        zoo.load_local(old)
+    (old / "model.safetensors").unlink()
+    with pytest.raises(
+        ModelNotFoundError, match="no weights; expected model.safetensors or pytorch_model.bin"
+    ):
+        zoo.load_local(old)
+
+
 def test_load_local_sdxl_refiner_time_ids(tmp_path) -> None:
     import diffusers
 
@@ -281,8 +342,8 @@ def test_load_local_errors(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
     with pytest.raises(ModelNotFoundError, match="no weights"):
         zoo.load_local(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "CLIPTextModel"}))
-    with pytest.raises(ModelNotFoundError, match="not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModel"]}))
+    with pytest.raises(ModelNotFoundError, match="'CLIPVisionModel' is not supported"):
         zoo.load_local(tmp_path)
 
 
@@ -316,6 +377,12 @@ def test_full_size_wrappers_on_meta_device() -> None:
     assert wrap_meta("pixart-alpha").meta["use_additional_conditions"] is False
     sana = wrap_meta("sana-600m")
     assert sana.example_inputs[0].shape == (1, 32, 32, 32) and sana.meta["image_size"] == 1024
+    clip = wrap_meta("clip-text-l14")
+    assert clip.example_inputs[0].shape == (1, 77) and clip.example_inputs[0].dtype == torch.int64
+    # the published config's bos/eos/pad (0, 2, 1) predate transformers' fix; the tokenizer's ids are these
+    ids = {k: clip.meta[f"{k}_token_id"] for k in ("bos", "eos", "pad")}
+    assert ids == {"bos": 49406, "eos": 49407, "pad": 49407}
+    assert (clip.meta["seq_len"], clip.meta["hidden_size"], clip.meta["vocab_size"]) == (77, 768, 49408)
     vae = wrap_meta("sd-vae-decoder")
     assert vae.meta["param_count"] == 49_490_199  # the decoder path only
     assert vae.example_inputs[0].shape == (1, 4, 64, 64) and vae.meta["image_size"] == 512

@@ -20,15 +20,21 @@ class PassResult:
 
 
 def run_passes(
-    mod: Any, spec: Any, names: list[str], on_pass: Callable[[str], None] | None = None
+    mod: Any,
+    spec: Any,
+    names: list[str],
+    on_pass: Callable[[str], None] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[Any, list[PassResult]]:
-    """Apply the named passes in order inside the target's context; return the module and each report."""
+    """Apply the named passes in order inside the target's context; return the module and each report.
+
+    ``options[name]`` are keyword arguments for one pass's constructor (e.g. the mixed-precision plan)."""
     import time
 
     target = spec.build_target()
     results: list[PassResult] = []
     with target:
-        for name, pass_ in instantiate(names, spec):
+        for name, pass_ in instantiate(names, spec, options):
             if on_pass:
                 on_pass(name)
             start = time.perf_counter()

@@ -1,8 +1,10 @@
 """Target-aware TIR scheduling: which schedule rules apply to which kind of target.
 
 Rules follow TVM's dlight layout (one small rule per op family); each target kind gets an ordered list and
-the first rule that matches a kernel schedules it. CPU rules come from ``tvm.s_tir.dlight.cpu``; GPU targets
-need every kernel bound to threads, so their list ends in the generic fallback rule.
+the first rule that matches a kernel schedules it. CPU rules are edgediff's own (``lowering/schedules/``:
+register-tiled conv2d and matmul, parallel reductions and elementwise kernels, sized from the target spec)
+around TVM's ``dlight.cpu`` GEMV and Reduction rules; GPU targets need every kernel bound to threads, so
+their list ends in the generic fallback rule.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ def schedule_rules(spec: Any) -> list[Any]:
     if spec.kind in ("cpu", "npu"):
         # The NPU's kernels are simulated on its host CPU until the NPU program exists, so they are
         # scheduled as CPU kernels.
-        return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+        from edgediff.lowering.schedules import cpu_rules
+
+        return cpu_rules(spec)
     if spec.kind == "gpu":
         rules: list[Any] = []
         if _is_adreno(spec):

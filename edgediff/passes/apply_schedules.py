@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import tvm
-from tvm.s_tir import dlight as dl
 
+from edgediff.errors import first_line
 from edgediff.lowering.schedule import is_scheduled, schedule_rules
 from edgediff.passes.registry import register_pass
 
@@ -18,6 +19,10 @@ class ApplySchedules:
 
     Unscheduled TIR is a naive loop nest: correct, but single-threaded and unvectorised on CPUs, and
     not even launchable on GPUs, which need thread bindings.
+
+    This is dlight's ``ApplyDefaultSchedule`` loop, kept here so that the report can say which rule took
+    each kernel, and so that a rule failing on an unusual kernel hands it to the next rule (the failure is
+    reported) instead of failing the whole compile.
     """
 
     def __init__(self, spec: Any) -> None:
@@ -26,13 +31,39 @@ class ApplySchedules:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rules = schedule_rules(self.spec)
-        mod = dl.ApplyDefaultSchedule(*rules)(mod)
-        kernels = [func for _, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)]
-        scheduled = sum(1 for func in kernels if is_scheduled(func))
+        target = tvm.target.Target.current(allow_none=False)
+        by_rule: Counter[str] = Counter()
+        failures: list[str] = []
+        updated = {}
+        kernels = 0
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            kernels += 1
+            if is_scheduled(func):
+                by_rule["(already scheduled)"] += 1
+                continue
+            for rule in rules:
+                try:
+                    sch = rule.apply(func, func.attrs.get("target", target) if func.attrs else target, False)
+                except Exception as err:  # noqa: BLE001 - any rule error: try the next rule, report it
+                    failures.append(f"{type(rule).__name__} on {gvar.name_hint}: {first_line(err)}")
+                    continue
+                if sch is None:
+                    continue
+                sch = sch[0] if isinstance(sch, list) else sch
+                updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                by_rule[type(rule).__name__] += 1
+                break
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        scheduled = sum(by_rule.values())
         self.report = {
-            "summary": f"{scheduled} of {len(kernels)} kernels scheduled by target rules",
+            "summary": f"{scheduled} of {kernels} kernels scheduled by target rules",
             "rules": [type(rule).__name__ for rule in rules],
+            "kernels_by_rule": dict(by_rule.most_common()),
             "scheduled": scheduled,
-            "kernels": len(kernels),
+            "kernels": kernels,
+            "rule_failures": failures,
         }
         return mod

@@ -19,6 +19,7 @@ from edgediff.passes import (  # noqa: F401
     decompose_for_inference,
     fuse_ops,
     legalize_ops,
+    mixed_precision,
     npu_op_coverage,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
@@ -27,6 +28,9 @@ PASS_ORDER: tuple[str, ...] = (
     # graph level (Relax operators)
     "decompose-for-inference",
     "cast-to-fp16",
+    # only with compile_model(precision=...), which measures the plan; after cast-to-fp16, whose
+    # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
+    "mixed-precision",
     "npu-op-coverage",
     # kernel level (TIR)
     "legalize",
@@ -72,6 +76,10 @@ def resolve_pipeline(spec: Any, passes: Iterable[str] | Mapping[str, bool] | Non
     return [name for name in PASS_ORDER if name in chosen]
 
 
-def instantiate(names: Iterable[str], spec: Any) -> list[tuple[str, Any]]:
-    """Construct each named pass for ``spec``."""
-    return [(name, get_pass_entry(name).factory(spec)) for name in names]
+def instantiate(
+    names: Iterable[str], spec: Any, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[tuple[str, Any]]:
+    """Construct each named pass for ``spec``; ``options[name]`` are extra keyword arguments for one pass
+    (the mixed-precision pass takes its plan this way)."""
+    options = options or {}
+    return [(name, get_pass_entry(name).factory(spec, **options.get(name, {}))) for name in names]

@@ -20,6 +20,7 @@ _LAZY = {
     "get_sampler": "edgediff.runtime.samplers",
     "list_samplers": "edgediff.runtime.samplers",
     "write_png": "edgediff.runtime.image",
+    "CLIPTokenizer": "edgediff.runtime.tokenizer",
 }
 
 __all__ = sorted(_LAZY)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ import numpy as np
 
 from edgediff.errors import ArtifactError, InputError
 from edgediff.runtime.tensor_info import TensorInfo
+from edgediff.runtime.threads import use_target_cores
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHT_ALIGNMENT = 64
+# Spellings of the same architecture in platform.machine() and LLVM triples.
+ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -73,6 +77,37 @@ def _check_file(root: Path, record: dict[str, Any], what: str, *, hash_it: bool)
     return path
 
 
+def normalise_arch(arch: str) -> str:
+    """One spelling per CPU architecture (``arm64`` -> ``aarch64``, ``amd64`` -> ``x86_64``)."""
+    arch = arch.lower()
+    return ARCH_ALIASES.get(arch, arch)
+
+
+def target_arch(manifest: dict[str, Any]) -> str | None:
+    """The CPU architecture an artifact's code was built for, from its llvm target's ``mtriple``.
+
+    None for a target that names no triple (``host``: it was built for the machine that compiled it) and for
+    device targets (OpenCL, ...), whose code needs more than a CPU.
+    """
+    target = manifest["target"]["tvm"]["target"]
+    if not isinstance(target, dict) or target.get("kind") != "llvm" or not target.get("mtriple"):
+        return None
+    return normalise_arch(str(target["mtriple"]).split("-")[0])
+
+
+def runs_here(manifest: dict[str, Any]) -> bool:
+    """Whether this machine can run the artifact's code with the CPU runtime.
+
+    Decided where the artifact is loaded, not where it was compiled: an arm-a78 build does not run on the x86
+    machine that compiled it but does on the aarch64 device it is copied to. A target without a triple
+    (``host``) keeps the compile-time answer.
+    """
+    arch = target_arch(manifest)
+    if arch is None:
+        return bool(manifest.get("runs_on_host"))
+    return arch == normalise_arch(platform.machine())
+
+
 def _check_tvm_version(root: Path, manifest: dict[str, Any]) -> None:
     import tvm
 
@@ -110,11 +145,12 @@ class CompiledModule:
         self.manifest = read_manifest(self.path)
         _check_tvm_version(self.path, self.manifest)
         library = self.manifest["library"]
-        if not self.manifest.get("runs_on_host", False):
+        if not runs_here(self.manifest):
+            built_for = target_arch(self.manifest) or self.manifest["target"]["kind"]
             raise ArtifactError(
-                f"{self.path}: built for target {self.manifest['target']['name']}, "
-                "which does not run on this "
-                "machine; copy it to the device (see `edgediff bundle`) or compile for 'host'"
+                f"{self.path}: built for target {self.manifest['target']['name']} ({built_for}), "
+                f"which does not run on this machine ({platform.machine()}); copy it to the device "
+                "(see `edgediff bundle`) or compile for 'host'"
             )
         if library["format"] != "shared":
             raise ArtifactError(f"{self.path}: library is {library['file']} (objects), not a loadable .so")
@@ -122,6 +158,7 @@ class CompiledModule:
         self.inputs = [TensorInfo.from_dict(d) for d in self.manifest["inputs"]]
         self.outputs = [TensorInfo.from_dict(d) for d in self.manifest["outputs"]]
         self.device = tvm.cpu()
+        use_target_cores(self.manifest)  # before the first kernel starts TVM's thread pool
         self._vm = VirtualMachine(tvm.runtime.load_module(str(library_path)), self.device)
         self._main = self._vm["main"]
         weights = load_weights(self.path, self.manifest, verify=verify)
@@ -197,7 +234,7 @@ def describe_manifest(manifest: dict[str, Any], path: str | os.PathLike | None =
         f"  weights   {weights['file']}: {len(weights['tensors'])} tensors, {weights['bytes']:,} bytes",
         "  inputs    " + "; ".join(TensorInfo.from_dict(d).describe() for d in manifest["inputs"]),
         "  outputs   " + "; ".join(TensorInfo.from_dict(d).describe() for d in manifest["outputs"]),
-        f"  runs here {'yes' if manifest.get('runs_on_host') else 'no (cross-compiled)'}",
+        f"  runs here {'yes' if runs_here(manifest) else 'no (built for another machine)'}",
         f"  built     {manifest['created']} in {manifest['compile_seconds']:.1f} s with "
         + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
         "  passes",
@@ -225,7 +262,8 @@ class Artifact:
 
     @property
     def runs_on_host(self) -> bool:
-        return bool(self.manifest.get("runs_on_host"))
+        """Whether this machine can load and run the artifact (see :func:`runs_here`)."""
+        return runs_here(self.manifest)
 
     @property
     def inputs(self) -> list[TensorInfo]:

@@ -2,7 +2,8 @@
 
 Torch-free: numpy, the TVM runtime and the standard library. A pipeline is a compiled denoiser (UNet or
 transformer), optionally a compiled VAE decoder, and conditioning given as arrays (prompt embeddings, class
-labels). Everything a run depends on is in its arguments, so a seeded run is bit-reproducible.
+labels) or as prompt text when it also has a compiled CLIP text encoder and its tokenizer. Everything a run
+depends on is in its arguments, so a seeded run is bit-reproducible.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from edgediff.errors import EdgediffError, InputError
 from edgediff.runtime.artifact import CompiledModule
 from edgediff.runtime.image import to_uint8_image
 from edgediff.runtime.samplers import Sampler, SamplerError, get_sampler
+from edgediff.runtime.tokenizer import CLIPTokenizer
 
 # Inputs every denoiser has; all its other inputs are conditioning.
 SAMPLE_INPUT = "sample"
 TIMESTEP_INPUT = "timestep"
 ARTIFACT_SET_ROLES = ("denoiser", "decoder", "text_encoder")
+TOKENIZER_DIR = "tokenizer"  # in an artifact set: the text encoder's tokenizer folder, copied as is
 
 
 @dataclass
@@ -72,17 +75,19 @@ class Generation:
 
 
 class Pipeline:
-    """A compiled denoiser (+ decoder) driven by one of the numpy samplers."""
+    """A compiled denoiser (+ decoder, + text encoder and tokenizer) driven by one of the numpy samplers."""
 
     def __init__(
         self,
         denoiser: CompiledModule,
         decoder: CompiledModule | None = None,
         text_encoder: CompiledModule | None = None,
+        tokenizer: CLIPTokenizer | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.decoder = decoder
         self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
         names = [info.name for info in denoiser.inputs]
         if names[:2] != [SAMPLE_INPUT, TIMESTEP_INPUT]:
             raise InputError(
@@ -106,6 +111,30 @@ class Pipeline:
                     f"decoder {decoder.path} takes latents {list(expected)}, "
                     f"the denoiser produces {list(self.latent_shape)}"
                 )
+        if text_encoder is not None:
+            self._check_text_encoder(text_encoder, tokenizer)
+
+    def _check_text_encoder(self, text_encoder: CompiledModule, tokenizer: CLIPTokenizer | None) -> None:
+        """The text encoder must make exactly the denoiser's conditioning, from ids its tokenizer can give
+        (an id past the embedding table would read out of bounds in the compiled gather)."""
+        where = f"text encoder {text_encoder.path}"
+        ids = text_encoder.inputs
+        if (
+            len(ids) != 1
+            or len(ids[0].shape) != 2
+            or ids[0].shape[0] != 1
+            or not ids[0].dtype.startswith("int")
+        ):
+            raise InputError(
+                f"{where}: expected one integer input (token ids) of shape [1, seq], got "
+                + "; ".join(i.describe() for i in ids)
+            )
+        out = text_encoder.outputs[0]
+        if len(self.conditioning) != 1 or tuple(self.conditioning[0].shape[1:]) != tuple(out.shape[1:]):
+            takes = ", ".join(i.describe() for i in self.conditioning) or "no conditioning"
+            raise InputError(f"{where} makes {out.describe()}; the denoiser takes {takes}")
+        if tokenizer is not None:
+            tokenizer.check_fits(text_encoder.manifest["model"].get("meta") or {}, where)
 
     @classmethod
     def from_artifacts(
@@ -113,27 +142,75 @@ class Pipeline:
         denoiser: str | os.PathLike,
         decoder: str | os.PathLike | None = None,
         text_encoder: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
         *,
         verify: bool = True,
     ) -> Pipeline:
-        """Load the artifacts of a pipeline (each a directory written by ``compile_model``)."""
+        """Load the artifacts of a pipeline (each a directory written by ``compile_model``) and the text
+        encoder's tokenizer folder (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``)."""
 
         def load(path: str | os.PathLike | None) -> CompiledModule | None:
             return CompiledModule(path, verify=verify) if path is not None else None
 
-        return cls(load(denoiser), load(decoder), load(text_encoder))
+        words = CLIPTokenizer.from_directory(tokenizer) if tokenizer is not None else None
+        return cls(load(denoiser), load(decoder), load(text_encoder), words)
 
     @classmethod
     def from_directory(cls, path: str | os.PathLike, *, verify: bool = True) -> Pipeline:
-        """Load an artifact set: a directory holding denoiser/ and optionally decoder/, text_encoder/."""
+        """Load an artifact set: a directory holding denoiser/ and optionally decoder/, text_encoder/ and
+        tokenizer/ (as ``edgediff.compile_pipeline`` writes it)."""
         root = Path(path)
         if not (root / "denoiser").is_dir():
             raise EdgediffError(
                 f"'{root}' is not an artifact set: it needs a denoiser/ artifact "
-                f"(and optionally {', '.join(r + '/' for r in ARTIFACT_SET_ROLES[1:])})"
+                f"(and optionally {', '.join(r + '/' for r in (*ARTIFACT_SET_ROLES[1:], TOKENIZER_DIR))})"
             )
-        found = {role: root / role if (root / role).is_dir() else None for role in ARTIFACT_SET_ROLES}
-        return cls.from_artifacts(found["denoiser"], found["decoder"], found["text_encoder"], verify=verify)
+        found = {
+            role: root / role if (root / role).is_dir() else None
+            for role in (*ARTIFACT_SET_ROLES, TOKENIZER_DIR)
+        }
+        return cls.from_artifacts(
+            found["denoiser"], found["decoder"], found["text_encoder"], found[TOKENIZER_DIR], verify=verify
+        )
+
+    # ---------------------------------------------------------------------------------------------- text
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """Prompt embeddings ``(1, seq, dim)`` for the denoiser: ``text`` tokenized, padded/truncated to the
+        text encoder's sequence length, and run through the compiled text encoder."""
+        encoder, tokenizer = self.text_encoder, self.tokenizer
+        if encoder is None or tokenizer is None:
+            parts = (("text_encoder/", encoder), ("tokenizer/", tokenizer))
+            raise InputError(
+                "prompt text needs a compiled text encoder and its tokenizer; this pipeline has no "
+                + " or ".join(name for name, part in parts if part is None)
+                + ": give prompt embeddings instead (--prompt-embeds FILE.npy)"
+            )
+        ids = tokenizer.encode(text, encoder.inputs[0].shape[1])[None]
+        return np.asarray(encoder(ids))
+
+    def _encode_prompts(
+        self,
+        prompt: str | None,
+        negative_prompt: str | None,
+        conditioning: Mapping[str, Any] | np.ndarray | None,
+        negative: Mapping[str, Any] | np.ndarray | None,
+        use_cfg: bool,
+        timings: Timings,
+    ) -> tuple[Any, Any]:
+        """Prompt text to conditioning: the prompt's embeddings and, with guidance, the negative prompt's
+        (the empty prompt's unless given, as diffusers does); negative text is unused without guidance."""
+        if prompt is not None and conditioning is not None:
+            raise InputError("give either prompt text or prompt embeddings (conditioning), not both")
+        if negative_prompt is not None and negative is not None:
+            raise InputError("give either a negative prompt or negative embeddings, not both")
+        start = time.perf_counter()
+        if prompt is not None:
+            conditioning = self.encode_prompt(prompt)
+        if use_cfg and negative is None:
+            negative = self.encode_prompt(negative_prompt or "")
+        timings.text_encoder = time.perf_counter() - start
+        return conditioning, negative
 
     # ------------------------------------------------------------------------------------------ conditioning
 
@@ -227,6 +304,8 @@ class Pipeline:
         conditioning: Mapping[str, Any] | np.ndarray | None = None,
         *,
         negative: Mapping[str, Any] | np.ndarray | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
         sampler: str = "dpmpp-2m",
         steps: int = 20,
         guidance_scale: float = 7.5,
@@ -242,12 +321,19 @@ class Pipeline:
         ``(1, 77, 768)``; a bare array when the denoiser has one conditioning input). Guidance (``> 1``) needs
         ``negative`` conditioning (the empty prompt's embeddings) unless the model has a null class. The
         initial noise comes from ``numpy.random.default_rng(seed)`` unless ``latents`` is given.
+
+        With a text encoder and tokenizer, ``prompt`` text replaces ``conditioning`` and ``negative_prompt``
+        text replaces ``negative`` (default: the empty prompt, under guidance).
         """
         total_start = time.perf_counter()
         timings = Timings()
         chosen = self.make_sampler(sampler, steps, **dict(sampler_options or {}))
-        cond = self._conditioning(conditioning, "conditioning")
         use_cfg = guidance_scale > 1.0
+        if prompt is not None or negative_prompt is not None:
+            conditioning, negative = self._encode_prompts(
+                prompt, negative_prompt, conditioning, negative, use_cfg, timings
+            )
+        cond = self._conditioning(conditioning, "conditioning")
         uncond = None
         if use_cfg:
             if negative is None:

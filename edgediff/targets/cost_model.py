@@ -7,6 +7,7 @@ but it only has to rank alternatives on the same target, and it needs nothing be
 
 from __future__ import annotations
 
+import platform
 from typing import Literal
 
 from edgediff.errors import TargetSpecError
@@ -67,3 +68,42 @@ class CostModel:
         if dtype not in DTYPE_BITS:
             raise TargetSpecError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
         return max(1, self.spec.compute.vector_bits // DTYPE_BITS[dtype])
+
+    # --- CPU kernel tiling (used by the schedule rules in edgediff/lowering/schedules/) -------------------
+
+    def vector_registers(self) -> int:
+        """SIMD registers the ISA names: 32 on aarch64 (NEON/SVE) and AVX-512, 16 on AVX2/SSE and others.
+
+        Register tiles of GEMM/convolution kernels are sized to about half of these, so accumulators stay in
+        registers while the other half holds the operands being broadcast or loaded.
+        """
+        target = self.spec.tvm_target
+        triple = target.get("mtriple", "") if isinstance(target, dict) else ""
+        arch = (triple.split("-")[0] if triple else platform.machine()).lower()
+        if arch in ("aarch64", "arm64") or self.spec.compute.vector_bits >= 512:
+            return 32
+        return 16
+
+    def accumulator_vectors(self) -> int:
+        """Vector registers a register-tiled kernel may keep as accumulators (half the register file)."""
+        return self.vector_registers() // 2
+
+    def cache_block(self, bytes_per_unit: int, level: MemoryLevel = "l1", share: float = 0.5) -> int:
+        """How many units of ``bytes_per_unit`` fit in ``share`` of one cache level (at least 1).
+
+        Reduction loops are split so that one chunk's working set stays in L1 while the rest of the
+        tile is streamed; the other half of the cache is left to the output tile and to prefetching.
+        """
+        capacities = {"sram": self.spec.memory.sram_bytes, "l1": self.spec.memory.l1_bytes}
+        capacities["l2"] = self.spec.memory.l2_bytes
+        capacity = capacities[level] or self.spec.memory.l1_bytes or 32768
+        return max(1, int(capacity * share) // max(1, bytes_per_unit))
+
+    def parallel_threshold(self, dtype: str = "float32") -> int:
+        """Elements a kernel must produce before splitting it over the cores pays for the thread wake-up.
+
+        A fork/join in TVM's thread pool costs a few microseconds; below about one L1-full of output per
+        core the kernel is done sooner on one core.
+        """
+        per_core = max(1, self.spec.memory.l1_bytes * 8 // DTYPE_BITS.get(dtype, 32))
+        return per_core * max(1, self.spec.compute.cores) if self.spec.compute.cores > 1 else 1 << 62

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from edgediff.errors import TargetSpecError
+from edgediff.runtime.artifact import normalise_arch
 from edgediff.targets.schema import AUTO, validate
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 
 _BUILTIN_PREFIX = "builtin:"
 _YAML_SUFFIXES = (".yaml", ".yml")
-# Spellings of the same architecture in platform.machine() and LLVM triples.
-_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -184,7 +183,7 @@ class TargetSpec:
         if target.kind.name != "llvm":
             return False
         triple = str(target.attrs.get("mtriple", ""))
-        return not triple or _normalise_arch(triple.split("-")[0]) == _normalise_arch(platform.machine())
+        return not triple or normalise_arch(triple.split("-")[0]) == normalise_arch(platform.machine())
 
     def supports_dtype(self, dtype: str) -> bool:
         """Whether the device computes in ``dtype`` natively (e.g. ``"int8"``)."""
@@ -233,11 +232,6 @@ def _format_bytes(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size} {unit}"
     return f"{n} B"
-
-
-def _normalise_arch(arch: str) -> str:
-    arch = arch.lower()
-    return _ARCH_ALIASES.get(arch, arch)
 
 
 def _host_cores() -> int:

@@ -1,0 +1,197 @@
+"""Size and quality of precision plans: fp32, fp16, uniform int8 (weight-only and w8a8), int4 and auto.
+
+For each model and plan: the weights size, the prediction SQNR the planner measured, and the PSNR of the
+final latents of a 10-step DDIM trajectory against the float PyTorch model on the same seed (the error as
+it accumulates over sampling). ``auto`` gets the uniform-int8 size as its byte budget, so its row shows what
+measured, per-layer choice buys at equal size.
+
+Default: the tiny zoo models, compiled for this machine (the ``host`` spec with int8 added, so int8
+artifacts run here) and run through the compiled artifacts. ``--torch-only`` skips TVM and measures the
+plans with fake quantization in PyTorch (sizes are computed exactly from the weight shapes): the way to get
+numbers for the full-size models on a small machine, at a reduced latent size.
+
+    .venv/bin/python benchmarks/precision.py [--models tiny-sd15-unet tiny-dit] [--steps 10]
+    .venv/bin/python benchmarks/precision.py --torch-only --models dit-xl-2 sd15-unet --latent-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PLANS = ("fp32", "fp16", "w8", "int8", "w4", "auto")
+
+
+def host_int8() -> Any:
+    from edgediff.targets import load_target
+    from edgediff.targets.spec import TargetSpec
+
+    data = load_target("host").to_dict()
+    data.update(name="host-int8", dtypes=["float32", "float16", "int8"])
+    data["compute"]["peak_gflops"]["int8"] = 300
+    return TargetSpec.from_dict(data)
+
+
+def trajectory(denoise, zm: Any, steps: int, seed: int) -> np.ndarray:
+    """Final latents of a DDIM run from seeded noise with the example conditioning (no guidance)."""
+    from edgediff.runtime.samplers import get_sampler
+
+    sampler = get_sampler(
+        "ddim", num_steps=steps, prediction_type=zm.meta.get("prediction_type") or "epsilon"
+    )
+    start, stop = zm.meta.get("noise_pred_channels") or (0, zm.example_inputs[0].shape[1])
+    x_T = np.random.default_rng(seed).standard_normal(tuple(zm.example_inputs[0].shape)).astype(np.float32)
+
+    def step(x: np.ndarray, t: float) -> np.ndarray:
+        timestep = np.full((x.shape[0],), t, np.float32)
+        return np.asarray(denoise(x, timestep))[:, start:stop]
+
+    return sampler.sample(step, x_T, rng=np.random.default_rng(seed))
+
+
+def torch_denoiser(zm: Any, fake: Any = None):
+    def denoise(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        timestep = torch.from_numpy(t)
+        if fake is not None:
+            fake.timesteps = timestep
+        with torch.no_grad():
+            return zm.module(torch.from_numpy(x), timestep, *zm.example_inputs[2:]).numpy()
+
+    return denoise
+
+
+def psnr(got: np.ndarray, want: np.ndarray) -> float:
+    peak = float(want.max() - want.min())
+    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def request(plan: str, int8_bytes: int | None) -> tuple[Any, Any]:
+    if plan == "fp32":
+        return None, None
+    if plan == "auto":
+        return "auto", {"bytes": int8_bytes}
+    return plan, None
+
+
+def compiled_rows(name: str, steps: int, spec: Any, root: Path) -> list[dict[str, Any]]:
+    from edgediff import compile_model, zoo
+
+    zm = zoo.build(name)
+    reference = trajectory(torch_denoiser(zm), zm, steps, seed=0)
+    rows, int8_bytes = [], None
+    for plan in PLANS:
+        precision, budget = request(plan, int8_bytes)
+        start = time.perf_counter()
+        artifact = compile_model(
+            name, target=spec, output_dir=root / f"{name}-{plan}", progress=False, precision=precision,
+            precision_budget=budget,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        module = artifact.load()
+        latents = trajectory(lambda x, t, m=module: m(x, t, *zm.example_inputs[2:]), zm, steps, seed=0)
+        size = artifact.manifest["weights"]["bytes"]
+        int8_bytes = size if plan == "int8" else int8_bytes
+        report = {p["name"]: p["report"] for p in artifact.manifest["passes"]}.get("mixed-precision")
+        totals = report["plan"]["totals"] if report else {}
+        rows.append(_row(name, plan, size, psnr(latents, reference), totals, seconds, report))
+    return rows
+
+
+def torch_rows(name: str, steps: int, spec: Any, latent_size: int | None) -> list[dict[str, Any]]:
+    from edgediff import zoo
+    from edgediff.precision import PrecisionConfig, PrecisionPlan
+    from edgediff.precision.planner import make_plan
+    from edgediff.precision.sensitivity import FakeQuant
+
+    zm = zoo.build(name, latent_size=latent_size)
+    weights = {
+        k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in zm.module.state_dict().items()
+    }
+    reference = trajectory(torch_denoiser(zm), zm, steps, seed=0)
+    fp32_bytes = sum(-(-int(np.prod(s)) * 4 // 64) * 64 for s, _ in weights.values())
+    rows = [_row(name, "fp32", fp32_bytes, float("inf"), {}, 0.0, None)]
+    int8_bytes = None
+    for plan_name in PLANS[1:]:
+        precision, budget = request(plan_name, int8_bytes)
+        start = time.perf_counter()
+        config = PrecisionConfig(mode=precision, budget=budget, keep=2, seeds=(0,))
+        plan: PrecisionPlan = make_plan(
+            zm.module, zm.example_inputs, zm.input_names, zm.meta, spec, config, weights=weights
+        )
+        seconds = time.perf_counter() - start
+        scales = {layer.name: layer.scales for layer in plan.layers if layer.scales}
+        formats = {layer.name: layer.format for layer in plan.layers}
+        with FakeQuant(zm.module, formats, plan.dtypes, scales, plan.timestep_split) as fake:
+            latents = trajectory(torch_denoiser(zm, fake), zm, steps, seed=0)
+        int8_bytes = plan.totals["bytes"] if plan_name == "int8" else int8_bytes
+        report = {"plan": plan.to_dict()}
+        rows.append(
+            _row(
+                name, plan_name, plan.totals["bytes"], psnr(latents, reference), plan.totals, seconds, report
+            )
+        )
+    return rows
+
+
+def _row(model, plan, size, latent_psnr, totals, seconds, report) -> dict[str, Any]:
+    counts = ""
+    if report:
+        counts = ", ".join(f"{n} {f}" for f, n in sorted(_counts(report["plan"]["layers"]).items()))
+    return {
+        "model": model,
+        "plan": plan,
+        "bytes": size,
+        "psnr": latent_psnr,
+        "sqnr": totals.get("measured_sqnr_db"),
+        "latency_ms": totals.get("latency_s", 0) * 1e3 if totals else None,
+        "seconds": seconds,
+        "formats": counts,
+    }
+
+
+def _counts(layers: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for layer in layers:
+        counts[layer["format"]] = counts.get(layer["format"], 0) + 1
+    return counts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["tiny-sd15-unet", "tiny-dit"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--torch-only", action="store_true", help="measure in PyTorch, no TVM build")
+    parser.add_argument("--latent-size", type=int, help="(--torch-only) smaller latents for full-size models")
+    parser.add_argument("--output", help="where artifacts go (default: a temporary directory)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    spec = host_int8()
+    root = Path(args.output or tempfile.mkdtemp(prefix="edgediff-precision-"))
+    print(f"target {spec.name}; {args.steps}-step DDIM, seed 0; latent PSNR against the float model")
+    header = f"{'model':<16} {'plan':<5} {'weights':>12} {'of fp32':>8} {'PSNR dB':>8} {'SQNR dB':>8}"
+    print(f"{header} {'s':>6}  formats")
+    for name in args.models:
+        rows = torch_rows(name, args.steps, spec, args.latent_size) if args.torch_only else None
+        rows = rows or compiled_rows(name, args.steps, spec, root)
+        base = rows[0]["bytes"]
+        for r in rows:
+            sqnr = f"{r['sqnr']:8.1f}" if r["sqnr"] is not None else f"{'-':>8}"
+            print(
+                f"{r['model']:<16} {r['plan']:<5} {r['bytes']:>12,} {r['bytes'] / base:>8.1%} "
+                f"{r['psnr']:>8.1f} {sqnr} {r['seconds']:>6.1f}  {r['formats']}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

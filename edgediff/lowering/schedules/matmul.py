@@ -1,0 +1,94 @@
+"""Dense and batched matmul on CPUs: row x vector register tiles, vectorized along the output columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+from edgediff.lowering.schedules.common import (
+    child_blocks,
+    choose_register_tile,
+    finish_reduction,
+    iter_kinds,
+    output_dtype,
+    schedule_register_tiled,
+    try_inline_all,
+)
+from edgediff.targets import CostModel
+
+
+class Matmul(CPUScheduleRule):
+    """Schedule a (fused) ``matmul`` kernel ``C[..., i, j] = sum_k A[..., i, k] * B[..., k, j]``.
+
+    This is the layout Relax gives ``nn.Linear`` (the weight is transposed to ``[in, out]`` before the
+    matmul) and attention's batched products. ``rows`` rows of A x ``col_vectors`` vectors of C accumulate
+    in registers: each k step broadcasts ``rows`` elements of A and loads ``col_vectors`` contiguous vectors
+    of B, and the accumulators stay in registers over all of k; batch, column blocks and row blocks are
+    parallel. Bias/activation/residual epilogues are inlined into the accumulator write-back. A matmul
+    whose B is not contiguous along j (``[j, k]`` layout) is left to the GEMV/fallback rules.
+    """
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        matmuls = [b for b in child_blocks(sch) if sch.get(b).name_hint == "matmul"]
+        if len(matmuls) != 1:
+            return None
+        block = matmuls[0]
+        kinds = iter_kinds(sch, block)
+        if len(kinds) < 3 or kinds[-1] != "R" or "R" in kinds[:-1]:
+            return None
+        loops = sch.get_loops(block)
+        if len(loops) != len(kinds) or any(not isinstance(sch.get(lp).extent, tirx.IntImm) for lp in loops):
+            return None
+        if not _columns_contiguous(sch.get(block)):
+            return None
+        *batch, i, j, k = loops
+        dtype = output_dtype(sch, block)
+        lanes = self.cost.vector_lanes(dtype)
+        tile = choose_register_tile(self.cost, dtype, int(sch.get(i).extent), int(sch.get(j).extent))
+        # column blocks outside row blocks: one B panel (k x tile columns) stays in cache while the row
+        # blocks of A stream past it
+        tiled = schedule_register_tiled(
+            sch, block, self.cost, tile, outer=[*batch, j, i], row=i, col=j, reductions=[k]
+        )
+        done = {sch.get(b) for b in (block, tiled.write_back)}
+        left = try_inline_all(sch, [b for b in child_blocks(sch) if sch.get(b) not in done])
+        if left:
+            return None  # an epilogue that is not elementwise: not a plain matmul kernel
+        finish_reduction(sch, block, tiled, lanes)
+        return sch
+
+
+def _columns_contiguous(block: Any) -> bool:
+    """Whether B (the read not indexed by the row var) is indexed by the column var last and A not at all."""
+    from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
+
+    iter_vars = [iv.var for iv in block.iter_vars]
+    row, col = iter_vars[-3], iter_vars[-2]
+
+    def uses(expr: Any, var: Any) -> bool:
+        return any(v.same_as(var) for v in collect_vars_used_in_prim_expr(expr))
+
+    out = block.writes[0]
+    if not out.region or not out.region[-1].min.same_as(col):
+        return False
+    found_b = False
+    for read in block.reads:
+        if read.source.same_as(out.source):
+            continue
+        if any(uses(r.min, row) for r in read.region):
+            if any(uses(r.min, col) for r in read.region):
+                return False
+        elif read.region and read.region[-1].min.same_as(col):
+            found_b = True
+        else:
+            return False
+    return found_b

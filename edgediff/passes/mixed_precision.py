@@ -1,0 +1,515 @@
+"""Run each layer at the precision a plan chose: low-precision weights in weights.bin, quantized compute.
+
+The plan comes from :func:`edgediff.precision.make_plan` (measurement on the float torch model). This file
+realises it in two halves that must agree and therefore live together, both driven by
+:func:`stored_params` (what a weight becomes):
+
+- :class:`MixedPrecision`, the graph rewrite: each quantized weight parameter of ``main`` is replaced by its
+  stored parameters (an int8 / float16 / packed-int4 tensor, plus a float32 scale), and the consuming
+  conv2d / matmul is rewritten to use them;
+- :func:`quantize_weights`, the weight transform ``compile_model`` applies before writing weights.bin.
+
+Where the dequantization goes. FuseOps does *not* fuse a dequantize prologue (``astype`` + ``multiply``
+before the conv/matmul) into the consumer's kernel: a conv2d/matmul is an "out-elementwise-fusable" anchor
+that only absorbs ops after it, so the prologue becomes its own kernel writing the float weight to memory
+on every call - more traffic than the float model. So for per-output-channel int8 the rewrite avoids the
+prologue: the conv2d/matmul reads the int8 weight directly (TVM's kernel casts each element as it
+accumulates) and the per-channel scale, which commutes with the reduction, multiplies the output, where
+FuseOps does fuse it (with the bias) into the same kernel. int4's per-group scales do not commute, so int4
+weights are unpacked and dequantized by a separate kernel before the op (its cost is charged to w4 in the
+cost model). Activation quantization (round/clip/cast to int8) is elementwise on the layer's input and
+fuses into the producer's kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from edgediff.errors import PassError
+from edgediff.passes.analysis import relax_op_histogram
+from edgediff.passes.registry import register_pass
+from edgediff.precision.assignment import format_bytes
+from edgediff.precision.plan import LayerPlan, PrecisionPlan
+from edgediff.precision.quantizers import (
+    INT4_OFFSET,
+    INT8_MAX,
+    INT8_MIN,
+    MIN_SCALE,
+    get_format,
+    int4_layout,
+    quantize_weight,
+)
+
+SCALE_SUFFIX = "_scale"
+_REWRITTEN = "edgediff_mixed_precision_main"  # the rewritten main's name until it replaces main
+TIMESTEP_INPUT = "timestep"
+# Ops that leave a weight a weight: a matmul operand reached from a parameter only through these is a
+# weight (a linear layer), not an activation (an attention matmul).
+_WEIGHT_VIEWS = ("relax.permute_dims", "relax.reshape", "relax.astype", "relax.broadcast_to")
+
+
+def stored_params(
+    layer: LayerPlan, name: str, shape: Sequence[int]
+) -> list[tuple[str, tuple[int, ...], str]]:
+    """``(name, shape, dtype)`` of each array weight ``name`` of ``layer`` is stored as - the signature the
+    rewrite gives ``main`` and the arrays :func:`quantize_weights` writes, in that order."""
+    fmt = get_format(layer.format)
+    shape = tuple(int(d) for d in shape)
+    if fmt.weight_bits in (32, 16):
+        return [(name, shape, str(fmt.weight_dtype))]
+    if fmt.weight_bits == 8:
+        return [
+            (name, shape, "int8"),
+            (name + SCALE_SUFFIX, (shape[0],) + (1,) * (len(shape) - 2), "float32"),
+        ]
+    if fmt.weight_bits == 4:
+        _, groups, size = int4_layout(shape)
+        return [
+            (name, (shape[0], groups * size // 2), "uint8"),
+            (name + SCALE_SUFFIX, (shape[0], groups, 1), "float32"),
+        ]
+    raise PassError(f"layer {layer.name}: format {fmt.name} stores no weights")
+
+
+def _changes_storage(layer: LayerPlan | None, dtype: str) -> bool:
+    """Whether a weight is stored differently from how the import left it (float32 at fp32 is not)."""
+    return (
+        layer is not None and layer.weight is not None and not (layer.format == "fp32" and dtype == "float32")
+    )
+
+
+def quantize_weights(
+    plan: PrecisionPlan, weights: Sequence[Any], names: Sequence[str]
+) -> tuple[list[Any], list[str]]:
+    """The weight transform matching :class:`MixedPrecision`: each planned weight becomes its stored arrays
+    (quantizers.quantize_weight), everything else is passed through; returns the arrays and their names in
+    the order the rewritten ``main`` takes them."""
+    by_weight = plan.by_weight()
+    arrays: list[Any] = []
+    stored: list[str] = []
+    for name, weight in zip(names, weights, strict=True):
+        layer = by_weight.get(name)
+        dtype = str(weight.dtype)
+        if not _changes_storage(layer, dtype):
+            arrays.append(weight)
+            stored.append(name)
+            continue
+        array = weight.numpy() if hasattr(weight, "numpy") else np.asarray(weight)
+        values = quantize_weight(array, get_format(layer.format))
+        layout = stored_params(layer, name, array.shape)
+        for (param, shape, param_dtype), value in zip(layout, values, strict=True):
+            if tuple(value.shape) != shape or str(value.dtype) != param_dtype:  # the halves disagree: a bug
+                raise AssertionError(
+                    f"{param}: {value.dtype}{list(value.shape)} vs {param_dtype}{list(shape)}"
+                )
+            arrays.append(value)
+            stored.append(param)
+    return arrays, stored
+
+
+def _var_uses(func: relax.Function) -> dict[relax.Var, list[relax.Call | None]]:
+    """For every variable: the calls that use it (None for a use that is not a call argument)."""
+    uses: dict[relax.Var, list[relax.Call | None]] = {}
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Call):
+            for arg in expr.args:
+                if isinstance(arg, relax.Var):
+                    uses.setdefault(arg, []).append(expr)
+                else:
+                    visit(arg)
+        elif isinstance(expr, relax.Tuple):
+            for field in expr.fields:
+                visit(field)
+        elif isinstance(expr, relax.TupleGetItem):
+            visit(expr.tuple_value)
+        elif isinstance(expr, relax.Var):
+            uses.setdefault(expr, []).append(None)
+
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            visit(binding.value)
+    visit(func.body.body)
+    return uses
+
+
+def _dtype(expr: Any) -> str:
+    return str(getattr(expr.ty, "dtype", "float32"))
+
+
+def _float32(x: relax.Expr) -> relax.Expr:
+    """Scale and rounding arithmetic runs in float32 even where cast-to-fp16 made the input float16."""
+    return x if _dtype(x) == "float32" else relax.op.astype(x, "float32")
+
+
+def _op(call: Any) -> str:
+    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""
+
+
+class _Rewriter:
+    """Rebuilds ``main`` binding by binding with a BlockBuilder, substituting the quantized layers."""
+
+    def __init__(self, func: relax.Function, plan: PrecisionPlan, weight_names: Sequence[str]) -> None:
+        self.func = func
+        self.plan = plan
+        num_input = int(func.attrs["num_input"])
+        params = list(func.params)
+        if len(params) - num_input != len(weight_names):
+            raise PassError(
+                f"main takes {len(params) - num_input} weights, the plan was given "
+                f"{len(weight_names)} weight names"
+            )
+        self.inputs = params[:num_input]
+        by_weight = plan.by_weight()
+        self.layers: dict[relax.Var, LayerPlan] = {}  # original weight param -> its layer
+        self.stored: dict[relax.Var, list[relax.Var]] = {}  # ... -> its new params
+        self.new_params = list(self.inputs)
+        for var, name in zip(params[num_input:], weight_names, strict=True):
+            layer = by_weight.get(name)
+            if _changes_storage(layer, _dtype(var)):
+                shape = [int(d) for d in var.ty.shape]
+                new = [relax.Var(p, relax.TensorType(s, d)) for p, s, d in stored_params(layer, name, shape)]
+                self.layers[var], self.stored[var] = layer, new
+                self.new_params += new
+            else:
+                self.new_params.append(var)
+        self.values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+        self.uses = _var_uses(func)
+        self.remap: dict[relax.Var, relax.Expr] = {}
+        self.dequantized: dict[relax.Var, relax.Expr] = {}
+        self.transposed: dict[relax.Var, relax.Expr] = {}
+        self.timestep_bucket: relax.Expr | None = None
+        self.counts: dict[str, int] = {}
+        self.attention = self._match_attention()
+
+    # ------------------------------------------------------------------------------------------- analysis
+
+    def _is_weight(self, expr: Any) -> bool:
+        while isinstance(expr, relax.Var) and expr in self.values:
+            value = self.values[expr]
+            if _op(value) not in _WEIGHT_VIEWS:
+                return False
+            expr = value.args[0]
+        return isinstance(expr, relax.Var) and expr in self.func.params[len(self.inputs) :]
+
+    def _patterns(self) -> dict[relax.Var, str]:
+        """How each quantized weight is consumed: 'conv' (the weight of conv2d ops), 'linear' (transposed,
+        the right operand of matmuls) or 'generic' (anything else: it is dequantized to float first).
+
+        A weight may reach its consumer through views (``astype`` when cast-to-fp16 ran first,
+        ``permute_dims`` and ``broadcast_to`` for linear layers); ``self.origin`` maps every such view to
+        (weight, view ops)."""
+        self.origin = {var: (var, ()) for var in self.layers}
+        for var, value in self.values.items():
+            if (
+                _op(value) in ("relax.astype", "relax.permute_dims", "relax.broadcast_to")
+                and value.args[0] in self.origin
+            ):
+                weight, views = self.origin[value.args[0]]
+                self.origin[var] = (weight, (*views, _op(value)))
+        views = {hash(value) for var, value in self.values.items() if var in self.origin}  # by node
+        kinds: dict[relax.Var, set[str]] = {var: set() for var in self.layers}
+        for var, (weight, path) in self.origin.items():
+            # astype (cast-to-fp16) and broadcast_to (a linear on 3-d inputs) do not change what a weight is
+            other = [op for op in path if op not in ("relax.astype", "relax.broadcast_to")]
+            for call in self.uses.get(var, []):
+                if call is not None and hash(call) in views:
+                    continue  # a further view: its own uses are what count
+                right = call is not None and call.args[-1].same_as(var) and not call.args[0].same_as(var)
+                if right and _op(call) == "relax.nn.conv2d" and not other:
+                    kinds[weight].add("conv")
+                elif right and _op(call) == "relax.matmul" and other == ["relax.permute_dims"]:
+                    kinds[weight].add("linear")
+                else:
+                    kinds[weight].add("generic")
+        patterns = {}
+        for var, found in kinds.items():
+            generic = len(found) != 1 or get_format(self.layers[var].format).weight_bits == 4
+            patterns[var] = "generic" if generic else found.pop()
+        return patterns
+
+    def _match_attention(self) -> dict[relax.Var, tuple[LayerPlan, str]]:
+        """Map the graph's activation x activation matmuls to the plan's attention layers, in order.
+
+        torch.export keeps execution order, so the k-th attention call of the calibration run is the k-th
+        QK^T / PV matmul pair of the graph; shapes confirm each match (other activation matmuls, e.g.
+        linear attention, are skipped)."""
+        expected = []
+        for layer in self.plan.layers:
+            if layer.kind == "attention" and layer.attention_shape:
+                _, queries, keys, dim = layer.attention_shape
+                expected += [
+                    (layer, "qk", (queries, dim), (dim, keys)),
+                    (layer, "pv", (queries, keys), (keys, None)),
+                ]
+        found: dict[relax.Var, tuple[LayerPlan, str]] = {}
+        position = 0
+        for var, value in self.values.items():
+            if position == len(expected) or _op(value) != "relax.matmul":
+                continue
+            a, b = value.args
+            if self._is_weight(a) or self._is_weight(b):
+                continue
+            layer, which, shape_a, shape_b = expected[position]
+            got_a = tuple(int(d) for d in list(a.ty.shape)[-2:])
+            got_b = tuple(int(d) for d in list(b.ty.shape)[-2:])
+            if got_a == shape_a and got_b[0] == shape_b[0] and (shape_b[1] is None or got_b[1] == shape_b[1]):
+                found[var] = (layer, which)
+                position += 1
+        if position < len(expected):
+            raise PassError(
+                f"attention layer {expected[position][0].name} ({expected[position][1]} matmul) is not in "
+                "the graph; pin it to the float format"
+            )
+        return found
+
+    # ------------------------------------------------------------------------------------------- emitting
+
+    def _scale_expr(self, bb: relax.BlockBuilder, scales: Sequence[float]) -> relax.Expr:
+        """The static input scale: a constant, or [early, late] selected by the timestep input."""
+        if len(scales) == 1:
+            return relax.const(float(scales[0]), "float32")
+        if self.timestep_bucket is None:
+            timestep = next((v for v in self.inputs if v.name == TIMESTEP_INPUT), None)
+            if timestep is None or self.plan.timestep_split is None:
+                raise PassError("the plan has per-timestep scales but the model has no 'timestep' input")
+            first = relax.op.strided_slice(timestep, axes=[0], begin=[0], end=[1])
+            late = relax.op.less(
+                relax.op.astype(first, "float32"), relax.const(self.plan.timestep_split, "float32")
+            )
+            self.timestep_bucket = bb.emit(relax.op.astype(late, "int64"), "timestep_bucket")
+        table = relax.const(np.asarray(scales, dtype=np.float32))
+        return bb.emit(relax.op.take(table, self.timestep_bucket, axis=0))
+
+    @staticmethod
+    def _quantize(x: relax.Expr, scale: relax.Expr) -> relax.Expr:
+        rounded = relax.op.round(relax.op.divide(_float32(x), scale))
+        return relax.op.astype(relax.op.clip(rounded, INT8_MIN, INT8_MAX), "int8")
+
+    @staticmethod
+    def _dynamic_scale(bb: relax.BlockBuilder, x: relax.Expr, axis: int) -> relax.Expr:
+        peak = relax.op.max(relax.op.abs(_float32(x)), axis=axis, keepdims=True)
+        scale = relax.op.divide(peak, relax.const(float(INT8_MAX), "float32"))
+        return bb.emit(relax.op.maximum(scale, relax.const(MIN_SCALE, "float32")))
+
+    def _int8_input(
+        self, bb: relax.BlockBuilder, layer: LayerPlan, x: relax.Expr
+    ) -> tuple[relax.Expr, relax.Expr]:
+        """(int8 input, its scale) for a layer with quantized activations."""
+        if get_format(layer.format).activations == "static":
+            scale = self._scale_expr(bb, layer.scales or [1.0])
+        else:
+            scale = self._dynamic_scale(bb, x, -1)
+        return bb.emit(self._quantize(x, scale)), scale
+
+    def _dequantized(self, bb: relax.BlockBuilder, var: relax.Var) -> relax.Expr:
+        """A quantized weight back in its original float dtype and shape (int4, and unusual consumers)."""
+        if var not in self.dequantized:
+            layer, stored = self.layers[var], self.stored[var]
+            dtype = _dtype(var)
+            shape = [int(d) for d in var.ty.shape]
+            fmt = get_format(layer.format)
+            if fmt.weight_bits == 16:
+                value = relax.op.astype(stored[0], dtype)
+            elif fmt.weight_bits == 8:
+                scale = relax.op.reshape(stored[1], [shape[0]] + [1] * (len(shape) - 1))
+                value = relax.op.multiply(relax.op.astype(stored[0], dtype), relax.op.astype(scale, dtype))
+            else:
+                inputs, groups, size = int4_layout(shape)
+                emit = bb.emit  # reshape needs its input's type: build the chain binding by binding
+                low = relax.op.bitwise_and(stored[0], relax.const(15, "uint8"))
+                high = relax.op.right_shift(stored[0], relax.const(4, "uint8"))
+                nibbles = emit(
+                    relax.op.reshape(emit(relax.op.stack([low, high], axis=2)), [shape[0], groups, size])
+                )
+                centred = relax.op.subtract(
+                    relax.op.astype(nibbles, dtype), relax.const(float(INT4_OFFSET), dtype)
+                )
+                scaled = emit(relax.op.multiply(centred, relax.op.astype(stored[1], dtype)))
+                rows = emit(relax.op.reshape(scaled, [shape[0], groups * size]))
+                if inputs != groups * size:
+                    rows = emit(relax.op.strided_slice(rows, axes=[1], begin=[0], end=[inputs]))
+                value = relax.op.reshape(rows, shape)
+            self.dequantized[var] = bb.emit(value, f"{var.name}_dequantized")
+            self._count("dequantize kernel (int4 or generic use)")
+        return self.dequantized[var]
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def _subst(self, bb: relax.BlockBuilder, expr: Any) -> Any:
+        if isinstance(expr, relax.Var):
+            if expr in self.remap:
+                return self.remap[expr]
+            if expr in self.layers:  # a use of a quantized weight the rewrite does not specialise
+                return self._dequantized(bb, expr)
+            return expr
+        if isinstance(expr, relax.Call):
+            return relax.Call(expr.op, [self._subst(bb, a) for a in expr.args], expr.attrs, expr.ty_args)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self._subst(bb, f) for f in expr.fields])
+        if isinstance(expr, relax.TupleGetItem):
+            return relax.TupleGetItem(self._subst(bb, expr.tuple_value), expr.index)
+        return expr
+
+    def _conv(self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str) -> relax.Expr:
+        layer, stored = self.layers[var], self.stored[var]
+        fmt = get_format(layer.format)
+        a = call.attrs
+        x = self._subst(bb, call.args[0])
+
+        def conv(data: relax.Expr, weight: relax.Expr, dtype: str) -> relax.Expr:
+            return relax.op.nn.conv2d(
+                data,
+                weight,
+                a.strides,
+                a.padding,
+                a.dilation,
+                a.groups,
+                a.data_layout,
+                a.kernel_layout,
+                a.out_layout,
+                dtype,
+            )
+
+        return self._layer_op(bb, layer, fmt, x, stored, conv, out_dtype)
+
+    def _linear(self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str) -> relax.Expr:
+        layer = self.layers[var]
+        x = self._subst(bb, call.args[0])
+        if var not in self.transposed:  # one transpose of the stored (int8 / float16) weight per block
+            self.transposed[var] = bb.emit(relax.op.permute_dims(self.stored[var][0], [1, 0]))
+        stored = [self.transposed[var], *self.stored[var][1:]]
+        return self._layer_op(bb, layer, get_format(layer.format), x, stored, relax.op.matmul, out_dtype)
+
+    def _layer_op(self, bb, layer, fmt, x, stored, op, out_dtype: str) -> relax.Expr:
+        """The conv/matmul ``op`` of a layer at its format (stored = [weight, scale...])."""
+        self._count(f"{layer.kind} {fmt.name}")
+        if fmt.weight_bits == 16:
+            return op(relax.op.astype(x, "float16"), stored[0], out_dtype)
+        if fmt.activations is None:  # int8 weights: cast inside the kernel, per-channel scale on the output
+            return relax.op.multiply(op(x, stored[0], out_dtype), relax.op.astype(stored[1], out_dtype))
+        xq, x_scale = self._int8_input(bb, layer, x)
+        accumulated = bb.emit(op(xq, stored[0], "int32"))
+        rescaled = relax.op.multiply(
+            relax.op.astype(accumulated, out_dtype), relax.op.astype(stored[1], out_dtype)
+        )
+        return relax.op.multiply(rescaled, relax.op.astype(x_scale, out_dtype))
+
+    def _attention(
+        self, bb: relax.BlockBuilder, call: relax.Call, layer: LayerPlan, out_dtype: str
+    ) -> relax.Expr:
+        a, b = (self._subst(bb, arg) for arg in call.args)
+        fmt = get_format(layer.format)
+        self._count(f"attention matmul {fmt.name}")
+        if fmt.activations is None:  # float16 operands, float32 accumulation
+            return relax.op.matmul(relax.op.astype(a, "float16"), relax.op.astype(b, "float16"), out_dtype)
+        a_scale = self._dynamic_scale(bb, a, -1)  # per row of the left operand
+        b_scale = self._dynamic_scale(bb, b, -2)  # per column of the right operand
+        quantized = (bb.emit(self._quantize(a, a_scale)), bb.emit(self._quantize(b, b_scale)))
+        product = bb.emit(relax.op.matmul(*quantized, "int32"))
+        rescaled = relax.op.multiply(relax.op.astype(product, out_dtype), relax.op.astype(a_scale, out_dtype))
+        return relax.op.multiply(rescaled, relax.op.astype(b_scale, out_dtype))
+
+    def _weight_of(self, expr: Any, pattern: str) -> relax.Var | None:
+        """The quantized weight ``expr`` is a view of, if that weight is consumed as ``pattern``."""
+        origin = self.origin.get(expr)
+        return origin[0] if origin and self.patterns[origin[0]] == pattern else None
+
+    def _value(self, bb: relax.BlockBuilder, var: relax.Var, value: Any) -> Any:
+        op = _op(value)
+        out_dtype = _dtype(var)
+        if op == "relax.nn.conv2d" and (weight := self._weight_of(value.args[1], "conv")) is not None:
+            return self._conv(bb, value, weight, out_dtype)
+        if op == "relax.matmul" and (weight := self._weight_of(value.args[1], "linear")) is not None:
+            return self._linear(bb, value, weight, out_dtype)
+        if op == "relax.matmul" and var in self.attention and self.attention[var][0].format != "fp32":
+            return self._attention(bb, value, self.attention[var][0], out_dtype)
+        return self._subst(bb, value)
+
+    def rewrite(self, mod: tvm.IRModule) -> tvm.IRModule:
+        self.patterns = self._patterns()
+        for var, pattern in self.patterns.items():
+            fmt = get_format(self.layers[var].format)
+            if pattern == "generic" and fmt.activations:
+                raise PassError(
+                    f"layer {self.layers[var].name}: its weight is used by ops other than one conv2d/matmul, "
+                    f"so it cannot run at {fmt.name}; pin it to a weight-only format"
+                )
+        bb = relax.BlockBuilder(mod)
+        with bb.function(_REWRITTEN, self.new_params, attrs=dict(self.func.attrs), pure=self.func.is_pure):
+            for block in self.func.body.blocks:
+                dataflow = isinstance(block, relax.DataflowBlock)
+                with bb.dataflow() if dataflow else _nothing():
+                    for binding in block.bindings:
+                        origin = self.origin.get(binding.var)
+                        if origin and self.patterns[origin[0]] != "generic":
+                            continue  # a view of a weight whose consumers now read the stored arrays
+                        if isinstance(binding, relax.MatchCast):
+                            new = bb.match_cast(self._subst(bb, binding.value), binding.ty)
+                        else:
+                            value = self._value(bb, binding.var, binding.value)
+                            is_output = dataflow and not isinstance(binding.var, relax.DataflowVar)
+                            new = (bb.emit_output if is_output else bb.emit)(value, binding.var.name)
+                        self.remap[binding.var] = new
+                    if dataflow:
+                        self.timestep_bucket = None  # dataflow variables do not outlive their block
+                        self.dequantized.clear()
+                        self.transposed.clear()
+            bb.emit_func_output(self._subst(bb, self.func.body.body))
+        built = bb.get()
+        functions = {gv: f for gv, f in built.functions_items() if gv.name_hint not in ("main", _REWRITTEN)}
+        result = tvm.IRModule(functions, attrs=mod.attrs)
+        result["main"] = built[_REWRITTEN]
+        return result
+
+
+class _nothing:  # noqa: N801 - a no-op context manager for non-dataflow binding blocks
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+@register_pass("mixed-precision")
+@tvm.transform.module_pass(opt_level=0, name="edgediff.MixedPrecision")
+class MixedPrecision:
+    """Per-layer precision from a measured plan: int8/int4/fp16 weights, int8 activations where chosen.
+
+    Runs only when ``compile_model`` is given a ``precision`` (the plan comes from measuring the float
+    model, see ``edgediff.precision``); its report carries the plan: every layer's sensitivity per
+    candidate format, the chosen format and its bytes.
+    """
+
+    def __init__(
+        self, spec: Any, plan: PrecisionPlan | None = None, weight_names: Sequence[str] | None = None
+    ) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.weight_names = list(weight_names or [])
+        self.report: dict[str, Any] = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        if self.plan is None:
+            raise PassError(
+                "the mixed-precision pass needs a precision plan: compile with precision='auto' (or a format)"
+            )
+        rewriter = _Rewriter(mod["main"], self.plan, self.weight_names)
+        before = relax_op_histogram(mod)
+        mod = rewriter.rewrite(mod)
+        after = relax_op_histogram(mod)
+        totals = self.plan.totals
+        self.report = {
+            "summary": f"{self.plan.summary()}; weights {format_bytes(totals.get('float_bytes', 0))} -> "
+            f"{format_bytes(totals.get('bytes', 0))}",
+            "rewritten": dict(sorted(rewriter.counts.items())),
+            "casts_added": after.get("relax.astype", 0) - before.get("relax.astype", 0),
+            "plan": self.plan.to_dict(),
+        }
+        return mod

@@ -1,0 +1,292 @@
+"""Make a precision plan: calibrate, measure sensitivity, assign under the budget, check.
+
+:func:`make_plan` is the whole measurement side: calibrate the float model along the sampler trajectory,
+measure every layer's sensitivity at every format the target supports (``precision="auto"``; a uniform
+precision skips this), assign formats under the budget, and check the result with all layers quantized at
+once (the assignment assumes layer errors add; the check says whether they did).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgediff.errors import PrecisionError
+from edgediff.precision.assignment import (
+    Budget,
+    aligned,
+    assign,
+    candidate_formats,
+    layer_options,
+    require_supported,
+)
+from edgediff.precision.calibration import LayerInfo, calibrate
+from edgediff.precision.plan import LayerPlan, PrecisionConfig, PrecisionPlan
+from edgediff.precision.quantizers import UNIFORM_FALLBACK, float_format, get_format
+from edgediff.precision.sensitivity import measure_assignment, measure_sensitivity
+
+# With only a model-size or latency budget there is still a quality floor: without any budget, "auto" means
+# the smallest model whose prediction SQNR stays above this (fp16-level error is ~60 dB, int8 weights ~40).
+DEFAULT_SQNR_DB = 30.0
+# Below this many multiply-accumulates per model call, torch's intra-op threads cost more than they save
+# (on a loaded 2-core machine a tiny UNet runs 6x faster on one thread), so the measurement uses one.
+SINGLE_THREAD_MACS = 2e9
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pins(pins: Mapping[str, str], layers: Sequence[LayerInfo]) -> dict[str, str]:
+    """Resolve pin patterns (exact names or globs) to layers; a pattern matching nothing is an error."""
+    resolved: dict[str, str] = {}
+    for pattern, fmt in pins.items():
+        get_format(fmt)
+        matched = [info.name for info in layers if fnmatch.fnmatchcase(info.name, pattern)]
+        if not matched:
+            raise PrecisionError(f"pinned layer pattern {pattern!r} matches no quantizable layer")
+        resolved.update(dict.fromkeys(matched, get_format(fmt).name))
+    return resolved
+
+
+def _uniform(mode: str, kind: str, float_fmt: str) -> str:
+    fmt = get_format(mode)
+    if kind in fmt.kinds:
+        return fmt.name
+    return UNIFORM_FALLBACK.get(fmt.name, {}).get(kind, float_fmt)
+
+
+def make_plan(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    meta: Mapping[str, Any] | None,
+    spec: Any,
+    config: PrecisionConfig,
+    *,
+    weights: Mapping[str, tuple[tuple[int, ...], str]],
+    progress: Callable[[str], None] | None = None,
+) -> PrecisionPlan:
+    """Measure ``module`` and choose a format for every quantizable layer on target ``spec``.
+
+    ``weights`` maps the compiled graph's weight names to (shape, dtype): layers whose weight is not a
+    graph weight are left alone, and everything not quantized counts at its own size in the byte budget.
+    """
+    from edgediff.targets import CostModel
+
+    dtypes = list(spec.dtypes)
+    float_fmt = float_format(dtypes)
+    budget = Budget.parse(config.budget)
+    auto = config.mode == "auto"
+    if not auto:
+        require_supported(get_format(config.mode), dtypes, spec.name, "precision")
+    notes: list[str] = []
+
+    say = progress or (lambda _text: None)
+    say("calibrate")
+    with torch.no_grad():
+        calibration = calibrate(
+            module,
+            example_inputs,
+            input_names,
+            dict(meta or {}),
+            sampler=config.sampler,
+            num_steps=config.num_steps,
+            keep=config.keep,
+            seeds=config.seeds,
+        )
+    layers = [info for info in calibration.layers if info.kind == "attention" or info.weight in weights]
+    skipped = [info.name for info in calibration.layers if info not in layers]
+    if skipped:
+        notes.append(
+            f"{len(skipped)} layers are not weights of the graph and keep their precision: {skipped[:3]}"
+        )
+    pins = _pins(config.pins, layers)
+    for name, fmt in pins.items():
+        require_supported(get_format(fmt), dtypes, spec.name, f"pinned layer {name}")
+        kind = next(info.kind for info in layers if info.name == name)
+        if kind not in get_format(fmt).kinds:
+            raise PrecisionError(
+                f"pinned layer {name} ({kind}) cannot take format {fmt}, which applies to "
+                f"{', '.join(get_format(fmt).kinds)} layers"
+            )
+    split = calibration.timestep_split() if config.timestep_aware else None
+    scales = {
+        info.name: calibration.activation_scales(info.name, split)
+        for info in layers
+        if info.kind != "attention"
+    }
+    if auto:
+        candidates = {
+            info.name: [pins[info.name]] if info.name in pins else candidate_formats(info.kind, dtypes)
+            for info in layers
+        }
+    else:
+        candidates = {
+            info.name: [pins.get(info.name) or _uniform(config.mode, info.kind, float_fmt)] for info in layers
+        }
+
+    macs = sum(info.macs for info in layers) * calibration.model_batch
+    threads = 1 if macs < SINGLE_THREAD_MACS else None
+    cost_model = CostModel(spec)
+    with _torch_threads(threads):
+        if auto:
+            say("sensitivity")
+            sensitivity = measure_sensitivity(
+                module,
+                calibration,
+                candidates,
+                dtypes,
+                scales=scales,
+                timestep_split=split,
+                progress=lambda done, total: say(f"sensitivity {done}/{total}"),
+            )
+            errors = {n: {f: sensitivity.relative_mse(n, f) for f in fmts} for n, fmts in candidates.items()}
+        else:
+            sensitivity = None
+            errors = {n: {} for n in candidates}
+        options = {
+            info.name: layer_options(
+                info, candidates[info.name], errors[info.name], cost_model, dtypes, calibration.model_batch
+            )
+            for info in layers
+        }
+        planned = {info.weight for info in layers if info.weight}
+        fixed = sum(
+            aligned(_nbytes(shape, dtype)) for name, (shape, dtype) in weights.items() if name not in planned
+        )
+        if auto and budget.empty:
+            budget = Budget(sqnr_db=DEFAULT_SQNR_DB)
+            notes.append(
+                f"no budget given: the smallest model with prediction SQNR >= {DEFAULT_SQNR_DB:g} dB"
+            )
+        say("assign")
+        chosen = assign(options, budget, fixed_bytes=fixed, target=spec.name)
+        measured = measure_assignment(
+            module, calibration, chosen.formats, dtypes, scales=scales, timestep_split=split
+        )
+        # The additive error model can be optimistic (errors of consecutive layers compound); tighten the
+        # SQNR target by the shortfall and assign again, a few times at most.
+        for _ in range(3):
+            if not auto or budget.sqnr_db is None or measured[-1] >= budget.sqnr_db:
+                break
+            tighter = Budget(
+                budget.bytes, budget.latency_s, budget.sqnr_db + (budget.sqnr_db - measured[-1]) + 0.5
+            )
+            try:
+                retry = assign(options, tighter, fixed_bytes=fixed, target=spec.name)
+            except PrecisionError:
+                break
+            again = measure_assignment(
+                module, calibration, retry.formats, dtypes, scales=scales, timestep_split=split
+            )
+            chosen, measured, budget = retry, again, tighter
+        if auto and budget.sqnr_db is not None and measured[-1] < budget.sqnr_db:
+            notes.append(
+                f"measured prediction SQNR {measured[-1]:.1f} dB is below the {budget.sqnr_db:g} dB asked: "
+                "layer errors compound beyond the additive estimate"
+            )
+
+    float_options = {
+        info.name: layer_options(info, [float_fmt], {}, cost_model, dtypes, calibration.model_batch)[0]
+        for info in layers
+    }
+    plan_layers = []
+    for info in layers:
+        fmt = chosen.formats[info.name]
+        option = next(o for o in options[info.name] if o.format == fmt)
+        plan_layers.append(
+            LayerPlan(
+                name=info.name,
+                kind=info.kind,
+                format=fmt,
+                weight=info.weight,
+                weight_shape=list(info.weight_shape),
+                attention_shape=list(info.attention_shape) if info.attention_shape else None,
+                scales=scales.get(info.name) if get_format(fmt).activations == "static" else None,
+                bytes=option.bytes,
+                float_bytes=float_options[info.name].bytes,
+                latency_s=option.latency_s,
+                sqnr_db={f: round(sensitivity.sqnr_db(info.name, f), 2) for f in candidates[info.name]}
+                if sensitivity
+                else {},
+                sqnr_per_step=[round(x, 2) for x in sensitivity.sqnr_per_step(info.name, fmt)]
+                if sensitivity
+                else [],
+                pinned=info.name in pins,
+            )
+        )
+    totals = {
+        "bytes": chosen.bytes,
+        "float_bytes": fixed + sum(o.bytes for o in float_options.values()),
+        "latency_s": chosen.latency_s,
+        "float_latency_s": sum(o.latency_s for o in float_options.values()),
+        "predicted_sqnr_db": round(chosen.sqnr_db, 2) if auto else None,
+        "measured_sqnr_db": round(measured[-1], 2),
+        "measured_sqnr_per_step": [round(x, 2) for x in measured[:-1]],
+    }
+    return PrecisionPlan(
+        mode=config.mode if auto else get_format(config.mode).name,
+        target=spec.name,
+        dtypes=dtypes,
+        layers=plan_layers,
+        timestep_split=split if any(p.scales and len(p.scales) > 1 for p in plan_layers) else None,
+        budget=budget.to_dict(),
+        totals=totals,
+        calibration={**calibration.summary(), "threads": threads or torch.get_num_threads()},
+        notes=notes,
+    )
+
+
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def plan_for_compile(
+    request: PrecisionConfig | PrecisionPlan,
+    captured: Any,
+    imported: Any,
+    spec: Any,
+    progress: Callable[[str], None] | None = None,
+) -> PrecisionPlan:
+    """The plan ``compile_model`` realises: a given plan as is, else one measured on the captured torch
+    model, accounting bytes against the weights the Relax import actually holds."""
+    weights = {
+        name: (tuple(int(d) for d in w.shape), str(w.dtype))
+        for name, w in zip(imported.weight_names, imported.weights, strict=True)
+    }
+    if isinstance(request, PrecisionPlan):
+        missing = [layer.weight for layer in request.layers if layer.weight and layer.weight not in weights]
+        if missing:
+            raise PrecisionError(
+                f"the precision plan names weight {missing[0]!r}, which this model does not have"
+            )
+        return request
+    if captured.source != "torch" or captured.torch_module is None:
+        raise PrecisionError(
+            f"precision={request.mode!r} measures the float PyTorch model; {captured.name} is a "
+            f"{captured.source} model (compile it from PyTorch, or without precision)"
+        )
+    return make_plan(
+        captured.torch_module,
+        captured.example_inputs,
+        captured.input_names,
+        captured.meta,
+        spec,
+        request,
+        weights=weights,
+        progress=progress,
+    )

@@ -1,0 +1,249 @@
+"""Sensitivity: how much each layer, alone at each candidate precision, disturbs the noise prediction.
+
+The measurement is fake quantization on the float torch model (the compiled artifact then realises the
+chosen plan): a layer's weights are replaced by ``dequantize(quantize(w))`` from ``quantizers.py``, its
+inputs pass through the int8 / float16 rounding its format implies, and the calibration evaluations are
+replayed. The error of a layer at a format is the relative MSE of the prediction against the float model,
+``sum ||eps_q - eps||^2 / sum ||eps||^2`` over the kept evaluations, reported as SQNR
+``-10 log10(relative MSE)`` dB; it is kept per evaluation too, so the report can show how a layer's
+sensitivity changes along the trajectory (seed notes §3.2, Eq. 19, with the cheap metric of Eq. 12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgediff.precision.calibration import Calibration, ModelHooks
+from edgediff.precision.quantizers import (
+    compute_dtype,
+    fake_quant_dynamic,
+    fake_quant_static,
+    fake_quant_weight,
+    get_format,
+    round_fp16,
+    sqnr_db,
+)
+
+EVAL_BATCH = 16  # calibration rows per forward when replaying
+
+
+class FakeQuant(ModelHooks):
+    """Run a torch model as if its layers had the precisions of ``assignment`` ({layer name: format}).
+
+    Used as a context manager: weights are swapped in place on entry and restored on exit. ``scales`` holds
+    the static int8 input scales of layers whose format needs them (one, or [early, late] split at
+    ``timestep_split``); :attr:`timesteps` must be set to the rows' timesteps before each forward when
+    scales are per timestep range.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        assignment: Mapping[str, str],
+        dtypes: Sequence[str],
+        scales: Mapping[str, Sequence[float]] | None = None,
+        timestep_split: float | None = None,
+    ) -> None:
+        super().__init__(module)
+        self.formats = {name: get_format(fmt) for name, fmt in assignment.items()}
+        self.dtypes = tuple(dtypes)
+        self.scales = dict(scales or {})
+        self.split = timestep_split
+        self.timesteps: torch.Tensor | None = None
+        self._saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self) -> FakeQuant:
+        modules = dict(self.module.named_modules())
+        for name, fmt in self.formats.items():
+            layer = modules.get(name)
+            if not isinstance(layer, (nn.Conv2d, nn.Linear)):  # attention calls have no weights
+                continue
+            self._saved[name] = layer.weight.data
+            fake = fake_quant_weight(layer.weight.detach().cpu().numpy(), fmt)
+            layer.weight.data = torch.from_numpy(fake).to(layer.weight.dtype)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        modules = dict(self.module.named_modules())
+        for name, weight in self._saved.items():
+            modules[name].weight.data = weight
+        self._saved.clear()
+
+    def _fp16_compute(self, fmt_name: str) -> bool:
+        return compute_dtype(self.formats[fmt_name], self.dtypes) == "float16"
+
+    def layer_input(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        fmt = self.formats.get(name)
+        if fmt is None:
+            return None
+        if fmt.activations == "static":
+            return fake_quant_static(x, self._static_scale(name, x))
+        if fmt.activations == "token":
+            return fake_quant_dynamic(x, dim=-1)
+        if self._fp16_compute(name):
+            return round_fp16(x)
+        return None
+
+    def _static_scale(self, name: str, x: torch.Tensor) -> torch.Tensor | float:
+        scales = self.scales[name]
+        if len(scales) == 1 or self.timesteps is None:
+            return float(scales[0])
+        if self.timesteps.shape[0] != x.shape[0]:  # not batch-major: the bucket of the first row
+            return float(scales[0] if float(self.timesteps[0]) >= self.split else scales[1])
+        per_row = torch.where(self.timesteps >= self.split, scales[0], scales[1]).to(x.dtype)
+        return per_row.reshape((-1,) + (1,) * (x.ndim - 1))
+
+    def attention(
+        self, name: str, original: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *a, **kw
+    ):
+        fmt = self.formats.get(name)
+        if fmt is None or (fmt.name == "fp32" and "float32" in self.dtypes):
+            return original(q, k, v, *a, **kw)
+        return quantized_attention(q, k, v, *a, fp16=fmt.activations is None, **kw)
+
+
+def quantized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    fp16: bool,
+) -> torch.Tensor:
+    """Scaled-dot-product attention with both matmuls' operands rounded to float16 (``fp16``) or
+    int8-quantized with dynamic scales: per row of the left operand and per column of the right one, the
+    scheme the compiled graph uses (it is invariant to how the softmax scale is split between q and k)."""
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        repeat = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(repeat, dim=-3), v.repeat_interleave(repeat, dim=-3)
+    left = round_fp16 if fp16 else (lambda x: fake_quant_dynamic(x, dim=-1))
+    right = round_fp16 if fp16 else (lambda x: fake_quant_dynamic(x, dim=-2))
+    scores = left(q) @ right(k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
+    return left(scores.softmax(dim=-1)) @ right(v)
+
+
+@dataclass
+class Sensitivity:
+    """Per layer and candidate format: the prediction error energy at each kept calibration evaluation."""
+
+    reference_energy: np.ndarray  # (evaluations,) sum of squared float predictions
+    error_energy: dict[str, dict[str, np.ndarray]] = field(
+        default_factory=dict
+    )  # layer -> format -> (evals,)
+    timesteps: list[float | None] = field(default_factory=list)
+
+    def relative_mse(self, layer: str, fmt: str) -> float:
+        return float(self.error_energy[layer][fmt].sum() / max(self.reference_energy.sum(), 1e-30))
+
+    def sqnr_db(self, layer: str, fmt: str) -> float:
+        return sqnr_db(self.relative_mse(layer, fmt))
+
+    def sqnr_per_step(self, layer: str, fmt: str) -> list[float]:
+        """SQNR at each kept evaluation: the timestep profile of a layer's sensitivity."""
+        errors = self.error_energy[layer][fmt] / np.maximum(self.reference_energy, 1e-30)
+        return [sqnr_db(float(e)) for e in errors]
+
+    def ranking(self, fmt: str) -> list[tuple[str, float]]:
+        """Layers measured at ``fmt``, most sensitive (lowest SQNR) first."""
+        rows = [
+            (layer, self.sqnr_db(layer, fmt)) for layer, by_fmt in self.error_energy.items() if fmt in by_fmt
+        ]
+        return sorted(rows, key=lambda row: row[1])
+
+
+def replay(module: nn.Module, calibration: Calibration, fake: FakeQuant | None = None) -> np.ndarray:
+    """Error energy of ``module`` (under ``fake``, if given) against the float predictions, per evaluation.
+
+    All kept evaluations go through the model in batches of up to :data:`EVAL_BATCH` rows, each row with its
+    own timestep (so per-timestep-range scales apply row by row).
+    """
+    start, stop = calibration.output_channels
+    steps = calibration.steps
+    rows = steps[0].reference.shape[0]
+    inputs = [torch.cat(parts) for parts in zip(*(s.inputs for s in steps), strict=True)]
+    reference = torch.cat([s.reference for s in steps])
+    outputs = []
+    per_call = max(rows, EVAL_BATCH // rows * rows)
+    with torch.no_grad():
+        for first in range(0, reference.shape[0], per_call):
+            chunk = [x[first : first + per_call] for x in inputs]
+            if fake is not None and len(chunk) > 1 and calibration.steps[0].timestep is not None:
+                fake.timesteps = chunk[1].float()
+            outputs.append(module(*chunk)[:, start:stop].float())
+    error = (torch.cat(outputs) - reference.float()).pow(2).reshape(len(steps), -1).sum(dim=1)
+    return error.double().numpy()
+
+
+def reference_energy(calibration: Calibration) -> np.ndarray:
+    return np.array([float(s.reference.double().pow(2).sum()) for s in calibration.steps])
+
+
+def measure_sensitivity(
+    module: nn.Module,
+    calibration: Calibration,
+    candidates: Mapping[str, Sequence[str]],
+    dtypes: Sequence[str],
+    *,
+    scales: Mapping[str, Sequence[float]] | None = None,
+    timestep_split: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Sensitivity:
+    """Quantize one layer at a time to each of its candidate formats and replay the calibration.
+
+    ``candidates`` maps layer names to formats; the target's float format at float32 is exact by
+    definition and not run. ``progress(done, total)`` is called after each measurement.
+    """
+    result = Sensitivity(reference_energy(calibration), timesteps=[s.timestep for s in calibration.steps])
+    total = sum(len(formats) for formats in candidates.values())
+    done = 0
+    for layer, formats in candidates.items():
+        result.error_energy[layer] = {}
+        for fmt in formats:
+            if fmt == "fp32" and "float32" in dtypes:
+                result.error_energy[layer][fmt] = np.zeros(len(calibration.steps))
+            else:
+                with FakeQuant(module, {layer: fmt}, dtypes, scales, timestep_split) as fake:
+                    result.error_energy[layer][fmt] = replay(module, calibration, fake)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return result
+
+
+def measure_assignment(
+    module: nn.Module,
+    calibration: Calibration,
+    assignment: Mapping[str, str],
+    dtypes: Sequence[str],
+    *,
+    scales: Mapping[str, Sequence[float]] | None = None,
+    timestep_split: float | None = None,
+) -> list[float]:
+    """SQNR (dB) of the prediction with every layer of ``assignment`` quantized at once, per evaluation
+    and (last element) over all of them: the check of the additive error model the assignment assumes."""
+    energy = reference_energy(calibration)
+    with FakeQuant(module, assignment, dtypes, scales, timestep_split) as fake:
+        error = replay(module, calibration, fake)
+    per_step = [sqnr_db(float(e / max(r, 1e-30))) for e, r in zip(error, energy, strict=True)]
+    return [*per_step, sqnr_db(float(error.sum() / max(energy.sum(), 1e-30)))]

@@ -1,0 +1,246 @@
+"""compile_model / edgediff compile with a precision: artifacts shrink, run, and match the measurement."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import edgediff
+from edgediff import zoo
+from edgediff.cli import main as cli_main
+from edgediff.errors import PrecisionError
+from edgediff.precision import PrecisionConfig, PrecisionPlan
+from edgediff.precision.sensitivity import FakeQuant
+from tests.precision.models import FRAGILE
+
+
+def plan_of(artifact) -> PrecisionPlan:
+    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
+    return PrecisionPlan.from_dict(passes["mixed-precision"]["plan"])
+
+
+def fake_quant_output(model, inputs, plan: PrecisionPlan) -> np.ndarray:
+    """What the measurement says the plan computes (the torch side of the pass)."""
+    scales = {layer.name: layer.scales for layer in plan.layers if layer.scales}
+    assignment = {layer.name: layer.format for layer in plan.layers}
+    with torch.no_grad(), FakeQuant(model, assignment, plan.dtypes, scales, plan.timestep_split) as fake:
+        fake.timesteps = inputs[1].float()
+        return model(*inputs).numpy()
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def fragile_artifacts(fragile, host_int8, tmp_path_factory):
+    """The fragile model compiled at its own precision and at each uniform format."""
+    model, inputs, names = fragile
+    root = tmp_path_factory.mktemp("fragile")
+    artifacts = {}
+    for precision in (None, "fp16", "w8", "int8", "w4"):
+        artifacts[precision] = edgediff.compile_model(
+            model,
+            inputs,
+            target=host_int8,
+            input_names=names,
+            output_dir=root / str(precision),
+            progress=False,
+            precision=precision,
+        )
+    return artifacts
+
+
+def test_uniform_formats_shrink_weights_bin(fragile_artifacts):
+    size = {p: a.manifest["weights"]["bytes"] for p, a in fragile_artifacts.items()}
+    assert size["w4"] < size["w8"] == size["int8"] < size["fp16"] < size[None]
+    assert size["w8"] < 0.4 * size[None]
+    for precision in ("fp16", "w8", "int8", "w4"):
+        assert (fragile_artifacts[precision].path / "weights.bin").stat().st_size == size[precision]
+    tensors = {t["name"]: t for t in fragile_artifacts["w8"].manifest["weights"]["tensors"]}
+    assert tensors[f"{FRAGILE}.weight"]["dtype"] == "int8"
+    assert tensors[f"{FRAGILE}.weight_scale"]["shape"] == [16, 1, 1]
+    assert tensors[f"{FRAGILE}.bias"]["dtype"] == "float32"
+    w4 = {t["name"]: t for t in fragile_artifacts["w4"].manifest["weights"]["tensors"]}
+    assert w4[f"{FRAGILE}.weight"]["dtype"] == "uint8" and w4[f"{FRAGILE}.weight"]["shape"] == [16, 80]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "w8", "int8", "w4"])
+def test_compiled_artifact_computes_what_was_measured(fragile, fragile_artifacts, precision):
+    model, inputs, _ = fragile
+    artifact = fragile_artifacts[precision]
+    plan = plan_of(artifact)
+    got = artifact.load()(*inputs)
+    # integer formats match exactly up to float32 summation order; float16 rounds intermediate attention
+    # values (q * softmax scale) that the emulation rounds before scaling: within float16's resolution
+    tolerance = 2e-3 if precision == "fp16" else 1e-4
+    assert relative_error(got, fake_quant_output(model, inputs, plan)) < tolerance
+    with torch.no_grad():
+        float_out = model(*inputs).numpy()
+    # w8 and w4 break the fragile layer: the artifact must show it, not hide it
+    if precision == "fp16":
+        assert relative_error(got, float_out) < 1e-2
+    else:
+        assert relative_error(got, float_out) > 0.2
+
+
+def test_int8_activation_scales_follow_the_timestep(fragile, fragile_artifacts):
+    model, inputs, _ = fragile
+    artifact = fragile_artifacts["int8"]
+    plan = plan_of(artifact)
+    assert plan.timestep_split is not None
+    layer = plan.layer("mid")
+    assert layer.format == "w8a8" and len(layer.scales) == 2 and layer.scales[0] != layer.scales[1]
+    assert plan.layer("attn.sdpa").format == "a8"
+    module = artifact.load()
+    for t in (900.0, 100.0):  # either side of the split: each must use its own scale
+        at_t = (inputs[0], torch.tensor([t]))
+        assert relative_error(module(*at_t), fake_quant_output(model, at_t, plan)) < 1e-4
+
+
+def test_auto_keeps_the_fragile_layer_in_float_and_honours_pins(fragile, host_int8, tmp_path):
+    model, inputs, names = fragile
+    config = PrecisionConfig(mode="auto", budget={"sqnr_db": 30}, pins={"conv_*": "fp32"})
+    artifact = edgediff.compile_model(
+        model,
+        inputs,
+        target=host_int8,
+        input_names=names,
+        output_dir=tmp_path / "auto",
+        progress=False,
+        precision=config,
+    )
+    plan = plan_of(artifact)
+    chosen = {layer.name: layer.format for layer in plan.layers}
+    assert chosen[FRAGILE] in ("fp32", "fp16")
+    assert chosen["conv_in"] == chosen["conv_out"] == "fp32"
+    assert plan.layer("conv_in").pinned and plan.layer("conv_in").sqnr_db == {"fp32": 200.0}
+    assert sum(fmt in ("w8", "w8a8", "w8a8-token", "w4") for fmt in chosen.values()) >= 5
+    assert plan.totals["measured_sqnr_db"] >= 30
+    assert relative_error(artifact.load()(*inputs), fake_quant_output(model, inputs, plan)) < 1e-4
+
+
+def test_auto_on_tiny_dit_meets_a_bytes_budget_with_report_and_plot(host_int8, tmp_path):
+    spec_file = tmp_path / "host-int8.yaml"
+    spec_file.write_text(yaml.safe_dump(host_int8.to_dict()))
+    out = tmp_path / "dit"
+    status = cli_main(
+        [
+            "compile",
+            "--model",
+            "tiny-dit",
+            "--target",
+            str(spec_file),
+            "-o",
+            str(out),
+            "-q",
+            "--max-bytes",
+            "150KB",
+        ]
+    )
+    assert status == 0
+    artifact = edgediff.Artifact(out)
+    plan = plan_of(artifact)
+    written = artifact.manifest["weights"]["bytes"]
+    assert written <= 150_000 < plan.totals["float_bytes"]
+    assert 0 <= plan.totals["bytes"] - written < 64  # the plan counts each tensor's alignment padding
+    assert plan.mode == "auto" and plan.budget["bytes"] == 150_000
+    table = {layer.name: layer for layer in plan.layers}
+    assert {"fp32", "fp16", "w8", "w8a8", "w4"} <= set(table["transformer.proj_out_2"].sqnr_db)
+    assert table["transformer.transformer_blocks.0.attn1.sdpa"].kind == "attention"
+    # the plot and the table are written and recorded in the manifest
+    record = artifact.manifest["precision"]
+    png = (out / record["plot"]).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width >= 700 and height >= 200
+    report = (out / record["report"]).read_text()
+    assert "transformer.proj_out_2" in report and "measured" in report
+    json.dumps(artifact.manifest)  # the plan is plain JSON
+    # numerics of the whole artifact against the float model
+    zm = zoo.build("tiny-dit")
+    with torch.no_grad():
+        want = zm.module(*zm.example_inputs).numpy()
+    got = artifact.load()(*zm.example_inputs)
+    assert relative_error(got, fake_quant_output(zm.module, zm.example_inputs, plan)) < 1e-4
+    assert 10 * np.log10(np.sum(want**2) / np.sum((got - want) ** 2)) > 30
+
+
+def test_unreachable_budget_names_the_smallest_reachable_size(fragile, host_int8, tmp_path):
+    model, inputs, names = fragile
+    with pytest.raises(
+        PrecisionError, match=r"no precision assignment fits 1\.00 KB on target 'host-int8': "
+    ):
+        edgediff.compile_model(
+            model,
+            inputs,
+            target=host_int8,
+            input_names=names,
+            output_dir=tmp_path / "x",
+            progress=False,
+            precision="auto",
+            precision_budget={"bytes": "1KB"},
+        )
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_dtype_the_target_lacks_is_refused_before_capture(capsys, tmp_path):
+    status = cli_main(["compile", "--model", "tiny-dit", "--precision", "int8", "-o", str(tmp_path / "y")])
+    assert status == 1
+    message = capsys.readouterr().err.strip()
+    assert message == (
+        "edgediff: error: target 'host' does not support int8 (needed by precision 'w8a8'); "
+        "it computes in float32, float16"
+    )
+    pins = PrecisionConfig(pins={"*.proj_out_2": "int4"})
+    with pytest.raises(
+        PrecisionError, match=r"target 'adreno-740' does not support int8 \(needed by pinned layer"
+    ):
+        edgediff.compile_model(
+            "tiny-dit", target="adreno-740", precision=pins, output_dir=tmp_path, progress=False
+        )
+
+
+def _kernels_reading(mod, param: str) -> list[tuple[str, str]]:
+    """(kernel name, output dtype) of every call_tir in main that takes the parameter named ``param``."""
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            args = expr.args[1].fields
+            if any(isinstance(a, relax.Var) and a.name == param for a in args):
+                found.append((expr.args[0].name_hint, str(expr.ty.dtype)))
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
+
+
+@pytest.mark.parametrize("precision", ["w8", "w4"])
+def test_where_fuse_ops_puts_the_dequantization(fragile, fragile_artifacts, host_int8, precision):
+    """int8 weights go straight into the conv kernel, whose epilogue applies the scale (and bias); int4
+    weights need a dequantize kernel of their own, because FuseOps never fuses ops *into* a conv/matmul's
+    inputs (what the cost model charges w4 for)."""
+    from edgediff.lowering.build import run_passes
+    from edgediff.lowering.capture import capture
+    from edgediff.lowering.relax_import import import_to_relax
+
+    model, inputs, names = fragile
+    imported = import_to_relax(capture(model, inputs, input_names=names))
+    plan = plan_of(fragile_artifacts[precision])
+    options = {"mixed-precision": {"plan": plan, "weight_names": imported.weight_names}}
+    mod, _ = run_passes(imported.mod, host_int8, ["mixed-precision", "legalize", "fuse-ops"], options=options)
+    readers = _kernels_reading(mod, f"{FRAGILE}.weight")
+    assert len(readers) == 1
+    name, dtype = readers[0]
+    if precision == "w8":
+        assert "conv2d" in name and "multiply" in name and "add" in name, name
+    else:
+        assert "conv2d" not in name and dtype == "float32", name
+        assert _kernels_reading(mod, f"{FRAGILE}.weight_scale") == readers
