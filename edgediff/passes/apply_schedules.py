@@ -55,6 +55,8 @@ class ApplySchedules:
                 updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
                 by_rule[type(rule).__name__] += 1
                 break
+        # a module pass must not change its input: callers (kernel tests, tuning) keep the unscheduled module
+        mod = mod.clone()
         for gvar, func in updated.items():
             mod[gvar] = func
         scheduled = sum(by_rule.values())

@@ -162,9 +162,7 @@ def test_adreno_kernels_on_pocl_equal_the_host_build(name, compiled, pocl):
         gv.name_hint: tvm.tirx.build(tvm.IRModule({gv: f}), target="llvm")
         for gv, f in plain.functions.items()
     }
-    # a new module (the functions are shared): the schedule pass rewrites the module it is given in place
-    copy = tvm.IRModule(dict(unscheduled.functions.items()), attrs=unscheduled.attrs)
-    scheduled = prim_funcs(run_passes(copy, spec, ["schedule"])[0], unique_names=True)
+    scheduled = prim_funcs(run_passes(unscheduled, spec, ["schedule"])[0], unique_names=True)
     lowered = lower_kernels(scheduled, spec)
     # kernel argument (buffer name + "_ptr") -> position among its PrimFunc's parameters
     positions = {

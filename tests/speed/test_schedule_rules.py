@@ -137,3 +137,20 @@ def test_loading_sets_tvm_threads_from_the_target(monkeypatch):
     assert use_target_cores({"target": {"compute": {"cores": 4}}}) == 4
     monkeypatch.setenv("TVM_NUM_THREADS", "3")  # the user's choice wins
     assert use_target_cores({"target": {"compute": {"cores": 4}}}) == 3
+
+
+def test_schedule_pass_leaves_its_input_module_unchanged():
+    from edgediff.lowering.build import run_passes
+    from edgediff.lowering.capture import capture
+    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.lowering.schedule import is_scheduled
+    from edgediff.targets import load_target
+
+    spec = load_target("host")
+    legalized, _ = run_passes(import_to_relax(capture("tiny-vae-decoder")).mod, spec, ["legalize", "fuse-ops"])
+    before = {gv.name_hint: f for gv, f in legalized.functions_items()}
+    scheduled, _ = run_passes(legalized, spec, ["schedule"])
+    assert any(is_scheduled(f) for f in scheduled.functions.values() if hasattr(f, "attrs") and f.attrs)
+    assert not any(is_scheduled(f) for f in before.values() if hasattr(f, "attrs") and f.attrs)
+    for gv, func in legalized.functions_items():
+        assert func.same_as(before[gv.name_hint])
