@@ -147,7 +147,8 @@ def test_schedule_pass_leaves_its_input_module_unchanged():
     from edgediff.targets import load_target
 
     spec = load_target("host")
-    legalized, _ = run_passes(import_to_relax(capture("tiny-vae-decoder")).mod, spec, ["legalize", "fuse-ops"])
+    imported = import_to_relax(capture("tiny-vae-decoder"))
+    legalized, _ = run_passes(imported.mod, spec, ["legalize", "fuse-ops"])
     before = {gv.name_hint: f for gv, f in legalized.functions_items()}
     scheduled, _ = run_passes(legalized, spec, ["schedule"])
     assert any(is_scheduled(f) for f in scheduled.functions.values() if hasattr(f, "attrs") and f.attrs)
