@@ -11,11 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 
 # Reduction loops shorter than this are fully unrolled inside the register tile (3x3 kernel windows).
 UNROLL_REDUCTION_MAX = 3
+
+
+class CostModelRule(CPUScheduleRule):
+    """A CPU schedule rule whose tile sizes come from the target's cost model."""
+
+    def __init__(self, cost: CostModel) -> None:
+        self.cost = cost
+
+    def open_schedule(self, func: Any, target: Any) -> tuple[Any, list[Any]] | None:
+        """A schedule of ``func`` and its top-level blocks, or None when the rule cannot apply here."""
+        from tvm import s_tir, tirx
+
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        return sch, child_blocks(sch)
 
 
 def child_blocks(sch: Any) -> list[Any]:

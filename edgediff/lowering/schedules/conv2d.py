@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
-
 from edgediff.lowering.schedules.common import (
+    CostModelRule,
     child_blocks,
     choose_register_tile,
     finish_reduction,
@@ -17,10 +16,9 @@ from edgediff.lowering.schedules.common import (
     try_inline_all,
     vectorize_innermost,
 )
-from edgediff.targets import CostModel
 
 
-class Conv2d(CPUScheduleRule):
+class Conv2d(CostModelRule):
     """Schedule a (fused) ``conv2d_nchw`` kernel: the padding stage, the convolution and its epilogue.
 
     The convolution keeps ``rows`` output channels x ``col_vectors`` vectors of output pixels of one
@@ -35,16 +33,11 @@ class Conv2d(CPUScheduleRule):
     NCHW is contiguous in the input and the output, which is all a register tile needs.
     """
 
-    def __init__(self, cost: CostModel) -> None:
-        self.cost = cost
-
     def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
-        from tvm import s_tir, tirx
-
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = self.open_schedule(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = child_blocks(sch)
+        sch, blocks = opened
         convs = [
             b
             for b in blocks

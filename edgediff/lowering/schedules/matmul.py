@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
-
 from edgediff.lowering.schedules.common import (
+    CostModelRule,
     child_blocks,
     choose_register_tile,
     finish_reduction,
@@ -15,10 +14,9 @@ from edgediff.lowering.schedules.common import (
     schedule_register_tiled,
     try_inline_all,
 )
-from edgediff.targets import CostModel
 
 
-class Matmul(CPUScheduleRule):
+class Matmul(CostModelRule):
     """Schedule a (fused) ``matmul`` kernel ``C[..., i, j] = sum_k A[..., i, k] * B[..., k, j]``.
 
     This is the layout Relax gives ``nn.Linear`` (the weight is transposed to ``[in, out]`` before the
@@ -29,16 +27,14 @@ class Matmul(CPUScheduleRule):
     whose B is not contiguous along j (``[j, k]`` layout) is left to the GEMV/fallback rules.
     """
 
-    def __init__(self, cost: CostModel) -> None:
-        self.cost = cost
-
     def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
-        from tvm import s_tir, tirx
+        from tvm import tirx
 
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = self.open_schedule(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        matmuls = [b for b in child_blocks(sch) if sch.get(b).name_hint == "matmul"]
+        sch, blocks = opened
+        matmuls = [b for b in blocks if sch.get(b).name_hint == "matmul"]
         if len(matmuls) != 1:
             return None
         block = matmuls[0]

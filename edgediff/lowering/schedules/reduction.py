@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from edgediff.lowering.schedules.common import (
+    CostModelRule,
+    iter_kinds,
+    schedule_loop_nest,
+    try_inline_all,
+)
 
-from edgediff.lowering.schedules.common import child_blocks, iter_kinds, schedule_loop_nest, try_inline_all
-from edgediff.targets import CostModel
 
-
-class GeneralReduction(CPUScheduleRule):
+class GeneralReduction(CostModelRule):
     """Schedule any kernel with reduction blocks that the specialised rules did not take.
 
     First every injective block is inlined: the reshapes legalization wraps around GroupNorm, softmax's
@@ -23,16 +25,11 @@ class GeneralReduction(CPUScheduleRule):
     not change.
     """
 
-    def __init__(self, cost: CostModel) -> None:
-        self.cost = cost
-
     def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
-        from tvm import s_tir, tirx
-
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        opened = self.open_schedule(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = child_blocks(sch)
+        sch, blocks = opened
         if not any("R" in iter_kinds(sch, b) for b in blocks):
             return None
         left = try_inline_all(sch, blocks)
