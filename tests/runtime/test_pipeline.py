@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -222,10 +228,32 @@ def test_generate_cli_bad_input(artifact_set, tmp_path):
         assert result.returncode == 1 and fragment in result.stderr and "Traceback" not in result.stderr
 
 
+def _read_until(fd: int, pattern: str, timeout: float) -> str:
+    """Read a pseudo-terminal until the regex `pattern` shows up: tests wait on progress, not on the clock."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed its end
+                break
+            seen += chunk.decode(errors="replace")
+            if re.search(pattern, seen):
+                return seen
+    raise AssertionError(f"no {pattern!r} within {timeout} s; the terminal showed: {seen[-500:]!r}")
+
+
 def test_ctrl_c_exits_cleanly_without_a_partial_png(artifact_set, tmp_path):
     set_dir, _ = artifact_set
     np.save(tmp_path / "pe.npy", np.zeros((1, 8, 32), np.float32))
     out = tmp_path / "never.png"
+    # stderr on a pseudo-terminal draws the progress bar: the interrupt is sent once steps are running,
+    # whatever the machine's speed
+    terminal, child_side = pty.openpty()
+    # a fresh pty is 0 columns wide, and tqdm draws nothing on a zero-width terminal
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     process = subprocess.Popen(
         _cli(
             "generate",
@@ -244,13 +272,20 @@ def test_ctrl_c_exits_cleanly_without_a_partial_png(artifact_set, tmp_path):
             str(tmp_path / "l.npy"),
         ),
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=child_side,
         text=True,
     )
-    time.sleep(12)  # past start-up, well inside the 1000 steps
-    assert process.poll() is None, "generation finished before it could be interrupted"
-    os.kill(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    os.close(child_side)
+    try:
+        _read_until(terminal, r"\b[1-9]\d*/1000\b", timeout=300)
+        assert process.poll() is None, "generation finished before it could be interrupted"
+        os.kill(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+        stderr = _read_until(terminal, r"interrupted", timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(terminal)
     assert process.returncode == 130
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr
     assert list(tmp_path.glob("*.png")) == [] and not list(tmp_path.glob(".never*"))
