@@ -21,6 +21,7 @@ from edgediff.passes import (  # noqa: F401
     legalize_ops,
     mixed_precision,
     npu_op_coverage,
+    winograd_conv2d,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
 
@@ -32,6 +33,8 @@ PASS_ORDER: tuple[str, ...] = (
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
     "npu-op-coverage",
+    # before legalize: it rewrites relax.nn.conv2d calls
+    "winograd-conv2d",
     # kernel level (TIR)
     "legalize",
     "fuse-ops",
