@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,7 @@ DEFAULT_ERROR_BOUND = 1e-3
 ANNOTATION = "edgediff.winograd"
 
 
-# --- transform matrices -----------------------------------------------------------------------------------
+# --- transform matrices -------------------------------------------------------------------------------------
 
 
 def _evaluation_matrix(points: tuple[Fraction, ...], degree: int) -> list[list[Fraction]]:
@@ -75,7 +75,7 @@ def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
         for r in range(n):
             if r != col and rows[r][col] != 0:
                 factor = rows[r][col]
-                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col])]
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col], strict=True)]
     return [row[n:] for row in rows]
 
 
@@ -94,7 +94,7 @@ class WinogradMatrices:
         return self.m + self.r - 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def winograd_matrices(m: int, r: int = KERNEL) -> WinogradMatrices:
     """Cook-Toom matrices with ``Y = A^T [(G g G^T) * (B^T d B)] A`` for a correlation (what conv2d is).
 
@@ -111,7 +111,7 @@ def winograd_matrices(m: int, r: int = KERNEL) -> WinogradMatrices:
     alpha = m + r - 1
     a = _evaluation_matrix(points, m)
     g = _evaluation_matrix(points, r)
-    bt = [list(col) for col in zip(*_inverse(_evaluation_matrix(points, alpha)))]
+    bt = [list(col) for col in zip(*_inverse(_evaluation_matrix(points, alpha)), strict=True)]
     for i, p in enumerate(points):
         denominator = math.prod((p - q for j, q in enumerate(points) if j != i), start=Fraction(1))
         bt[i] = [x * denominator for x in bt[i]]
@@ -162,7 +162,8 @@ def _nonzeros(matrix: np.ndarray) -> int:
 
 
 def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_multiple: int) -> float:
-    """Roofline time of the direct conv (``m=None``) or of the three Winograd kernels (weights pre-transformed).
+    """Roofline time of the direct conv (``m=None``) or of the three Winograd kernels (weight transform
+    lifted to compile time).
 
     Each kernel is charged its arithmetic (the transforms only their non-zero coefficients) and its DRAM
     traffic, intermediates included: V and M are written by one kernel and read by the next, and U is
@@ -194,7 +195,7 @@ def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_mult
     return input_t + gemm + output_t
 
 
-# --- numerics: a numpy model of the kernels ------------------------------------------------------------------
+# --- numerics: a numpy model of the kernels -----------------------------------------------------------------
 
 
 def winograd_conv2d_numpy(
@@ -227,7 +228,7 @@ def direct_conv2d_numpy(x: np.ndarray, w: np.ndarray, pad: tuple[int, int, int, 
     return np.einsum("nchwab,kcab->nkhw", windows, w.astype(np.float64), optimize=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def measure_error(m: int | None, channels: int, dtype: str, out_dtype: str, seed: int = 0) -> float:
     """Relative max error (max |y - y_ref| / max |y_ref|) of a variant for a layer with ``channels`` inputs.
 
@@ -252,7 +253,7 @@ def measure_error(m: int | None, channels: int, dtype: str, out_dtype: str, seed
     return float(np.abs(got.astype(np.float64) - reference).max() / np.abs(reference).max())
 
 
-# --- the kernels (TE) ------------------------------------------------------------------------------------------
+# --- the kernels (TE) ---------------------------------------------------------------------------------------
 
 
 def _linear_combination(terms: list[tuple[float, Any]], dtype: str) -> Any:
@@ -395,7 +396,7 @@ def output_transform_te(prod: Any, m: int, shape: ConvShape) -> Any:
     )
 
 
-# --- the pass ----------------------------------------------------------------------------------------------------
+# --- the pass -----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -453,8 +454,8 @@ def _static_shape(expr: Any) -> list[int] | None:
 
 
 def eligible_conv(call: Any) -> ConvShape | None:
-    """The shape of a conv2d the rewrite handles (3x3, stride 1, dilation 1, groups 1, NCHW/OIHW, float, static
-    shapes), else None."""
+    """The shape of a conv2d the rewrite handles (3x3, stride 1, dilation 1, groups 1, NCHW/OIHW, float,
+    static shapes), else None."""
     if (
         not isinstance(call, relax.Call)
         or not isinstance(call.op, tvm.ir.Op)
@@ -537,7 +538,8 @@ class _Decider:
         self.layers: list[LayerChoice] = []
 
     def tile_multiple(self, shape: ConvShape) -> int:
-        """Tiles are padded to two vectors of the GEMM's output dtype: whole register tiles along the columns."""
+        """Tiles are padded to two vectors of the GEMM's output dtype: whole register tiles along the
+        columns."""
         return 2 * self.cost.vector_lanes(shape.out_dtype)
 
     def __call__(self, name: str, shape: ConvShape) -> int | None:

@@ -42,7 +42,9 @@ class WinogradTransform(CostModelRule):
             return None
         lanes = self.cost.vector_lanes(output_dtype(sch, tagged[-1]))
         if "winograd_weight" in named and len(blocks) == 1:
-            self._vector_tiles(sch, named["winograd_weight"], 1, lanes)
+            # scalar: the weight's 3x3 taps are 9 elements apart, and once lifted this runs at compile time,
+            # where gathers would only cost LLVM time
+            self._vector_tiles(sch, named["winograd_weight"], 1, 1)
             return sch
         if {"winograd_input", "winograd_rows", "winograd_tiles"} <= set(named):
             return self._input(sch, named, lanes)
@@ -103,12 +105,19 @@ class WinogradTransform(CostModelRule):
         inner = sch.get_loops(rows)[-4:]  # (channel, row, column, tile)
         sch.unroll(inner[1])
         vectorize_innermost(sch, rows, lanes)
-        # the scatter to NCHW: parallel over (image, channel), vectorized along the output row
-        batch, channel, _, _ = sch.get_loops(scatter)
+        # the scatter to NCHW, parallel over (image, channel): rows and columns split by
+        # the tile size with the position in the tile unrolled, so every index is affine (no division per
+        # element); scalar, since tiles per row rarely fill a vector
+        tile = extent(sch, sch.get_loops(out)[-2]) or 1  # the unrolled j loop: m
+        batch, channel, row, col = sch.get_loops(scatter)
+        row_o, row_i = sch.split(row, [None, tile])
+        col_o, col_i = sch.split(col, [None, tile])
+        sch.unroll(col_i)
+        # (not under the tile loop's channel: its indices are not affine, so TVM cannot place it there)
         fused = sch.fuse(batch, channel)
-        vectorize_innermost(sch, scatter, lanes)
         work = 1
         for loop in sch.get_loops(scatter):
             work *= extent(sch, loop) or 1
         parallelize_outer(sch, scatter, [fused], self.cost, work)
+        del row_o, row_i, col_o  # named for reading: (image x channel, tile row, row in tile, ...)
         return sch
