@@ -586,7 +586,11 @@ class WinogradConv2d:
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
         mod = rewriter.builder_.get()
-        mod = relax.transform.DeadCodeElimination()(mod) if decider.layers else mod
+        if decider.layers:
+            # the rewritten conv's binding is now an alias of the output transform's var; FuseOps does not
+            # look through aliases, so without this the bias/residual epilogue would not fuse
+            mod = relax.transform.CanonicalizeBindings()(mod)
+            mod = relax.transform.DeadCodeElimination()(mod)
         layers = [layer.to_dict() for layer in decider.layers]
         rewritten = [layer for layer in layers if layer["chosen"] != "direct"]
         before = sum(layer["weight_bytes"] for layer in rewritten)

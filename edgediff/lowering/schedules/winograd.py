@@ -9,6 +9,7 @@ from edgediff.lowering.schedules.common import (
     extent,
     output_dtype,
     parallelize_outer,
+    try_inline_all,
     vector_width,
     vectorize_innermost,
 )
@@ -89,12 +90,10 @@ class WinogradTransform(CostModelRule):
     def _output(self, sch: Any, blocks: list[Any], named: dict[str, Any], lanes: int) -> Any | None:
         scatter = named["winograd_scatter"]
         ours = {sch.get(named[n]) for n in ("winograd_output", "winograd_out_rows", "winograd_scatter")}
-        # bias / residual adds: into the scatter, which writes each output element once
-        for block in [b for b in blocks if sch.get(b) not in ours]:
-            try:
-                sch.reverse_compute_inline(block)
-            except Exception:  # noqa: BLE001 - TVM raises ScheduleError subclasses; "cannot" is the answer
-                return None
+        # bias / residual adds (and the reshapes feeding them): into the scatter, which writes each output
+        # element once
+        if try_inline_all(sch, [b for b in blocks if sch.get(b) not in ours]):
+            return None
         # O[k, i, j, p]: per output channel (parallel), per vector of tiles: A^T M, then (A^T M) A
         out = named["winograd_output"]
         k, i, j, p = sch.get_loops(out)
