@@ -2,11 +2,12 @@
 64x64, batch 1, float32, the SD 1.5 UNet's first stage at latent 64).
 
 For each variant (direct, F2, F4, F6) the layer is compiled for the host with the ``winograd-conv2d`` pass
-forced to that variant, then timed as the median of ``--runs`` calls after ``--warmup`` calls; PyTorch eager
-is the reference. The weight transform runs once at compile time when ``lift-weight-transforms`` lifts it;
-until then it runs inside every call, so its kernel's time (from a per-kernel profile) is subtracted and the
-column "pre-transformed" is what a lifted build costs. The error is max |y - y_torch| / max |y_torch| of the
-compiled output against PyTorch (float32), next to the pass's own measured bound.
+forced to that variant; all variants and PyTorch eager are then timed round-robin (one call each per round,
+so load from other processes on a shared machine hits all alike), median of ``--runs`` rounds after
+``--warmup`` calls each. The weight transform runs once at compile time when ``lift-weight-transforms``
+lifts it; until then it runs inside every call, so its share of a call (from a per-kernel profile) is taken
+off and the column "pre-transf" is what a lifted build costs. The error is max |y - y_torch| / max |y_torch|
+of the compiled output against PyTorch (float32); "pass est." is the cost model's estimated speedup.
 
     python benchmarks/winograd.py
     python benchmarks/winograd.py --channels 64 --size 32 --runs 5
@@ -20,22 +21,28 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def median_seconds(call, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
+def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each engine, timed round-robin (one call of each per round) so that a
+    load change on a shared machine hits every engine alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -47,6 +54,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["direct", "2", "4", "6"])
+    parser.add_argument("--profile", action="store_true", help="per-kernel table of each variant")
     args = parser.parse_args()
 
     import torch
@@ -60,20 +68,10 @@ def main() -> None:
     x = torch.randn(1, args.channels, args.size, args.size)
     with torch.no_grad():
         expected = conv(x).numpy()
-        eager = median_seconds(lambda: conv(x), args.runs, args.warmup)
     threads = os.environ.get("TVM_NUM_THREADS") or str(len(os.sched_getaffinity(0)))
-    print(
-        f"conv2d {args.channels}->{args.channels} 3x3 stride 1 at {args.size}x{args.size}, batch 1, float32; "
-        f"torch threads {torch.get_num_threads()}, TVM threads {threads}; median of {args.runs} after "
-        f"{args.warmup} warm-up"
-    )
-    print(
-        f"{'variant':<8} {'compile s':>9} {'ms/call':>9} {'weight ms':>9} {'pre-transf':>10} "
-        f"{'vs direct':>9} {'vs eager':>9} {'error':>9} {'pass est.':>9}"
-    )
-    print(f"{'eager':<8} {'':>9} {1e3 * eager:9.2f}")
-    direct_ms = None
-    with tempfile.TemporaryDirectory() as tmp:
+    calls: dict[str, Callable[[], Any]] = {"eager": lambda: conv(x)}
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         for variant in args.variants:
             start = time.perf_counter()
             artifact = edgediff.compile_model(
@@ -87,25 +85,49 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             module = edgediff.load(artifact.path)
             got = module(x)
-            error = float(np.abs(got - expected).max() / np.abs(expected).max())
             call_args = [tvm.runtime.tensor(x.numpy())] + list(module._weights)
-            seconds = median_seconds(lambda: module._main(*call_args), args.runs, args.warmup)  # noqa: B023
+            # the weight transform's share of a call (it leaves the call once lifted to compile time)
             profile = profile_vm(module._vm, call_args, runs=args.runs)
-            weight = sum(s for name, s in profile.seconds.items() if "winograd_weight" in name) / profile.runs
-            lifted_ms = 1e3 * (seconds - weight)
-            direct_ms = direct_ms or lifted_ms
+            weight = sum(s for name, s in profile.seconds.items() if "winograd_weight" in name)
             report = next(
                 (p["report"] for p in artifact.manifest["passes"] if p["name"] == "winograd-conv2d"), {}
             )
             layer = (report.get("layers") or [{}])[0]
-            estimate = (
-                f"{layer['estimated_speedup']:.2f}x" if layer.get("chosen", "direct") != "direct" else ""
-            )
-            print(
-                f"{variant:<8} {compile_s:9.1f} {1e3 * seconds:9.2f} {1e3 * weight:9.2f} {lifted_ms:10.2f} "
-                f"{direct_ms / lifted_ms:8.2f}x {1e3 * eager / lifted_ms:8.2f}x {error:9.1e} {estimate:>9}"
-            )
-            print("         " + profile.table(top=6).replace("\n", "\n         "))
+            rows[variant] = {
+                "compile": compile_s,
+                "error": float(np.abs(got - expected).max() / np.abs(expected).max()),
+                "weight_share": weight / profile.total,
+                "estimate": f"{layer['estimated_speedup']:.2f}x"
+                if layer.get("chosen", "direct") != "direct"
+                else "",
+                "profile": profile.table(top=5),
+            }
+            calls[variant] = lambda main=module._main, a=call_args: main(*a)
+        medians = interleaved_medians(calls, args.runs, args.warmup)
+    print(
+        f"conv2d {args.channels}->{args.channels} 3x3 stride 1 at {args.size}x{args.size}, batch 1, float32; "
+        f"torch threads {torch.get_num_threads()}, TVM threads {threads}; median of {args.runs} interleaved "
+        f"calls after {args.warmup} warm-up"
+    )
+    print(
+        f"{'variant':<8} {'compile s':>9} {'ms/call':>9} {'weight %':>8} {'pre-transf':>10} "
+        f"{'vs direct':>9} {'vs eager':>9} {'error':>9} {'pass est.':>9}"
+    )
+    eager = medians["eager"]
+    print(f"{'eager':<8} {'':>9} {1e3 * eager:9.2f}")
+    direct = None
+    for variant, row in rows.items():
+        lifted = medians[variant] * (1 - row["weight_share"])
+        direct = direct or lifted
+        print(
+            f"{variant:<8} {row['compile']:9.1f} {1e3 * medians[variant]:9.2f} "
+            f"{100 * row['weight_share']:7.1f}% "
+            f"{1e3 * lifted:10.2f} {direct / lifted:8.2f}x {eager / lifted:8.2f}x {row['error']:9.1e} "
+            f"{row['estimate']:>9}"
+        )
+    if args.profile:
+        for variant, row in rows.items():
+            print(f"\n{variant}:\n{row['profile']}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def default_pipeline(spec: Any) -> list[str]:
         names.append("cast-to-fp16")
     if spec.kind == "npu":
         names.append("npu-op-coverage")
+    if spec.kind == "cpu":
+        # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
+        names.append("winograd-conv2d")
     names += ["legalize", "fuse-ops", "schedule"]
     return names
 

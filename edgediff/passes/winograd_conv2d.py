@@ -37,6 +37,7 @@ from tvm import relax
 
 from edgediff.errors import PassError
 from edgediff.passes.registry import register_pass
+from edgediff.precision.assignment import format_bytes
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 
@@ -50,6 +51,10 @@ POINTS: dict[int, tuple[Fraction, ...]] = {
     6: tuple(Fraction(p) for p in (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))),
 }
 DEFAULT_ERROR_BOUND = 1e-3
+# What one more kernel costs beyond its roofline time: the VM call and the thread pool's fork/join (about
+# 10-30 us per kernel measured on 2-core x86 with benchmarks/winograd.py at 32 channels, 16x16). It keeps
+# small layers, where three kernels cannot win back their launches, on the direct schedule.
+LAUNCH_SECONDS = 1e-5
 # The block annotation the Winograd schedule rule recognises; its value is the output tile size m.
 ANNOTATION = "edgediff.winograd"
 
@@ -165,9 +170,9 @@ def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_mult
     """Roofline time of the direct conv (``m=None``) or of the three Winograd kernels (weight transform
     lifted to compile time).
 
-    Each kernel is charged its arithmetic (the transforms only their non-zero coefficients) and its DRAM
-    traffic, intermediates included: V and M are written by one kernel and read by the next, and U is
-    alpha^2/9 times the weight's bytes.
+    Each kernel is charged its arithmetic (the transforms only their non-zero coefficients), its DRAM
+    traffic, intermediates included (V and M are written by one kernel and read by the next, and U is
+    alpha^2/9 times the weight's bytes), and one launch.
     """
     size = DTYPE_BITS[shape.dtype] // 8
     out_size = DTYPE_BITS[shape.out_dtype] // 8
@@ -176,7 +181,7 @@ def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_mult
     if m is None:
         flops = 2.0 * y_elems * shape.c * KERNEL * KERNEL
         traffic = size * (x_elems + shape.k * shape.c * KERNEL * KERNEL) + out_size * y_elems
-        return cost.estimate_seconds(flops, traffic, dtype)
+        return cost.estimate_seconds(flops, traffic, dtype) + LAUNCH_SECONDS
     mats = winograd_matrices(m)
     alpha2 = mats.alpha**2
     tiles = padded_tiles(shape, m, tile_multiple)
@@ -192,7 +197,7 @@ def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_mult
     output_t = cost.estimate_seconds(
         2.0 * _nonzeros(mats.A) ** 2 * shape.k * tiles, out_size * (m_elems + y_elems), dtype
     )
-    return input_t + gemm + output_t
+    return input_t + gemm + output_t + 3 * LAUNCH_SECONDS
 
 
 # --- numerics: a numpy model of the kernels -----------------------------------------------------------------
@@ -599,12 +604,14 @@ class WinogradConv2d:
         chosen = sum(layer.seconds[layer.chosen] for layer in decider.layers)
         counts = {v: sum(1 for layer in layers if layer["chosen"] == v) for v in ("F2", "F4", "F6")}
         self.report = {
-            "summary": (
-                f"{len(rewritten)} of {len(layers)} eligible 3x3 conv2d rewritten to Winograd ("
-                + ", ".join(f"{n} x {v}" for v, n in counts.items() if n)
-                + (f"; estimated {direct / chosen:.2f}x faster" if chosen else "")
-                + f"; max error {max((layer['error'] for layer in rewritten), default=0.0):.1e}"
-                + f"; transformed weights {before} -> {after} bytes)"
+            "summary": f"{len(rewritten)} of {len(layers)} eligible 3x3 conv2d rewritten to Winograd"
+            + (
+                f" ({', '.join(f'{n} x {v}' for v, n in counts.items() if n)}; estimated "
+                f"{direct / chosen:.2f}x faster over the eligible layers; max error "
+                f"{max(layer['error'] for layer in rewritten):.1e}; transformed weights "
+                f"{format_bytes(before)} -> {format_bytes(after)})"
+                if rewritten
+                else ""
             ),
             "variant": self.variant,
             "error_bound": self.error_bound,
