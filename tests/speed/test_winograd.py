@@ -197,3 +197,13 @@ def test_arm_a78_build(tmp_path):
     schedule = _report(artifact, "schedule")
     assert schedule["scheduled"] == schedule["kernels"] and not schedule["rule_failures"]
     assert schedule["kernels_by_rule"]["WinogradTransform"] >= 4
+
+
+def test_default_on_for_cpu_targets_only():
+    from edgediff.passes import resolve_pipeline
+
+    for target in ("host", "arm-a78", "arm-a55"):
+        names = resolve_pipeline(load_target(target), None)
+        assert names.index("winograd-conv2d") < names.index("legalize")
+    for target in ("adreno-740", "ane-like"):
+        assert "winograd-conv2d" not in resolve_pipeline(load_target(target), None)
