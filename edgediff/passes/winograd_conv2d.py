@@ -55,6 +55,10 @@ DEFAULT_ERROR_BOUND = 1e-3
 # 10-30 us per kernel measured on 2-core x86 with benchmarks/winograd.py at 32 channels, 16x16). It keeps
 # small layers, where three kernels cannot win back their launches, on the direct schedule.
 LAUNCH_SECONDS = 1e-5
+# The estimated speedup a variant needs over the direct conv. The roofline is optimistic for Winograd: the
+# measured speedups (benchmarks/winograd.py, 64-320 channels) are 0.65-0.85 of the estimate, so below 1.5x
+# estimated the gain is not reliably there, while the stored weights still grow alpha^2/9 times (1.8x to 7.1x).
+DEFAULT_MIN_SPEEDUP = 1.5
 # The block annotation the Winograd schedule rule recognises; its value is the output tile size m.
 ANNOTATION = "edgediff.winograd"
 
@@ -536,10 +540,11 @@ class _Rewriter(relax.PyExprMutator):
 class _Decider:
     """Chooses a variant per layer and records why."""
 
-    def __init__(self, spec: Any, variant: str, error_bound: float) -> None:
+    def __init__(self, spec: Any, variant: str, error_bound: float, min_speedup: float) -> None:
         self.cost = CostModel(spec)
         self.variant = variant
         self.error_bound = error_bound
+        self.min_speedup = min_speedup
         self.layers: list[LayerChoice] = []
 
     def tile_multiple(self, shape: ConvShape) -> int:
@@ -557,8 +562,12 @@ class _Decider:
         # the direct schedule's own rounding is already accepted (it matters for float16 outputs)
         bound = self.error_bound + errors["direct"]
         if self.variant == "auto":
-            allowed = [v for v in seconds if errors[v] <= bound]
-            chosen = min(allowed, key=lambda v: seconds[v])
+            allowed = [
+                v
+                for v in seconds
+                if errors[v] <= bound and seconds[v] * self.min_speedup <= seconds["direct"]
+            ]
+            chosen = min(allowed, key=lambda v: seconds[v], default="direct")
         else:
             chosen = self.variant
         self.layers.append(LayerChoice(name, shape, seconds, errors, bound, chosen))
@@ -574,18 +583,26 @@ class WinogradConv2d:
     (1.78 for F(6x6,3x3)) in a batched GEMM, plus cheap transforms. The weight transform depends only on
     the weight, so it is computed at compile time once weight transforms are lifted. Options: ``variant``
     (``"auto"``: per layer by the cost model among the variants whose measured error is within
-    ``error_bound``; or ``"direct"``, ``2``, ``4``, ``6`` forced on every eligible layer) and ``error_bound``
-    (relative max error, default 1e-3).
+    ``error_bound`` and estimated at least ``min_speedup`` times faster than the direct conv; or
+    ``"direct"``, ``2``, ``4``, ``6`` forced on every eligible layer), ``error_bound`` (relative max error,
+    default 1e-3) and ``min_speedup`` (default 1.5: the weights of a rewritten layer grow alpha^2/9 times).
     """
 
-    def __init__(self, spec: Any, variant: Any = "auto", error_bound: float = DEFAULT_ERROR_BOUND) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        variant: Any = "auto",
+        error_bound: float = DEFAULT_ERROR_BOUND,
+        min_speedup: float = DEFAULT_MIN_SPEEDUP,
+    ) -> None:
         self.spec = spec
         self.variant = _variant_name(variant)
         self.error_bound = float(error_bound)
+        self.min_speedup = float(min_speedup)
         self.report: dict[str, Any] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        decider = _Decider(self.spec, self.variant, self.error_bound)
+        decider = _Decider(self.spec, self.variant, self.error_bound, self.min_speedup)
         rewriter = _Rewriter(mod, decider)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -615,6 +632,7 @@ class WinogradConv2d:
             ),
             "variant": self.variant,
             "error_bound": self.error_bound,
+            "min_speedup": self.min_speedup,
             "layers": layers,
             "weight_bytes_before": before,
             "weight_bytes_after": after,

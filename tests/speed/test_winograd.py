@@ -116,6 +116,30 @@ def test_variants_match_torch(variant, tmp_path):
     assert schedule["kernels_by_rule"]["Matmul"] >= 1
 
 
+def test_float16_variant_error_is_what_the_pass_measured(tmp_path):
+    model, inputs = TinyConvs().eval(), _inputs()
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    errors = {}
+    for variant in ("direct", "2"):
+        artifact = edgediff.compile_model(
+            model,
+            inputs,
+            output_dir=tmp_path / variant,
+            passes={"cast-to-fp16": True, "winograd-conv2d": True},
+            pass_options={"winograd-conv2d": {"variant": variant}},
+            progress=False,
+        )
+        got = edgediff.load(artifact.path)(*inputs)
+        errors[variant] = float(np.abs(got - expected).max() / np.abs(expected).max())
+        layers = _report(artifact, "winograd-conv2d")["layers"]
+        assert [layer["shape"].split()[-1] for layer in layers] == ["float16", "float16"]
+    measured = max(layer["errors"]["F2"] for layer in layers)
+    # float16 storage of the transformed tiles adds about the error the pass measured for F2
+    assert errors["2"] <= errors["direct"] + 4 * measured
+    assert errors["2"] < 2e-3
+
+
 def _run_pass(model: torch.nn.Module, inputs: tuple, **options):
     from edgediff.lowering.build import run_passes
     from edgediff.lowering.capture import capture
@@ -160,6 +184,9 @@ def test_auto_choice_by_cost_and_error():
     _, _, strict = _run_pass(conv, (torch.randn(1, 320, 64, 64),), error_bound=1e-9)
     assert strict["layers"][0]["chosen"] == "direct"
     assert "0 of 1" in strict["summary"]
+    # so does a speedup requirement above the estimate
+    _, _, demanding = _run_pass(conv, (torch.randn(1, 320, 64, 64),), min_speedup=100)
+    assert demanding["layers"][0]["chosen"] == "direct"
 
 
 def test_measured_error_grows_with_tile_and_precision():
