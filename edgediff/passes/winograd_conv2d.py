@@ -608,7 +608,7 @@ class WinogradConv2d:
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
         mod = rewriter.builder_.get()
-        if decider.layers:
+        if any(layer.chosen != "direct" for layer in decider.layers):
             # the rewritten conv's binding is now an alias of the output transform's var; FuseOps does not
             # look through aliases, so without this the bias/residual epilogue would not fuse
             mod = relax.transform.CanonicalizeBindings()(mod)
