@@ -56,8 +56,9 @@ DEFAULT_ERROR_BOUND = 1e-3
 # small layers, where three kernels cannot win back their launches, on the direct schedule.
 LAUNCH_SECONDS = 1e-5
 # The estimated speedup a variant needs over the direct conv. The roofline is optimistic for Winograd: the
-# measured speedups (benchmarks/winograd.py, 64-320 channels) are 0.65-0.85 of the estimate, so below 1.5x
-# estimated the gain is not reliably there, while the stored weights still grow alpha^2/9 times (1.8x to 7.1x).
+# measured speedups (benchmarks/winograd.py, 64-320 channels) are 0.65-0.85 of the estimate, so below
+# 1.5x estimated the gain is not reliably there, while the stored weights still grow alpha^2/9 times
+# (1.8x to 7.1x).
 DEFAULT_MIN_SPEEDUP = 1.5
 # The block annotation the Winograd schedule rule recognises; its value is the output tile size m.
 ANNOTATION = "edgediff.winograd"
@@ -506,17 +507,30 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.decide = decide
         self.binding = "conv2d"
+        self.values: dict[Any, Any] = {}
 
     def visit_var_binding_(self, binding: Any) -> None:
-        self.binding = binding.var.name  # the layer's name in the report
+        self.binding = binding.var.name
+        self.values[binding.var] = binding.value
         super().visit_var_binding_(binding)
+
+    def layer_name(self, weight: Any) -> str:
+        """The layer's name for the report: its weight parameter's (``p_down_blocks_0_..._conv1_weight`` ->
+        ``down_blocks_0_..._conv1``), looking through casts; else the conv's binding."""
+        while (
+            isinstance(self.values.get(weight), relax.Call) and self.values[weight].op.name == "relax.astype"
+        ):
+            weight = self.values[weight].args[0]
+        if isinstance(weight, relax.Var) and weight not in self.values:
+            return weight.name.removeprefix("p_").removesuffix("_weight")
+        return self.binding
 
     def visit_call_(self, call: Any) -> Any:
         call = self.visit_expr_post_order(call)
         shape = eligible_conv(call)
         if shape is None:
             return call
-        m = self.decide(self.binding, shape)
+        m = self.decide(self.layer_name(call.args[1]), shape)
         if m is None:
             return call
         bb = self.builder_

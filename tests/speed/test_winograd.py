@@ -103,6 +103,7 @@ def test_variants_match_torch(variant, tmp_path):
     report = _report(artifact, "winograd-conv2d")
     layers = report["layers"]
     assert [layer["chosen"] for layer in layers] == [f"F{variant}"] * 2  # the two 3x3 convs, not the 1x1
+    assert [layer["layer"] for layer in layers] == ["conv", "tail"]
     assert [layer["shape"] for layer in layers] == ["8->12 10x11 float32", "12->12 10x11 float32"]
     assert [layer["out"] for layer in layers] == ["10x11", "8x9"]
     m = int(variant)
@@ -134,6 +135,7 @@ def test_float16_variant_error_is_what_the_pass_measured(tmp_path):
         errors[variant] = float(np.abs(got - expected).max() / np.abs(expected).max())
         layers = _report(artifact, "winograd-conv2d")["layers"]
         assert [layer["shape"].split()[-1] for layer in layers] == ["float16", "float16"]
+        assert [layer["layer"] for layer in layers] == ["conv", "tail"]  # named through the weight casts
     measured = max(layer["errors"]["F2"] for layer in layers)
     # float16 storage of the transformed tiles adds about the error the pass measured for F2
     assert errors["2"] <= errors["direct"] + 4 * measured
