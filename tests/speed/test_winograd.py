@@ -117,6 +117,35 @@ def test_variants_match_torch(variant, tmp_path):
     assert schedule["kernels_by_rule"]["Matmul"] >= 1
 
 
+def test_batch_two_wide_padding_no_bias(tmp_path):
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide = torch.nn.Conv2d(5, 7, 3, padding=2)  # output larger than the input
+            self.plain = torch.nn.Conv2d(7, 6, 3, padding=1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.plain(torch.relu(self.wide(x)))
+
+    torch.manual_seed(0)
+    model, inputs = Model().eval(), (torch.randn(2, 5, 9, 13),)  # batch 2: tiles of both images in one GEMM
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    artifact = edgediff.compile_model(
+        model,
+        inputs,
+        output_dir=tmp_path / "b2",
+        passes={"winograd-conv2d": True},
+        pass_options={"winograd-conv2d": {"variant": 6}},
+        progress=False,
+    )
+    got = edgediff.load(artifact.path)(*inputs)
+    assert got.shape == expected.shape == (2, 6, 11, 15)
+    assert np.abs(got - expected).max() <= TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    schedule = _report(artifact, "schedule")
+    assert schedule["scheduled"] == schedule["kernels"] and not schedule["rule_failures"]
+
+
 def test_float16_variant_error_is_what_the_pass_measured(tmp_path):
     model, inputs = TinyConvs().eval(), _inputs()
     with torch.no_grad():
