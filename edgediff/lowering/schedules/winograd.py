@@ -111,6 +111,8 @@ class WinogradTransform(CostModelRule):
         batch, channel, row, col = sch.get_loops(scatter)
         row_o, row_i = sch.split(row, [None, tile])
         col_o, col_i = sch.split(col, [None, tile])
+        # innermost across the tiles of a row: O is read contiguously, the output with stride m
+        sch.reorder(col_i, col_o)
         sch.unroll(col_i)
         # (not under the tile loop's channel: its indices are not affine, so TVM cannot place it there)
         fused = sch.fuse(batch, channel)
