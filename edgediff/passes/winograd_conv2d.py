@@ -15,8 +15,9 @@ Larger tiles save more multiplications but their transform matrices hold larger 
 float rounding grows (F(6x6,3x3) in float16 is far off). Each candidate's error is therefore *measured*
 for the layer's own channel count and dtype (a numpy model of exactly these kernels, float32/float16
 storage, against a float64 direct convolution on seeded data), variants above the bound are rejected, and
-of the rest the target's roofline cost model picks the fastest (direct included: tiny layers with few
-tiles do not pay for three kernels and padded tiles).
+of the rest the target's roofline cost model picks the fastest, a Winograd variant only if estimated at
+least ``min_speedup`` (1.5x) faster than the direct conv: small layers do not pay for three kernels and
+padded tiles, and a rewritten layer's stored weights grow alpha^2/9 times.
 
 The transform matrices come from the Cook-Toom construction over the interpolation points 0, +-1, +-2,
 +-1/2 and infinity (Lavin & Gray 2016; the points ncnn uses for F(6x6,3x3)), computed exactly with
@@ -36,6 +37,7 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.lowering.schedules.winograd import ANNOTATION
 from edgediff.passes.registry import register_pass
 from edgediff.precision.assignment import format_bytes
 from edgediff.targets import CostModel
@@ -60,8 +62,6 @@ LAUNCH_SECONDS = 1e-5
 # 1.5x estimated the gain is not reliably there, while the stored weights still grow alpha^2/9 times
 # (1.8x to 7.1x).
 DEFAULT_MIN_SPEEDUP = 1.5
-# The block annotation the Winograd schedule rule recognises; its value is the output tile size m.
-ANNOTATION = "edgediff.winograd"
 
 
 # --- transform matrices -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from edgediff.lowering.schedules.common import (
     vectorize_innermost,
 )
 
-# The block annotation ``winograd-conv2d`` puts on its kernels (the pass imports nothing from here).
+# The block annotation ``winograd-conv2d`` puts on its transform blocks (value: the output tile size m).
 ANNOTATION = "edgediff.winograd"
 
 
@@ -24,12 +24,13 @@ class WinogradTransform(CostModelRule):
     into straight-line code with constant coefficients (zeros dropped). The tile axis is contiguous in the
     GEMM's operands and is the vector axis; channels are parallel over the cores.
 
-    - weight: U[e, k, c] = G g G^T; unrolled e, vectorized c, parallel k (runs once when lifted).
-    - input: V[e, c, p] = B^T d B from the zero-padded input; the padded plane of one channel is computed
-      under that channel's loop (it stays in L1) and the gathered tile windows are shared by all e.
-    - output: O[k, e, p] = A^T M A per output channel, followed under the same channel loop by the scatter
-      that writes the NCHW output (vectorized along the output row) while O is in cache; fused epilogues
-      go into the scatter.
+    - weight: U[e, k, c] = G g G^T; unrolled e, scalar c, parallel k (runs once when lifted).
+    - input: V[e, c, p] = B^T d B. Per channel (parallel): the zero-padded plane (in L1), then per vector
+      of tiles the gathered windows, B^T d and (B^T d) B, each unrolled over its transform row.
+    - output: O[k, i, j, p] = A^T M A per output channel (parallel) and vector of tiles, then the scatter
+      to NCHW, parallel over (image, channel), with the position inside the tile unrolled so that every
+      index is affine; fused epilogues (bias, residual, activation) are inlined into the scatter, which
+      writes each output element once.
     """
 
     def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
@@ -96,7 +97,7 @@ class WinogradTransform(CostModelRule):
             return None
         # O[k, i, j, p]: per output channel (parallel), per vector of tiles: A^T M, then (A^T M) A
         out = named["winograd_output"]
-        k, i, j, p = sch.get_loops(out)
+        k, i, j, _ = sch.get_loops(out)
         sch.reorder(i, j, k)  # (i, j, k, p) -> rows to unroll lead, as _vector_tiles expects
         tiles_o = self._vector_tiles(sch, out, 2, lanes)
         rows = named["winograd_out_rows"]
@@ -104,12 +105,12 @@ class WinogradTransform(CostModelRule):
         inner = sch.get_loops(rows)[-4:]  # (channel, row, column, tile)
         sch.unroll(inner[1])
         vectorize_innermost(sch, rows, lanes)
-        # the scatter to NCHW, parallel over (image, channel): rows and columns split by
-        # the tile size with the position in the tile unrolled, so every index is affine (no division per
-        # element); scalar, since tiles per row rarely fill a vector
+        # the scatter to NCHW, parallel over (image, channel): rows and columns split by the tile size with
+        # the position in the tile unrolled, so every index is affine (no division per element); scalar,
+        # since tiles per row rarely fill a vector
         tile = extent(sch, sch.get_loops(out)[-2]) or 1  # the unrolled j loop: m
         batch, channel, row, col = sch.get_loops(scatter)
-        row_o, row_i = sch.split(row, [None, tile])
+        sch.split(row, [None, tile])
         col_o, col_i = sch.split(col, [None, tile])
         # innermost across the tiles of a row: O is read contiguously, the output with stride m
         sch.reorder(col_i, col_o)
@@ -120,5 +121,4 @@ class WinogradTransform(CostModelRule):
         for loop in sch.get_loops(scatter):
             work *= extent(sch, loop) or 1
         parallelize_outer(sch, scatter, [fused], self.cost, work)
-        del row_o, row_i, col_o  # named for reading: (image x channel, tile row, row in tile, ...)
         return sch
