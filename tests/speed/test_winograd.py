@@ -265,3 +265,35 @@ def test_default_on_for_cpu_targets_only():
         assert names.index("winograd-conv2d") < names.index("legalize")
     for target in ("adreno-740", "ane-like"):
         assert "winograd-conv2d" not in resolve_pipeline(load_target(target), None)
+
+
+def test_weight_transform_reads_only_the_weight():
+    """What lets lift-weight-transforms move U = G g G^T to compile time: its call reads a weight parameter
+    and nothing else."""
+    from tvm import relax
+
+    from edgediff.lowering.build import run_passes
+    from edgediff.lowering.capture import capture
+    from edgediff.lowering.relax_import import import_to_relax
+
+    imported = import_to_relax(capture(TinyConvs().eval(), _inputs()))
+    mod, _ = run_passes(
+        imported.mod,
+        load_target("host"),
+        ["winograd-conv2d", "legalize"],
+        options={"winograd-conv2d": {"variant": 4}},
+    )
+    main = mod["main"]
+    weights = set(list(main.params)[int(main.attrs["num_input"]) :])
+    calls = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.name == "relax.call_tir":
+            if expr.args[0].name_hint.startswith("winograd_weight"):
+                calls.append(expr)
+
+    relax.analysis.post_order_visit(main, visit)
+    assert len(calls) == 2
+    for call in calls:
+        (arg,) = call.args[1].fields
+        assert arg in weights
