@@ -19,6 +19,7 @@ from edgediff.passes import (  # noqa: F401
     decompose_for_inference,
     fuse_ops,
     legalize_ops,
+    lift_weight_transforms,
     mixed_precision,
     npu_op_coverage,
 )
@@ -34,6 +35,9 @@ PASS_ORDER: tuple[str, ...] = (
     "npu-op-coverage",
     # kernel level (TIR)
     "legalize",
+    # after legalize, so that weight-only kernels of any earlier rewrite (Winograd) are lifted too; before
+    # fusion, which would merge a weight transpose into its matmul and hide it
+    "lift-weight-transforms",
     "fuse-ops",
     "schedule",
 )
@@ -48,7 +52,7 @@ def default_pipeline(spec: Any) -> list[str]:
         names.append("cast-to-fp16")
     if spec.kind == "npu":
         names.append("npu-op-coverage")
-    names += ["legalize", "fuse-ops", "schedule"]
+    names += ["legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
 
 
