@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from edgediff.bench import add_arguments as add_bench_arguments
 from edgediff.errors import EdgediffError
 from edgediff.runtime.run import add_generation_arguments
 
@@ -160,6 +161,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgediff.bench import run
+
+    return run(args)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from edgediff.runtime.artifact import check_artifact, describe_manifest
 
@@ -275,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--profile", action="store_true", help="per-step time inside/outside the model")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=_cmd_generate)
+
+    bench = commands.add_parser(
+        "bench", help="time host builds of zoo models against PyTorch eager and onnxruntime"
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_cmd_bench)
 
     inspect_ = commands.add_parser("inspect", help="print an artifact's manifest readably")
     inspect_.add_argument("artifact")
