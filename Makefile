@@ -48,7 +48,7 @@ lint: setup
 # Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run.
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(PY) -m edgediff bench $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache build

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgediff.lowering.artifact import atomic_directory, file_record, write_manifest, write_weights
-from edgediff.lowering.build import build, device_sources, export_library, run_passes
+from edgediff.lowering.build import build, device_sources, export_library, run_passes, weight_transform
 from edgediff.lowering.capture import capture
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
@@ -191,6 +191,10 @@ def compile_model(
                 from edgediff.passes.mixed_precision import quantize_weights
 
                 arrays, names = quantize_weights(plan, arrays, names)
+            transform = weight_transform(pass_results)
+            if transform is not None:
+                bar.stage("precompute weight transforms")
+                arrays, names = transform.apply(arrays, names)
             weights = write_weights(staging, arrays, names)
             notes = _target_notes(spec) + ([library.note] if library.note else [])
             manifest = {

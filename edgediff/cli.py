@@ -12,7 +12,9 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from edgediff.bench import add_arguments as add_bench_arguments
 from edgediff.errors import EdgediffError
+from edgediff.runtime.run import add_generation_arguments
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -159,6 +161,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgediff.bench import run
+
+    return run(args)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from edgediff.runtime.artifact import check_artifact, describe_manifest
 
@@ -270,20 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="run the sampler loop on an artifact set, write a PNG")
     generate.add_argument("artifacts", help="directory with denoiser/ (and decoder/) artifacts")
-    generate.add_argument("--prompt-embeds", help="prompt embeddings (.npy, batch 1)")
-    generate.add_argument("--negative-prompt-embeds", help="negative (empty) prompt embeddings for guidance")
-    generate.add_argument("--prompt", help="prompt text (needs text_encoder/ and tokenizer/ in the set)")
-    generate.add_argument("--negative-prompt", help="negative prompt text for guidance (default: empty)")
-    generate.add_argument("--class-label", type=int, help="class label for class-conditional models (DiT)")
-    generate.add_argument("--sampler", default="dpmpp-2m", help="sampler name (default dpmpp-2m)")
-    generate.add_argument("--steps", type=int, default=20)
-    generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("-o", "--output", default="out.png")
-    generate.add_argument("--save-latents", help="also save the final latents (.npy)")
+    add_generation_arguments(generate)
     generate.add_argument("--profile", action="store_true", help="per-step time inside/outside the model")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(run=_cmd_generate)
+
+    bench = commands.add_parser(
+        "bench", help="time host builds of zoo models against PyTorch eager and onnxruntime"
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_cmd_bench)
 
     inspect_ = commands.add_parser("inspect", help="print an artifact's manifest readably")
     inspect_.add_argument("artifact")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgediff.runtime.artifact import Artifact
+from edgediff.targets import load_target
+from edgediff.targets.spec import TargetSpec
 
 TINY_MODELS = ("tiny-sd15-unet", "tiny-sdxl-unet", "tiny-dit", "tiny-pixart", "tiny-sana", "tiny-vae-decoder")
 
@@ -54,3 +56,13 @@ def elf_machine(path: Path) -> int:
 
 
 AARCH64 = 183
+
+
+@pytest.fixture(scope="session")
+def host_int8() -> TargetSpec:
+    """This machine with int8 in its dtypes (x86 has VNNI / pmaddubsw): int8 artifacts that run here."""
+    data = load_target("host").to_dict()
+    data["name"] = "host-int8"
+    data["dtypes"] = ["float32", "float16", "int8"]
+    data["compute"]["peak_gflops"]["int8"] = 300
+    return TargetSpec.from_dict(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,9 @@ class PassResult:
     name: str
     report: dict[str, Any]
     seconds: float
+    # what a pass hands to later compile stages besides the module (lift-weight-transforms: the weight
+    # transform to run before writing the weights)
+    outputs: dict[str, Any] = field(default_factory=dict)
 
 
 def run_passes(
@@ -42,31 +45,62 @@ def run_passes(
                 mod = pass_(mod)
             except Exception as err:
                 raise BuildError(f"pass '{name}' failed for target {spec.name}: {first_line(err)}") from err
-            results.append(PassResult(name, dict(pass_.report), time.perf_counter() - start))
+            results.append(
+                PassResult(
+                    name, dict(pass_.report), time.perf_counter() - start, dict(getattr(pass_, "outputs", {}))
+                )
+            )
     return mod, results
+
+
+def _finalize_passes(target: Any, kind: str) -> Any:
+    """The lowering after edgediff's passes: memory planning and VM codegen preparation of TVM's backend."""
+    import tvm
+    from tvm import relax
+
+    if kind == "gpu":
+        backend = relax.backend.gpu_generic
+    else:
+        backend = relax.backend.cpu_generic.pipeline  # its package does not re-export dataflow_lower_passes
+    return tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+
+
+def weight_transform(results: list[PassResult]) -> Any | None:
+    """The compile-time weight transform a ``lift-weight-transforms`` run left, if any."""
+    return next((r.outputs["weight_transform"] for r in results if "weight_transform" in r.outputs), None)
 
 
 def build(mod: Any, spec: Any) -> Any:
     """Lower the scheduled module to a VM executable (memory planning, VM codegen, LLVM/OpenCL codegen)."""
     import tvm
-    from tvm import relax
 
     target = spec.build_target()
-    if spec.kind == "gpu":
-        backend = relax.backend.gpu_generic
-    else:
-        backend = relax.backend.cpu_generic.pipeline  # its package does not re-export dataflow_lower_passes
-    finalize = tvm.transform.Sequential(
-        backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
-    )
     try:
         with target:
-            return tvm.compile(mod, target=target, relax_pipeline=finalize)
+            return tvm.compile(mod, target=target, relax_pipeline=_finalize_passes(target, spec.kind))
     except Exception as err:
         hint = ""
         if spec.kind == "gpu" and "schedule" not in str(err):
             hint = " (GPU kernels need the 'schedule' pass to bind threads)"
         raise BuildError(f"TVM build for target {spec.name} failed: {first_line(err)}{hint}") from err
+
+
+def build_for_host(mod: Any) -> Any:
+    """Build a Relax module to run here, at compile time (the weight transform of ``lift-weight-transforms``).
+
+    Its kernels run once per compile, so they get TVM's default lowering without target schedules."""
+    import tvm
+    from tvm import relax
+
+    from edgediff.targets import load_target
+
+    target = load_target("host").build_target()
+    passes = tvm.transform.Sequential([relax.transform.LegalizeOps(), _finalize_passes(target, "cpu")])
+    try:
+        with target:
+            return tvm.compile(mod, target=target, relax_pipeline=passes)
+    except Exception as err:
+        raise BuildError(f"building the compile-time weight transform failed: {first_line(err)}") from err
 
 
 @dataclass

@@ -142,6 +142,12 @@ def _dtype(expr: Any) -> str:
     return str(getattr(expr.ty, "dtype", "float32"))
 
 
+def _cast(x: relax.Expr, dtype: str) -> relax.Expr:
+    """``astype`` unless ``x`` is a variable of that dtype already: a no-op cast of a stored scale would be
+    a kernel launch per call, or (lifted to compile time) a renamed copy of the scale in weights.bin."""
+    return x if isinstance(x, relax.Var) and _dtype(x) == dtype else relax.op.astype(x, dtype)
+
+
 def _float32(x: relax.Expr) -> relax.Expr:
     """Scale and rounding arithmetic runs in float32 even where cast-to-fp16 made the input float16."""
     return x if _dtype(x) == "float32" else relax.op.astype(x, "float32")
@@ -318,7 +324,7 @@ class _Rewriter:
                 value = relax.op.astype(stored[0], dtype)
             elif fmt.weight_bits == 8:
                 scale = relax.op.reshape(stored[1], [shape[0]] + [1] * (len(shape) - 1))
-                value = relax.op.multiply(relax.op.astype(stored[0], dtype), relax.op.astype(scale, dtype))
+                value = relax.op.multiply(relax.op.astype(stored[0], dtype), _cast(scale, dtype))
             else:
                 inputs, groups, size = int4_layout(shape)
                 emit = bb.emit  # reshape needs its input's type: build the chain binding by binding
@@ -330,7 +336,7 @@ class _Rewriter:
                 centred = relax.op.subtract(
                     relax.op.astype(nibbles, dtype), relax.const(float(INT4_OFFSET), dtype)
                 )
-                scaled = emit(relax.op.multiply(centred, relax.op.astype(stored[1], dtype)))
+                scaled = emit(relax.op.multiply(centred, _cast(stored[1], dtype)))
                 rows = emit(relax.op.reshape(scaled, [shape[0], groups * size]))
                 if inputs != groups * size:
                     rows = emit(relax.op.strided_slice(rows, axes=[1], begin=[0], end=[inputs]))
@@ -393,13 +399,11 @@ class _Rewriter:
         if fmt.weight_bits == 16:
             return op(relax.op.astype(x, "float16"), stored[0], out_dtype)
         if fmt.activations is None:  # int8 weights: cast inside the kernel, per-channel scale on the output
-            return relax.op.multiply(op(x, stored[0], out_dtype), relax.op.astype(stored[1], out_dtype))
+            return relax.op.multiply(op(x, stored[0], out_dtype), _cast(stored[1], out_dtype))
         xq, x_scale = self._int8_input(bb, layer, x)
         accumulated = bb.emit(op(xq, stored[0], "int32"))
-        rescaled = relax.op.multiply(
-            relax.op.astype(accumulated, out_dtype), relax.op.astype(stored[1], out_dtype)
-        )
-        return relax.op.multiply(rescaled, relax.op.astype(x_scale, out_dtype))
+        rescaled = relax.op.multiply(relax.op.astype(accumulated, out_dtype), _cast(stored[1], out_dtype))
+        return relax.op.multiply(rescaled, _cast(x_scale, out_dtype))
 
     def _attention(
         self, bb: relax.BlockBuilder, call: relax.Call, layer: LayerPlan, out_dtype: str
@@ -413,7 +417,7 @@ class _Rewriter:
         b_scale = self._dynamic_scale(bb, b, -2)  # per column of the right operand
         quantized = (bb.emit(self._quantize(a, a_scale)), bb.emit(self._quantize(b, b_scale)))
         product = bb.emit(relax.op.matmul(*quantized, "int32"))
-        rescaled = relax.op.multiply(relax.op.astype(product, out_dtype), relax.op.astype(a_scale, out_dtype))
+        rescaled = relax.op.multiply(relax.op.astype(product, out_dtype), _cast(a_scale, out_dtype))
         return relax.op.multiply(rescaled, relax.op.astype(b_scale, out_dtype))
 
     def _weight_of(self, expr: Any, pattern: str) -> relax.Var | None:

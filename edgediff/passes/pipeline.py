@@ -19,6 +19,7 @@ from edgediff.passes import (  # noqa: F401
     decompose_for_inference,
     fuse_ops,
     legalize_ops,
+    lift_weight_transforms,
     mixed_precision,
     npu_op_coverage,
     winograd_conv2d,
@@ -37,6 +38,9 @@ PASS_ORDER: tuple[str, ...] = (
     "winograd-conv2d",
     # kernel level (TIR)
     "legalize",
+    # after legalize, so that weight-only kernels of any earlier rewrite (Winograd) are lifted too; before
+    # fusion, which would merge a weight transpose into its matmul and hide it
+    "lift-weight-transforms",
     "fuse-ops",
     "schedule",
 )
@@ -54,7 +58,7 @@ def default_pipeline(spec: Any) -> list[str]:
     if spec.kind == "cpu":
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")
-    names += ["legalize", "fuse-ops", "schedule"]
+    names += ["legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
 
 

@@ -124,6 +124,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The conditioning, sampler and output options of ``generate``, shared by ``edgediff generate`` and the
+    device's ``run.py generate`` so that one command line works on both."""
+    parser.add_argument("--prompt", help="prompt text (needs text_encoder/ and tokenizer/ in the set)")
+    parser.add_argument("--negative-prompt", help="negative prompt text (default: the empty prompt)")
+    parser.add_argument("--prompt-embeds", help="prompt embeddings (.npy, batch 1)")
+    parser.add_argument("--negative-prompt-embeds", help="negative (empty) prompt embeddings for guidance")
+    parser.add_argument("--class-label", type=int, help="class label for class-conditional models (DiT)")
+    parser.add_argument("--sampler", default="dpmpp-2m", help="sampler name (default dpmpp-2m)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler")
+    parser.add_argument("--save-latents", help="save the final latents (.npy)")
+    parser.add_argument("-o", "--output", default="out.png", help="PNG to write when there is a decoder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run.py", description="Run edgediff artifacts with the torch-free runtime."
@@ -143,18 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="sampler loop on an artifact set: latents and a PNG")
     generate.add_argument("artifacts", help="bundled set name or directory with denoiser/ (and decoder/)")
-    generate.add_argument("--prompt", help="prompt text (needs text_encoder/ and tokenizer/ in the set)")
-    generate.add_argument("--negative-prompt", help="negative prompt text (default: the empty prompt)")
-    generate.add_argument("--prompt-embeds", help="prompt embeddings (.npy, batch 1)")
-    generate.add_argument("--negative-prompt-embeds", help="negative (empty) prompt embeddings for guidance")
-    generate.add_argument("--class-label", type=int, help="class label for class-conditional models (DiT)")
-    generate.add_argument("--sampler", default="dpmpp-2m", help="sampler name (default dpmpp-2m)")
-    generate.add_argument("--steps", type=int, default=20)
-    generate.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler")
+    add_generation_arguments(generate)
     generate.add_argument("--latents", help="initial latents (.npy) instead of seeded noise")
-    generate.add_argument("--save-latents", help="save the final latents (.npy)")
-    generate.add_argument("-o", "--output", default="out.png", help="PNG to write when there is a decoder")
     generate.set_defaults(run=_cmd_generate)
     return parser
 

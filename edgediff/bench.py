@@ -1,0 +1,265 @@
+"""Speed of edgediff's host build against PyTorch eager and onnxruntime, in one process.
+
+For each model: PyTorch eager, onnxruntime (CPUExecutionProvider, all cores) and the edgediff host build,
+each timed as the median of ``--runs`` calls after ``--warmup`` calls, on the same inputs; then the
+ratios, the edgediff compile time and the peak resident memory while each engine ran. ``--profile`` adds
+the per-kernel table of one edgediff call.
+
+    edgediff bench                # sd15-unet at latents 32 and 64, VAE decoder and DiT at 32
+    edgediff bench --quick        # tiny models: a smoke run in a minute or two
+    edgediff bench --models sd15-unet --latent 32 64 --profile
+
+Peak memory is the process's VmHWM, reset before each engine (Linux ``clear_refs``); the PyTorch model
+stays loaded throughout, so every engine's figure includes its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# what issue #4 measures: the SD1.5 UNet at two latent sizes, the VAE decoder and DiT-XL/2
+DEFAULT_RUNS = (("sd15-unet", 32), ("sd15-unet", 64), ("sd-vae-decoder", 32), ("dit-xl-2", 32))
+QUICK_MODELS = ("tiny-sd15-unet", "tiny-vae-decoder", "tiny-dit")
+
+
+@dataclass
+class Row:
+    """One model at one latent size: seconds per call for each engine, and the build facts."""
+
+    model: str
+    latent: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    compile_seconds: float = 0.0
+    max_abs_error: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak then covers the whole process so far
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_calls(call: Callable[[], Any], runs: int, warmup: int) -> float:
+    """Median seconds of ``runs`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(name: str, latent: int | None, args: argparse.Namespace, workdir: Path) -> Row:
+    """Time one zoo model on the three engines."""
+    import torch
+
+    import edgediff
+    from edgediff import zoo
+
+    zm = zoo.build(name, latent_size=latent)
+    inputs = zm.example_inputs
+    row = Row(name, int(zm.meta.get("latent_size", latent or 0)))
+    threads = os.cpu_count() if args.threads is None else args.threads
+    torch.set_num_threads(threads)
+
+    _reset_peak_rss()
+    with torch.inference_mode():
+        expected = zm.module(*inputs).numpy()
+        row.seconds["eager"] = time_calls(lambda: zm.module(*inputs), args.runs, args.warmup)
+    row.peak_mb["eager"] = _peak_rss_mb()
+    print(f"  eager        {row.seconds['eager']:8.4g} s", flush=True)
+
+    if "onnxruntime" in args.engines:
+        _reset_peak_rss()
+        seconds = _bench_onnxruntime(zm, inputs, args, workdir / f"{name}.onnx", threads, row)
+        if seconds is not None:
+            row.seconds["onnxruntime"] = seconds
+            row.peak_mb["onnxruntime"] = _peak_rss_mb()
+            print(f"  onnxruntime  {seconds:8.4g} s", flush=True)
+        gc.collect()
+
+    start = time.perf_counter()
+    artifact = edgediff.compile_model(zm, target="host", output_dir=workdir / name, progress=False)
+    row.compile_seconds = time.perf_counter() - start
+    _reset_peak_rss()
+    module = edgediff.load(artifact.path)
+    got = module(*inputs)
+    row.max_abs_error = float(np.abs(got - expected).max())
+    row.seconds["edgediff"] = time_calls(lambda: module(*inputs), args.runs, args.warmup)
+    row.peak_mb["edgediff"] = _peak_rss_mb()
+    print(
+        f"  edgediff     {row.seconds['edgediff']:8.4g} s  (compile {row.compile_seconds:.0f} s, "
+        f"max |err| vs eager {row.max_abs_error:.1e})",
+        flush=True,
+    )
+    if args.profile:
+        _print_profile(module, inputs)
+    return row
+
+
+def _bench_onnxruntime(
+    zm: Any, inputs: tuple[Any, ...], args: argparse.Namespace, path: Path, threads: int, row: Row
+) -> float | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        row.notes.append("onnxruntime not installed (pip install -e '.[bench]')")
+        return None
+    import torch
+
+    # the TorchScript exporter (dynamo=False) handles every zoo model; the weights go to external data
+    # files because a UNet's exceed protobuf's 2 GB limit
+    torch.onnx.export(
+        zm.module,
+        tuple(inputs),
+        str(path),
+        input_names=list(zm.input_names),
+        dynamo=False,
+        external_data=True,
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {name: tensor.numpy() for name, tensor in zip(zm.input_names, inputs, strict=True)}
+    return time_calls(lambda: session.run(None, feed), args.runs, args.warmup)
+
+
+def _print_profile(module: Any, inputs: tuple[Any, ...]) -> None:
+    import tvm
+
+    from edgediff.lowering.profile import profile_vm
+
+    # CompiledModule keeps its VM and device-resident weights private; the profile needs the raw VM call
+    vm_args = [tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in inputs] + list(module._weights)
+    module(*inputs)  # warm: the first call also starts TVM's thread pool
+    profile = profile_vm(module._vm, vm_args, runs=1)
+    print(profile.table(top=25))
+    families = ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in profile.by_family().items())
+    print(f"  by op family: {families}")
+
+
+def format_table(rows: list[Row]) -> str:
+    """The results as a Markdown table."""
+    lines = [
+        "| model | latent | eager s | onnxruntime s | edgediff s | edgediff/ort | edgediff/eager "
+        "| compile s | peak RSS MB (eager / ort / edgediff) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ort = r.seconds.get("onnxruntime")
+        ours = r.seconds["edgediff"]
+        peaks = " / ".join(
+            f"{r.peak_mb[k]:.0f}" if k in r.peak_mb else "-" for k in ("eager", "onnxruntime", "edgediff")
+        )
+        lines.append(
+            f"| {r.model} | {r.latent} | {r.seconds['eager']:.4g} | {'-' if ort is None else f'{ort:.4g}'} "
+            f"| {ours:.4g} | {'-' if ort is None else f'{ours / ort:.2f}'} | {ours / r.seconds['eager']:.2f} "
+            f"| {r.compile_seconds:.0f} | {peaks} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_line(threads: int) -> str:
+    """Where the numbers come from."""
+    from edgediff.targets import load_target
+
+    spec = load_target("host")
+    return (
+        f"{platform.machine()}, {spec.compute.cores} cores ({threads} threads used), "
+        f"{spec.compute.vector_bits}-bit vectors, LLVM mcpu {spec.tvm_target.get('mcpu', 'generic')}"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, for its own parser and for ``edgediff bench``."""
+    default_runs = ", ".join(f"{name}@{latent}" for name, latent in DEFAULT_RUNS)
+    parser.add_argument("--models", nargs="+", help=f"zoo names (default: {default_runs})")
+    parser.add_argument(
+        "--latent", nargs="+", type=int, help="latent sizes (default 32; tiny models: theirs)"
+    )
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per engine (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    parser.add_argument("--threads", type=int, help="threads for every engine (default: all cores)")
+    parser.add_argument("--engines", nargs="+", default=["onnxruntime"], help="extra engines: onnxruntime")
+    parser.add_argument("--no-onnxruntime", action="store_true", help="skip the onnxruntime baseline")
+    parser.add_argument("--quick", action="store_true", help="tiny models, 3 runs: a smoke run")
+    parser.add_argument("--profile", action="store_true", help="per-kernel profile of one edgediff call")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark the chosen models and print the table (and the profile with ``--profile``)."""
+    if args.no_onnxruntime:
+        args.engines = []
+    if args.quick:
+        args.runs = min(args.runs, 3)
+    runs: list[tuple[str, int | None]]
+    if args.models is None and args.latent is None and not args.quick:
+        runs = list(DEFAULT_RUNS)
+    else:
+        models = args.models or (QUICK_MODELS if args.quick else [name for name, _ in DEFAULT_RUNS])
+        latents: list[int | None] = list(args.latent or ([None] if args.quick else [32]))
+        runs = [(name, latent) for name in dict.fromkeys(models) for latent in latents]
+    threads = os.cpu_count() if args.threads is None else args.threads
+    # TVM's thread pool reads TVM_NUM_THREADS when it starts (default: one thread per core)
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+
+    print(
+        f"machine: {machine_line(threads)}; median of {args.runs} runs after {args.warmup} warm-up",
+        flush=True,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgediff-bench-") as tmp:
+        for name, latent in runs:
+            print(f"{name} latent {latent or 'default'}", flush=True)
+            rows.append(bench_model(name, latent, args, Path(tmp)))
+            gc.collect()
+    table = format_table(rows)
+    print()
+    print(table)
+    for r in rows:
+        for note in r.notes:
+            print(f"note ({r.model}): {note}")
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
