@@ -4,13 +4,15 @@
 For each variant (direct, F2, F4, F6) the layer is compiled for the host with the ``winograd-conv2d`` pass
 forced to that variant; all variants and PyTorch eager are then timed round-robin (one call each per round,
 so load from other processes on a shared machine hits all alike), median of ``--runs`` rounds after
-``--warmup`` calls each. The weight transform runs once at compile time when ``lift-weight-transforms``
-lifts it; until then it runs inside every call, so its share of a call (from a per-kernel profile) is taken
-off and the column "pre-transf" is what a lifted build costs. The error is max |y - y_torch| / max |y_torch|
-of the compiled output against PyTorch (float32); "pass est." is the cost model's estimated speedup.
+``--warmup`` calls each. The default pipeline's ``lift-weight-transforms`` computes the Winograd weight
+transform at compile time, so a call runs only the input transform, the GEMM and the output transform;
+with lifting switched off (``--no-lift``) the transform runs in every call, and its share of a call (from
+a per-kernel profile, column "weight %") is taken off in "pre-transf". The error is max |y - y_torch| /
+max |y_torch| of the compiled output against PyTorch (float32); "pass est." is the cost model's estimated
+speedup.
 
     python benchmarks/winograd.py
-    python benchmarks/winograd.py --channels 64 --size 32 --runs 5
+    python benchmarks/winograd.py --channels 640 --size 32 --runs 10 --profile
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["direct", "2", "4", "6"])
     parser.add_argument("--profile", action="store_true", help="per-kernel table of each variant")
+    parser.add_argument("--no-lift", action="store_true", help="weight transform inside every call")
     args = parser.parse_args()
 
     import torch
@@ -79,7 +82,7 @@ def main() -> None:
                 (x,),
                 output_dir=Path(tmp) / variant,
                 progress=False,
-                passes={"winograd-conv2d": variant != "direct"},
+                passes={"winograd-conv2d": variant != "direct", "lift-weight-transforms": not args.no_lift},
                 pass_options={"winograd-conv2d": {"variant": variant}},
             )
             compile_s = time.perf_counter() - start
