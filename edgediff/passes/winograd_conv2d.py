@@ -222,12 +222,16 @@ def winograd_conv2d_numpy(
     xp[:, :, pad[0] : pad[0] + h, pad[1] : pad[1] + wd] = x
     windows = np.lib.stride_tricks.sliding_window_view(xp, (mats.alpha, mats.alpha), axis=(2, 3))
     d = windows[:, :, ::m, ::m]  # (n, c, th, tw, alpha, alpha)
-    v = np.einsum("ia,jb,nctwab->ijnctw", bt, bt, d, optimize=True).astype(dtype).astype(np.float32)
-    u = np.einsum("ia,jb,kcab->ijkc", g, g, w.astype(np.float32), optimize=True)
-    u = u.astype(dtype).astype(np.float32)
-    prod = np.einsum("ijkc,ijnctw->ijnktw", u, v, optimize=True).astype(out_dtype).astype(np.float32)
-    y = np.einsum("ia,jb,ijnktw->nktawb", a, a, prod, optimize=True)
-    y = y.reshape(n, w.shape[0], th * m, tw * m)[:, :, :out_h, :out_w]
+    v = (bt @ d @ bt.T).astype(dtype).astype(np.float32)
+    u = (g @ w.astype(np.float32) @ g.T).astype(dtype).astype(np.float32)  # (k, c, alpha, alpha)
+    k, alpha2 = w.shape[0], mats.alpha**2
+    # the GEMM: alpha^2 products (k x c) @ (c x tiles), as the kernels batch them
+    u_gemm = u.reshape(k, c, alpha2).transpose(2, 0, 1)
+    v_gemm = v.reshape(n, c, th * tw, alpha2).transpose(3, 1, 0, 2).reshape(alpha2, c, n * th * tw)
+    prod = (u_gemm @ v_gemm).astype(out_dtype).astype(np.float32)  # (alpha^2, k, tiles)
+    prod = prod.reshape(mats.alpha, mats.alpha, k, n, th, tw).transpose(3, 2, 4, 5, 0, 1)
+    y = a.T @ prod @ a  # (n, k, th, tw, m, m)
+    y = y.transpose(0, 1, 2, 4, 3, 5).reshape(n, k, th * m, tw * m)[:, :, :out_h, :out_w]
     return y.astype(out_dtype)
 
 
@@ -235,7 +239,10 @@ def direct_conv2d_numpy(x: np.ndarray, w: np.ndarray, pad: tuple[int, int, int, 
     """Reference 3x3 correlation in float64."""
     xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
     windows = np.lib.stride_tricks.sliding_window_view(xp, (KERNEL, KERNEL), axis=(2, 3))
-    return np.einsum("nchwab,kcab->nkhw", windows, w.astype(np.float64), optimize=True)
+    n, c, h, w_out = windows.shape[:4]
+    columns = windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * w_out, c * KERNEL * KERNEL)
+    y = columns @ w.astype(np.float64).reshape(w.shape[0], -1).T
+    return y.reshape(n, h, w_out, -1).transpose(0, 3, 1, 2)
 
 
 @cache
