@@ -299,25 +299,32 @@ def _select(index: Any, cases: list[Any]) -> Any:
 
 
 def weight_transform_te(weight: Any, m: int, dtype: str) -> Any:
-    """U[xi * alpha + nu, k, c] = (G g_kc G^T)[xi, nu], accumulated in float32, stored in ``dtype``."""
-    from tvm import te
+    """U[xi * alpha + nu, k, c] = (G g_kc G^T)[xi, nu], accumulated in float32, stored in ``dtype``.
+
+    G is a small table computed in the kernel, so the weight block is nine multiply-adds per element with
+    table loads: cheap to build and run unscheduled, which is how ``lift-weight-transforms`` runs it at
+    compile time. Scheduled (lifting off), the table is inlined and the unrolled rows fold it to constants.
+    """
+    from tvm import te, tirx
 
     mats = winograd_matrices(m)
     alpha = mats.alpha
     k, c = weight.shape[0], weight.shape[1]
 
+    def entry(row: Any, col: Any) -> Any:
+        cases = [_select(col, [tirx.const(float(v), "float32") for v in mats.G[r]]) for r in range(alpha)]
+        return _select(row, cases)
+
+    table = te.compute((alpha, KERNEL), entry, name="winograd_g")
+
     def compute(e: Any, ko: Any, ci: Any) -> Any:
-        taps = [[weight[ko, ci, a, b].astype("float32") for b in range(KERNEL)] for a in range(KERNEL)]
-        cases = []
-        for xi in range(alpha):
-            for nu in range(alpha):
-                terms = [
-                    (float(mats.G[xi, a] * mats.G[nu, b]), taps[a][b])
-                    for a in range(KERNEL)
-                    for b in range(KERNEL)
-                ]
-                cases.append(_linear_combination(terms, "float32").astype(dtype))
-        return _select(e, cases)
+        xi, nu = e // alpha, e % alpha
+        total = None
+        for a in range(KERNEL):
+            for b in range(KERNEL):
+                term = table[xi, a] * table[nu, b] * weight[ko, ci, a, b].astype("float32")
+                total = term if total is None else total + term
+        return total.astype(dtype)
 
     return te.compute((alpha * alpha, k, c), compute, name="winograd_weight", attrs={ANNOTATION: m})
 

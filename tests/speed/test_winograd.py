@@ -77,17 +77,19 @@ def test_transform_matrices_are_exact(m):
     assert np.abs(got - reference).max() < 1e-4 * np.abs(reference).max()
 
 
-@pytest.mark.parametrize("variant", ["off", "2", "4", "6"])
+@pytest.mark.parametrize("variant", ["off", "2", "4", "6", "4-unlifted"])
 def test_variants_match_torch(variant, tmp_path):
     model, inputs = TinyConvs().eval(), _inputs()
     with torch.no_grad():
         expected = model(*inputs).numpy()
+    lifted = not variant.endswith("-unlifted")  # unlifted: the weight transform is a scheduled kernel
+    variant = variant.removesuffix("-unlifted")
     options = {"winograd-conv2d": {"variant": variant}} if variant != "off" else None
     artifact = edgediff.compile_model(
         model,
         inputs,
         output_dir=tmp_path / variant,
-        passes={"winograd-conv2d": variant != "off"},
+        passes={"winograd-conv2d": variant != "off", "lift-weight-transforms": lifted},
         pass_options=options,
         progress=False,
     )
@@ -112,8 +114,11 @@ def test_variants_match_torch(variant, tmp_path):
         assert layer["transformed_weight_bytes"] == layer["weight_bytes"] * (m + 2) ** 2 // 9
     assert report["weight_bytes_after"] > report["weight_bytes_before"] > 0
     assert f"2 x F{variant}" in report["summary"]
-    # weight, input and output transforms of both layers (the output transform with its epilogue)
-    assert schedule["kernels_by_rule"]["WinogradTransform"] >= 4
+    # input and output transforms of both layers (the output transform with its epilogue), and the weight
+    # transforms unless they were lifted to compile time
+    assert schedule["kernels_by_rule"]["WinogradTransform"] == (4 if lifted else 6)
+    stored = [tensor["name"] for tensor in artifact.manifest["weights"]["tensors"]]
+    assert sum(name.endswith(":winograd_weight") for name in stored) == (2 if lifted else 0)
     assert schedule["kernels_by_rule"]["Matmul"] >= 1
 
 

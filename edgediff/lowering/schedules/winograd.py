@@ -43,9 +43,13 @@ class WinogradTransform(CostModelRule):
         if not tagged:
             return None
         lanes = self.cost.vector_lanes(output_dtype(sch, tagged[-1]))
-        if "winograd_weight" in named and len(blocks) == 1:
-            # scalar: the weight's 3x3 taps are 9 elements apart, and once lifted this runs at compile time,
-            # where gathers would only cost LLVM time
+        if "winograd_weight" in named:
+            # the G table inlined: with the rows unrolled its entries fold to constants; scalar, since the
+            # weight's 3x3 taps are 9 elements apart (with lifting this kernel is not scheduled at all)
+            if try_inline_all(
+                sch, [b for b in blocks if not sch.get(b).same_as(sch.get(named["winograd_weight"]))]
+            ):
+                return None
             self._vector_tiles(sch, named["winograd_weight"], 1, 1)
             return sch
         if {"winograd_input", "winograd_rows", "winograd_tiles"} <= set(named):
