@@ -58,9 +58,9 @@ DEFAULT_ERROR_BOUND = 1e-3
 # small layers, where three kernels cannot win back their launches, on the direct schedule.
 LAUNCH_SECONDS = 1e-5
 # The estimated speedup a variant needs over the direct conv. The roofline is optimistic for Winograd: the
-# measured speedups (benchmarks/winograd.py, 64-320 channels) are 0.65-0.85 of the estimate, so below
-# 1.5x estimated the gain is not reliably there, while the stored weights still grow alpha^2/9 times
-# (1.8x to 7.1x).
+# measured speedups (benchmarks/winograd.py, 64-640 channels, 2-core x86) are 0.65-1.0 of the estimate,
+# so below 1.5x estimated the gain is not reliably there, while the stored weights still grow alpha^2/9
+# times (1.8x to 7.1x).
 DEFAULT_MIN_SPEEDUP = 1.5
 
 
