@@ -106,6 +106,7 @@ def compile_model(
     latent_size: int | None = None,
     precision: Any = None,
     precision_budget: Mapping[str, Any] | None = None,
+    pass_options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Artifact:
     """Compile a diffusion model (or any ``nn.Module`` / ONNX file) for an edge target.
 
@@ -129,6 +130,8 @@ def compile_model(
             :class:`~edgediff.precision.PrecisionConfig` (pins, calibration) or a ready
             :class:`~edgediff.precision.PrecisionPlan`.
         precision_budget: for ``"auto"``: ``{"bytes": 1e9 or "1GB", "latency_ms": ..., "sqnr_db": ...}``.
+        pass_options: keyword arguments for individual passes by name, e.g.
+            ``{"winograd-conv2d": {"variant": 4, "error_bound": 1e-4}}``.
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
@@ -151,14 +154,15 @@ def compile_model(
 
         bar.stage("import (fx -> Relax)")
         imported = import_to_relax(captured)
-        plan = pass_options = None
+        plan = None
+        pass_options = {name: dict(opts) for name, opts in (pass_options or {}).items()}
         if precision_request is not None:  # measured on the torch model, so before it is dropped
             from edgediff.precision.planner import plan_for_compile
 
             plan = plan_for_compile(
                 precision_request, captured, imported, spec, progress=lambda s: bar.stage(f"precision: {s}")
             )
-            pass_options = {"mixed-precision": {"plan": plan, "weight_names": imported.weight_names}}
+            pass_options["mixed-precision"] = {"plan": plan, "weight_names": imported.weight_names}
         # the Relax module now owns copies of the weights: let the torch graph go before the build
         captured.exported_program = captured.torch_module = None
         bar.advance()

@@ -22,6 +22,7 @@ from edgediff.passes import (  # noqa: F401
     lift_weight_transforms,
     mixed_precision,
     npu_op_coverage,
+    winograd_conv2d,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
 
@@ -33,6 +34,8 @@ PASS_ORDER: tuple[str, ...] = (
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
     "npu-op-coverage",
+    # before legalize: it rewrites relax.nn.conv2d calls
+    "winograd-conv2d",
     # kernel level (TIR)
     "legalize",
     # after legalize, so that weight-only kernels of any earlier rewrite (Winograd) are lifted too; before
@@ -52,6 +55,9 @@ def default_pipeline(spec: Any) -> list[str]:
         names.append("cast-to-fp16")
     if spec.kind == "npu":
         names.append("npu-op-coverage")
+    if spec.kind == "cpu":
+        # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
+        names.append("winograd-conv2d")
     names += ["legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
 

@@ -14,9 +14,10 @@ from edgediff.lowering.schedules.conv2d import Conv2d
 from edgediff.lowering.schedules.elementwise import Elementwise
 from edgediff.lowering.schedules.matmul import Matmul
 from edgediff.lowering.schedules.reduction import GeneralReduction
+from edgediff.lowering.schedules.winograd import WinogradTransform
 from edgediff.targets import CostModel
 
-__all__ = ["Conv2d", "Elementwise", "GeneralReduction", "Matmul", "cpu_rules"]
+__all__ = ["Conv2d", "Elementwise", "GeneralReduction", "Matmul", "WinogradTransform", "cpu_rules"]
 
 
 def cpu_rules(spec: Any) -> list[Any]:
@@ -25,6 +26,7 @@ def cpu_rules(spec: Any) -> list[Any]:
 
     cost = CostModel(spec)
     return [
+        WinogradTransform(cost),  # before Elementwise, which would take its all-spatial kernels
         Conv2d(cost),
         Matmul(cost),
         dl.cpu.GEMV(),

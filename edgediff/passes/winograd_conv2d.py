@@ -1,0 +1,654 @@
+"""Winograd convolution for 3x3 stride-1 conv2d: F(2x2,3x3), F(4x4,3x3) or F(6x6,3x3), chosen per layer.
+
+Winograd's minimal filtering computes an m x m output tile of a 3x3 convolution from an alpha x alpha input
+tile (alpha = m + 2) with alpha^2 multiplications per (input, output) channel pair instead of 9 m^2: 2.25x
+fewer for F(2x2,3x3), 4x for F(4x4,3x3), 5.06x for F(6x6,3x3). Per layer that becomes
+
+    U = G g G^T        weight transform, (alpha^2, K, C): depends only on the weight, so the
+                       ``lift-weight-transforms`` pass moves it to compile time (alpha^2/9 times the bytes)
+    V = B^T d B        input transform, (alpha^2, C, tiles): every overlapping alpha x alpha input tile
+    M = U V            alpha^2 independent (K x C) @ (C x tiles) matrix products: a batched ``relax.matmul``
+                       that the Matmul schedule rule register-tiles, contiguous along the tile axis
+    Y = A^T M A        output transform, scattered back to NCHW and cropped to the conv's output
+
+Larger tiles save more multiplications but their transform matrices hold larger and smaller numbers, so
+float rounding grows (F(6x6,3x3) in float16 is far off). Each candidate's error is therefore *measured*
+for the layer's own channel count and dtype (a numpy model of exactly these kernels, float32/float16
+storage, against a float64 direct convolution on seeded data), variants above the bound are rejected, and
+of the rest the target's roofline cost model picks the fastest, a Winograd variant only if estimated at
+least ``min_speedup`` (1.5x) faster than the direct conv: small layers do not pay for three kernels and
+padded tiles, and a rewritten layer's stored weights grow alpha^2/9 times.
+
+The transform matrices come from the Cook-Toom construction over the interpolation points 0, +-1, +-2,
++-1/2 and infinity (Lavin & Gray 2016; the points ncnn uses for F(6x6,3x3)), computed exactly with
+fractions; each row's Lagrange denominator moves from B^T into G so that B^T and A^T hold small numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cache
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from edgediff.errors import PassError
+from edgediff.lowering.schedules.winograd import ANNOTATION
+from edgediff.passes.registry import register_pass
+from edgediff.precision.assignment import format_bytes
+from edgediff.targets import CostModel
+from edgediff.targets.schema import DTYPE_BITS
+
+KERNEL = 3
+TILE_SIZES = (2, 4, 6)
+# Interpolation points (infinity is implicit): small integers and their reciprocals keep both the
+# transform entries and their products near 1, which is what bounds the rounding error.
+POINTS: dict[int, tuple[Fraction, ...]] = {
+    2: (Fraction(0), Fraction(1), Fraction(-1)),
+    4: (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2)),
+    6: tuple(Fraction(p) for p in (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))),
+}
+DEFAULT_ERROR_BOUND = 1e-3
+# What one more kernel costs beyond its roofline time: the VM call and the thread pool's fork/join (about
+# 10-30 us per kernel measured on 2-core x86 with benchmarks/winograd.py at 32 channels, 16x16). It keeps
+# small layers, where three kernels cannot win back their launches, on the direct schedule.
+LAUNCH_SECONDS = 1e-5
+# The estimated speedup a variant needs over the direct conv. The roofline is optimistic for Winograd: the
+# measured speedups (benchmarks/winograd.py, 64-320 channels) are 0.65-0.85 of the estimate, so below
+# 1.5x estimated the gain is not reliably there, while the stored weights still grow alpha^2/9 times
+# (1.8x to 7.1x).
+DEFAULT_MIN_SPEEDUP = 1.5
+
+
+# --- transform matrices -------------------------------------------------------------------------------------
+
+
+def _evaluation_matrix(points: tuple[Fraction, ...], degree: int) -> list[list[Fraction]]:
+    """Rows [1, p, p^2, ...] for each point and [0, ..., 0, 1] for the point at infinity."""
+    rows = [[p**j for j in range(degree)] for p in points]
+    rows.append([Fraction(0)] * (degree - 1) + [Fraction(1)])
+    return rows
+
+
+def _inverse(matrix: list[list[Fraction]]) -> list[list[Fraction]]:
+    """Exact Gauss-Jordan inverse (the matrices are tiny and must not carry rounding)."""
+    n = len(matrix)
+    rows = [row[:] + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if rows[r][col] != 0)
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        rows[col] = [x / rows[col][col] for x in rows[col]]
+        for r in range(n):
+            if r != col and rows[r][col] != 0:
+                factor = rows[r][col]
+                rows[r] = [x - factor * y for x, y in zip(rows[r], rows[col], strict=True)]
+    return [row[n:] for row in rows]
+
+
+@dataclass(frozen=True)
+class WinogradMatrices:
+    """F(m x m, r x r): ``A`` (alpha x m), ``BT`` (alpha x alpha), ``G`` (alpha x r), exact in float64."""
+
+    m: int
+    r: int
+    A: np.ndarray
+    BT: np.ndarray
+    G: np.ndarray
+
+    @property
+    def alpha(self) -> int:
+        return self.m + self.r - 1
+
+
+@cache
+def winograd_matrices(m: int, r: int = KERNEL) -> WinogradMatrices:
+    """Cook-Toom matrices with ``Y = A^T [(G g G^T) * (B^T d B)] A`` for a correlation (what conv2d is).
+
+    The product of polynomials of degree m-1 and r-1 is c = L[(E_m x) * (E_r g)] with E the evaluation
+    matrices at the points and L the inverse of the alpha x alpha one; a correlation is its transpose, so
+    A = E_m, G = E_r and B^T = L^T. Row i of B^T is scaled by its Lagrange denominator prod_j (p_i - p_j)
+    and row i of G divided by it, which leaves the product unchanged and B^T's entries small.
+    """
+    if m not in POINTS:
+        raise PassError(
+            f"no Winograd points for F({m}x{m},{r}x{r}); tile sizes: {', '.join(map(str, POINTS))}"
+        )
+    points = POINTS[m]
+    alpha = m + r - 1
+    a = _evaluation_matrix(points, m)
+    g = _evaluation_matrix(points, r)
+    bt = [list(col) for col in zip(*_inverse(_evaluation_matrix(points, alpha)), strict=True)]
+    for i, p in enumerate(points):
+        denominator = math.prod((p - q for j, q in enumerate(points) if j != i), start=Fraction(1))
+        bt[i] = [x * denominator for x in bt[i]]
+        g[i] = [x / denominator for x in g[i]]
+    as_array = lambda rows: np.array([[float(x) for x in row] for row in rows])  # noqa: E731
+    return WinogradMatrices(m, r, as_array(a), as_array(bt), as_array(g))
+
+
+# --- a layer and its candidates -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A conv2d's static shape (NCHW data, OIHW weight) and dtypes."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    pad: tuple[int, int, int, int]  # top, left, bottom, right
+    dtype: str  # data and weight (what the GEMM reads)
+    out_dtype: str
+
+    @property
+    def out_h(self) -> int:
+        return self.h + self.pad[0] + self.pad[2] - KERNEL + 1
+
+    @property
+    def out_w(self) -> int:
+        return self.w + self.pad[1] + self.pad[3] - KERNEL + 1
+
+    def tiles(self, m: int) -> tuple[int, int]:
+        return -(-self.out_h // m), -(-self.out_w // m)
+
+    def describe(self) -> str:
+        return f"{self.c}->{self.k} {self.h}x{self.w} {self.dtype}"
+
+
+def padded_tiles(shape: ConvShape, m: int, multiple: int) -> int:
+    """Tiles of the whole batch, rounded up to ``multiple`` (whole register tiles along the GEMM columns)."""
+    th, tw = shape.tiles(m)
+    return -(-shape.n * th * tw // multiple) * multiple
+
+
+def _nonzeros(matrix: np.ndarray) -> int:
+    return int(np.count_nonzero(matrix))
+
+
+def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_multiple: int) -> float:
+    """Roofline time of the direct conv (``m=None``) or of the three Winograd kernels (weight transform
+    lifted to compile time).
+
+    Each kernel is charged its arithmetic (the transforms only their non-zero coefficients), its DRAM
+    traffic, intermediates included (V and M are written by one kernel and read by the next, and U is
+    alpha^2/9 times the weight's bytes), and one launch.
+    """
+    size = DTYPE_BITS[shape.dtype] // 8
+    out_size = DTYPE_BITS[shape.out_dtype] // 8
+    dtype = shape.dtype
+    x_elems, y_elems = shape.n * shape.c * shape.h * shape.w, shape.n * shape.k * shape.out_h * shape.out_w
+    if m is None:
+        flops = 2.0 * y_elems * shape.c * KERNEL * KERNEL
+        traffic = size * (x_elems + shape.k * shape.c * KERNEL * KERNEL) + out_size * y_elems
+        return cost.estimate_seconds(flops, traffic, dtype) + LAUNCH_SECONDS
+    mats = winograd_matrices(m)
+    alpha2 = mats.alpha**2
+    tiles = padded_tiles(shape, m, tile_multiple)
+    v_elems, m_elems = alpha2 * shape.c * tiles, alpha2 * shape.k * tiles
+    input_t = cost.estimate_seconds(
+        2.0 * _nonzeros(mats.BT) ** 2 * shape.c * tiles, size * (x_elems + v_elems), dtype
+    )
+    gemm = cost.estimate_seconds(
+        2.0 * alpha2 * shape.k * shape.c * tiles,
+        size * (v_elems + alpha2 * shape.k * shape.c) + out_size * m_elems,
+        dtype,
+    )
+    output_t = cost.estimate_seconds(
+        2.0 * _nonzeros(mats.A) ** 2 * shape.k * tiles, out_size * (m_elems + y_elems), dtype
+    )
+    return input_t + gemm + output_t + 3 * LAUNCH_SECONDS
+
+
+# --- numerics: a numpy model of the kernels -----------------------------------------------------------------
+
+
+def winograd_conv2d_numpy(
+    x: np.ndarray, w: np.ndarray, m: int, pad: tuple[int, int, int, int], dtype: str, out_dtype: str
+) -> np.ndarray:
+    """What the Winograd kernels compute, in their storage dtypes: transforms accumulate in float32 and store
+    U and V in ``dtype``; the GEMM accumulates in float32 and stores M in ``out_dtype``."""
+    mats = winograd_matrices(m)
+    a, bt, g = (mat.astype(np.float32) for mat in (mats.A, mats.BT, mats.G))
+    n, c, h, wd = x.shape
+    out_h, out_w = h + pad[0] + pad[2] - 2, wd + pad[1] + pad[3] - 2
+    th, tw = -(-out_h // m), -(-out_w // m)
+    xp = np.zeros((n, c, th * m + 2, tw * m + 2), np.float32)
+    xp[:, :, pad[0] : pad[0] + h, pad[1] : pad[1] + wd] = x
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (mats.alpha, mats.alpha), axis=(2, 3))
+    d = windows[:, :, ::m, ::m]  # (n, c, th, tw, alpha, alpha)
+    v = np.einsum("ia,jb,nctwab->ijnctw", bt, bt, d, optimize=True).astype(dtype).astype(np.float32)
+    u = np.einsum("ia,jb,kcab->ijkc", g, g, w.astype(np.float32), optimize=True)
+    u = u.astype(dtype).astype(np.float32)
+    prod = np.einsum("ijkc,ijnctw->ijnktw", u, v, optimize=True).astype(out_dtype).astype(np.float32)
+    y = np.einsum("ia,jb,ijnktw->nktawb", a, a, prod, optimize=True)
+    y = y.reshape(n, w.shape[0], th * m, tw * m)[:, :, :out_h, :out_w]
+    return y.astype(out_dtype)
+
+
+def direct_conv2d_numpy(x: np.ndarray, w: np.ndarray, pad: tuple[int, int, int, int]) -> np.ndarray:
+    """Reference 3x3 correlation in float64."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])))
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (KERNEL, KERNEL), axis=(2, 3))
+    return np.einsum("nchwab,kcab->nkhw", windows, w.astype(np.float64), optimize=True)
+
+
+@cache
+def measure_error(m: int | None, channels: int, dtype: str, out_dtype: str, seed: int = 0) -> float:
+    """Relative max error (max |y - y_ref| / max |y_ref|) of a variant for a layer with ``channels`` inputs.
+
+    Data and weights are seeded standard normal / Kaiming-scaled values rounded to ``dtype`` (the layer
+    sees them rounded already, so that rounding is not the variant's fault); the reference is the float64
+    direct convolution of the same rounded values. ``m=None`` measures the direct schedule (float32
+    accumulation, output rounded to ``out_dtype``). The spatial size spans two and a partial tile of the
+    largest variant, so padded and cropped tiles are exercised; eight output channels suffice because
+    every output is one independent dot product of length 9 * channels.
+    """
+    rng = np.random.default_rng(seed)
+    size = 2 * max(TILE_SIZES) + 1
+    x = rng.standard_normal((1, channels, size, size)).astype(dtype)
+    w = (rng.standard_normal((8, channels, KERNEL, KERNEL)) / math.sqrt(9 * channels)).astype(dtype)
+    pad = (1, 1, 1, 1)
+    reference = direct_conv2d_numpy(x, w, pad)
+    if m is None:
+        got = direct_conv2d_numpy(x.astype(np.float32), w.astype(np.float32), pad)
+        got = got.astype(np.float32).astype(out_dtype)
+    else:
+        got = winograd_conv2d_numpy(x, w, m, pad, dtype, out_dtype)
+    return float(np.abs(got.astype(np.float64) - reference).max() / np.abs(reference).max())
+
+
+# --- the kernels (TE) ---------------------------------------------------------------------------------------
+
+
+def _linear_combination(terms: list[tuple[float, Any]], dtype: str) -> Any:
+    """sum(coef * value) over the non-zero coefficients, as one TIR expression (no multiply for +-1)."""
+    from tvm import tirx
+
+    expr = None
+    for coef, value in terms:
+        if coef == 0:
+            continue
+        term = value if coef == 1 else -value if coef == -1 else value * tirx.const(coef, dtype)
+        expr = term if expr is None else expr + term
+    return expr if expr is not None else tirx.const(0, dtype)
+
+
+def _select(index: Any, cases: list[Any]) -> Any:
+    """``cases[index]`` for a loop variable ``index``: a Select chain that folds to one case once the
+    schedule unrolls that loop (the Winograd rule does), leaving straight-line code with constant
+    coefficients."""
+    from tvm import tirx
+
+    expr = cases[-1]
+    for i in range(len(cases) - 2, -1, -1):
+        expr = tirx.Select(index == i, cases[i], expr)
+    return expr
+
+
+def weight_transform_te(weight: Any, m: int, dtype: str) -> Any:
+    """U[xi * alpha + nu, k, c] = (G g_kc G^T)[xi, nu], accumulated in float32, stored in ``dtype``."""
+    from tvm import te
+
+    mats = winograd_matrices(m)
+    alpha = mats.alpha
+    k, c = weight.shape[0], weight.shape[1]
+
+    def compute(e: Any, ko: Any, ci: Any) -> Any:
+        taps = [[weight[ko, ci, a, b].astype("float32") for b in range(KERNEL)] for a in range(KERNEL)]
+        cases = []
+        for xi in range(alpha):
+            for nu in range(alpha):
+                terms = [
+                    (float(mats.G[xi, a] * mats.G[nu, b]), taps[a][b])
+                    for a in range(KERNEL)
+                    for b in range(KERNEL)
+                ]
+                cases.append(_linear_combination(terms, "float32").astype(dtype))
+        return _select(e, cases)
+
+    return te.compute((alpha * alpha, k, c), compute, name="winograd_weight", attrs={ANNOTATION: m})
+
+
+def input_transform_te(data: Any, m: int, pad: tuple[int, int, int, int], tiles: int, dtype: str) -> Any:
+    """V[xi * alpha + nu, c, p] = (B^T d_cp B)[xi, nu] for every alpha x alpha input tile p (tiles of the
+    batch in (n, tile row, tile column) order; the padding tiles beyond the last repeat it).
+
+    Four stages: the zero-padded input; the tile windows gathered tile-minor (so the arithmetic reads
+    whole vectors of tiles); B^T d (rows); (B^T d) B (columns). Separable, the two products cost 2 alpha^3
+    multiply-adds per tile instead of alpha^4.
+    """
+    from tvm import te, tirx, topi
+
+    mats = winograd_matrices(m)
+    alpha = mats.alpha
+    n, c, h, w = (int(v) for v in data.shape)
+    tiles_h, tiles_w = ConvShape(n, c, h, w, 1, pad, dtype, dtype).tiles(m)
+    padded = topi.nn.pad(
+        data,
+        [0, 0, pad[0], pad[1]],
+        [0, 0, tiles_h * m + 2 - h - pad[0], tiles_w * m + 2 - w - pad[1]],
+        name="winograd_pad",
+    )
+    last = n * tiles_h * tiles_w - 1
+
+    def window(ci: Any, a: Any, b: Any, p: Any) -> Any:
+        q = tirx.min(p, last)
+        y0 = (q // tiles_w) % tiles_h * m
+        return padded[q // (tiles_h * tiles_w), ci, y0 + a, q % tiles_w * m + b]
+
+    windows = te.compute((c, alpha, alpha, tiles), window, name="winograd_tiles")
+
+    def rows(ci: Any, xi: Any, b: Any, p: Any) -> Any:
+        values = [windows[ci, a, b, p].astype("float32") for a in range(alpha)]
+        cases = [
+            _linear_combination([(float(mats.BT[x, a]), values[a]) for a in range(alpha)], "float32")
+            for x in range(alpha)
+        ]
+        return _select(xi, cases)
+
+    partial = te.compute((c, alpha, alpha, tiles), rows, name="winograd_rows", attrs={ANNOTATION: m})
+
+    def cols(e: Any, ci: Any, p: Any) -> Any:
+        cases = []
+        for xi in range(alpha):
+            values = [partial[ci, xi, b, p] for b in range(alpha)]
+            for nu in range(alpha):
+                terms = [(float(mats.BT[nu, b]), values[b]) for b in range(alpha)]
+                cases.append(_linear_combination(terms, "float32").astype(dtype))
+        return _select(e, cases)
+
+    return te.compute((alpha * alpha, c, tiles), cols, name="winograd_input", attrs={ANNOTATION: m})
+
+
+def output_transform_te(prod: Any, m: int, shape: ConvShape) -> Any:
+    """Y[n, k, y, x] from M[xi * alpha + nu, k, p]: A^T M A per tile, separably (A^T M, then (A^T M) A),
+    tile-major and contiguous along the tiles; then each output pixel gathered from its tile, cropped to
+    the conv's output."""
+    from tvm import te
+
+    mats = winograd_matrices(m)
+    alpha = mats.alpha
+    k, tiles = int(prod.shape[1]), int(prod.shape[2])
+    out_dtype = shape.out_dtype
+    tiles_h, tiles_w = shape.tiles(m)
+
+    def rows(ko: Any, i: Any, nu: Any, p: Any) -> Any:
+        values = [prod[xi * alpha + nu, ko, p].astype("float32") for xi in range(alpha)]
+        cases = [
+            _linear_combination([(float(mats.A[xi, r]), values[xi]) for xi in range(alpha)], "float32")
+            for r in range(m)
+        ]
+        return _select(i, cases)
+
+    partial = te.compute((k, m, alpha, tiles), rows, name="winograd_out_rows", attrs={ANNOTATION: m})
+
+    def cols(ko: Any, i: Any, j: Any, p: Any) -> Any:
+        values = [partial[ko, i, nu, p] for nu in range(alpha)]
+        cases = [
+            _linear_combination([(float(mats.A[nu, c]), values[nu]) for nu in range(alpha)], "float32")
+            for c in range(m)
+        ]
+        return _select(j, cases).astype(out_dtype)
+
+    out_tiles = te.compute((k, m, m, tiles), cols, name="winograd_output", attrs={ANNOTATION: m})
+
+    def gather(b: Any, ko: Any, y: Any, x: Any) -> Any:
+        return out_tiles[ko, y % m, x % m, (b * tiles_h + y // m) * tiles_w + x // m]
+
+    return te.compute(
+        (shape.n, k, shape.out_h, shape.out_w), gather, name="winograd_scatter", attrs={ANNOTATION: m}
+    )
+
+
+# --- the pass -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerChoice:
+    """One eligible conv2d: what was measured and estimated, and what was chosen."""
+
+    name: str
+    shape: ConvShape
+    seconds: dict[str, float]  # "direct", "F2", ... -> roofline estimate
+    errors: dict[str, float]  # relative max error of each variant
+    bound: float
+    chosen: str
+
+    def to_dict(self) -> dict[str, Any]:
+        direct = self.seconds["direct"]
+        m = variant_tile(self.chosen)
+        weight_bytes = self.shape.k * self.shape.c * KERNEL * KERNEL * DTYPE_BITS[self.shape.dtype] // 8
+        return {
+            "layer": self.name,
+            "shape": self.shape.describe(),
+            "out": f"{self.shape.out_h}x{self.shape.out_w}",
+            "chosen": self.chosen,
+            "estimated_speedup": round(direct / self.seconds[self.chosen], 3),
+            "error": self.errors[self.chosen],
+            "errors": {k: float(f"{v:.3g}") for k, v in self.errors.items()},
+            "bound": self.bound,
+            "weight_bytes": weight_bytes,
+            "transformed_weight_bytes": weight_bytes * (m + 2) ** 2 // 9 if m else weight_bytes,
+        }
+
+
+def variant_tile(name: str) -> int | None:
+    """'F4' -> 4, 'direct' -> None."""
+    return None if name == "direct" else int(name[1:])
+
+
+def _variant_name(value: Any) -> str:
+    text = str(value).lower()
+    if text in ("auto", "direct"):
+        return text
+    text = text.removeprefix("f")
+    if text.isdigit() and int(text) in TILE_SIZES:
+        return f"F{text}"
+    raise PassError(f"winograd-conv2d: unknown variant {value!r}; expected auto, direct, 2, 4 or 6")
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return [int(v) for v in shape]
+    except (TypeError, ValueError):
+        return None
+
+
+def eligible_conv(call: Any) -> ConvShape | None:
+    """The shape of a conv2d the rewrite handles (3x3, stride 1, dilation 1, groups 1, NCHW/OIHW, float,
+    static shapes), else None."""
+    if (
+        not isinstance(call, relax.Call)
+        or not isinstance(call.op, tvm.ir.Op)
+        or call.op.name != "relax.nn.conv2d"
+    ):
+        return None
+    attrs = call.attrs
+    if (
+        [int(s) for s in attrs.strides] != [1, 1]
+        or [int(d) for d in attrs.dilation] != [1, 1]
+        or int(attrs.groups) != 1
+        or attrs.data_layout != "NCHW"
+        or attrs.kernel_layout != "OIHW"
+        or attrs.out_layout != "NCHW"
+    ):
+        return None
+    data, weight = _static_shape(call.args[0]), _static_shape(call.args[1])
+    if data is None or weight is None or len(data) != 4 or weight[2:] != [KERNEL, KERNEL]:
+        return None
+    dtype = str(call.args[0].ty.dtype)
+    out_dtype = str(call.ty.dtype)
+    if (
+        dtype not in ("float32", "float16")
+        or str(call.args[1].ty.dtype) != dtype
+        or out_dtype not in ("float32", "float16")
+    ):
+        return None
+    pad = tuple(int(p) for p in attrs.padding)
+    pad = pad * 2 if len(pad) == 2 else pad
+    return ConvShape(data[0], data[1], data[2], data[3], weight[0], pad, dtype, out_dtype)  # type: ignore[arg-type]
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    """Replaces each chosen conv2d call by the weight transform, input transform, batched matmul and output
+    transform (emitted in place of the conv's binding)."""
+
+    def __init__(self, mod: tvm.IRModule, decide: Any) -> None:
+        super().__init__(mod)
+        self.decide = decide
+        self.binding = "conv2d"
+        self.values: dict[Any, Any] = {}
+
+    def visit_var_binding_(self, binding: Any) -> None:
+        self.binding = binding.var.name
+        self.values[binding.var] = binding.value
+        super().visit_var_binding_(binding)
+
+    def layer_name(self, weight: Any) -> str:
+        """The layer's name for the report: its weight parameter's (``p_down_blocks_0_..._conv1_weight`` ->
+        ``down_blocks_0_..._conv1``), looking through casts; else the conv's binding."""
+        while (
+            isinstance(self.values.get(weight), relax.Call) and self.values[weight].op.name == "relax.astype"
+        ):
+            weight = self.values[weight].args[0]
+        if isinstance(weight, relax.Var) and weight not in self.values:
+            return weight.name.removeprefix("p_").removesuffix("_weight")
+        return self.binding
+
+    def visit_call_(self, call: Any) -> Any:
+        call = self.visit_expr_post_order(call)
+        shape = eligible_conv(call)
+        if shape is None:
+            return call
+        m = self.decide(self.layer_name(call.args[1]), shape)
+        if m is None:
+            return call
+        bb = self.builder_
+        data, weight = call.args
+        tiles = padded_tiles(shape, m, self.decide.tile_multiple(shape))
+        # emit_te passes only tensors and plain values through: the rest is bound here
+        u = bb.emit_te(
+            lambda w: weight_transform_te(w, m, shape.dtype), weight, primfunc_name_hint="winograd_weight"
+        )
+        v = bb.emit_te(
+            lambda x: input_transform_te(x, m, shape.pad, tiles, shape.dtype),
+            data,
+            primfunc_name_hint="winograd_input",
+        )
+        prod = bb.emit(relax.op.matmul(u, v, out_dtype=shape.out_dtype))
+        return bb.emit_te(
+            lambda t: output_transform_te(t, m, shape), prod, primfunc_name_hint="winograd_output"
+        )
+
+
+class _Decider:
+    """Chooses a variant per layer and records why."""
+
+    def __init__(self, spec: Any, variant: str, error_bound: float, min_speedup: float) -> None:
+        self.cost = CostModel(spec)
+        self.variant = variant
+        self.error_bound = error_bound
+        self.min_speedup = min_speedup
+        self.layers: list[LayerChoice] = []
+
+    def tile_multiple(self, shape: ConvShape) -> int:
+        """Tiles are padded to two vectors of the GEMM's output dtype: whole register tiles along the
+        columns."""
+        return 2 * self.cost.vector_lanes(shape.out_dtype)
+
+    def __call__(self, name: str, shape: ConvShape) -> int | None:
+        multiple = self.tile_multiple(shape)
+        seconds = {"direct": estimate_seconds(self.cost, shape, None, multiple)}
+        errors = {"direct": measure_error(None, shape.c, shape.dtype, shape.out_dtype)}
+        for m in TILE_SIZES:
+            seconds[f"F{m}"] = estimate_seconds(self.cost, shape, m, multiple)
+            errors[f"F{m}"] = measure_error(m, shape.c, shape.dtype, shape.out_dtype)
+        # the direct schedule's own rounding is already accepted (it matters for float16 outputs)
+        bound = self.error_bound + errors["direct"]
+        if self.variant == "auto":
+            allowed = [
+                v
+                for v in seconds
+                if errors[v] <= bound and seconds[v] * self.min_speedup <= seconds["direct"]
+            ]
+            chosen = min(allowed, key=lambda v: seconds[v], default="direct")
+        else:
+            chosen = self.variant
+        self.layers.append(LayerChoice(name, shape, seconds, errors, bound, chosen))
+        return variant_tile(chosen)
+
+
+@register_pass("winograd-conv2d")
+@tvm.transform.module_pass(opt_level=0, name="edgediff.WinogradConv2d")
+class WinogradConv2d:
+    """Rewrite 3x3 stride-1 conv2d into Winograd F(2x2/4x4/6x6, 3x3), per layer by measured error and cost.
+
+    A 3x3 convolution does 9 multiply-adds per output and input channel; Winograd does alpha^2 / m^2 of them
+    (1.78 for F(6x6,3x3)) in a batched GEMM, plus cheap transforms. The weight transform depends only on
+    the weight, so it is computed at compile time once weight transforms are lifted. Options: ``variant``
+    (``"auto"``: per layer by the cost model among the variants whose measured error is within
+    ``error_bound`` and estimated at least ``min_speedup`` times faster than the direct conv; or
+    ``"direct"``, ``2``, ``4``, ``6`` forced on every eligible layer), ``error_bound`` (relative max error,
+    default 1e-3) and ``min_speedup`` (default 1.5: the weights of a rewritten layer grow alpha^2/9 times).
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        variant: Any = "auto",
+        error_bound: float = DEFAULT_ERROR_BOUND,
+        min_speedup: float = DEFAULT_MIN_SPEEDUP,
+    ) -> None:
+        self.spec = spec
+        self.variant = _variant_name(variant)
+        self.error_bound = float(error_bound)
+        self.min_speedup = float(min_speedup)
+        self.report: dict[str, Any] = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        decider = _Decider(self.spec, self.variant, self.error_bound, self.min_speedup)
+        rewriter = _Rewriter(mod, decider)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        mod = rewriter.builder_.get()
+        if any(layer.chosen != "direct" for layer in decider.layers):
+            # the rewritten conv's binding is now an alias of the output transform's var; FuseOps does not
+            # look through aliases, so without this the bias/residual epilogue would not fuse
+            mod = relax.transform.CanonicalizeBindings()(mod)
+            mod = relax.transform.DeadCodeElimination()(mod)
+        layers = [layer.to_dict() for layer in decider.layers]
+        rewritten = [layer for layer in layers if layer["chosen"] != "direct"]
+        before = sum(layer["weight_bytes"] for layer in rewritten)
+        after = sum(layer["transformed_weight_bytes"] for layer in rewritten)
+        direct = sum(layer.seconds["direct"] for layer in decider.layers)
+        chosen = sum(layer.seconds[layer.chosen] for layer in decider.layers)
+        counts = {v: sum(1 for layer in layers if layer["chosen"] == v) for v in ("F2", "F4", "F6")}
+        self.report = {
+            "summary": f"{len(rewritten)} of {len(layers)} eligible 3x3 conv2d rewritten to Winograd"
+            + (
+                f" ({', '.join(f'{n} x {v}' for v, n in counts.items() if n)}; estimated "
+                f"{direct / chosen:.2f}x faster over the eligible layers; max error "
+                f"{max(layer['error'] for layer in rewritten):.1e}; transformed weights "
+                f"{format_bytes(before)} -> {format_bytes(after)})"
+                if rewritten
+                else ""
+            ),
+            "variant": self.variant,
+            "error_bound": self.error_bound,
+            "min_speedup": self.min_speedup,
+            "layers": layers,
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+        }
+        return mod
