@@ -1,0 +1,214 @@
+"""Fused (flash-style) attention for CPUs: one kernel computing softmax(q k^T * scale) v a tile at a time.
+
+The unfused graph writes the whole ``heads x N x M`` score matrix three times (scores, softmax, the
+safe-softmax ``where``) and reads it back as often: 512 MB per SD1.5 self attention at a 64x64 latent.
+This kernel keeps one ``block_q x block_k`` tile of scores in L1 and folds it into a running softmax
+(FlashAttention's online softmax): for each key block, ``m`` is the running row maximum, ``l`` the running
+sum of ``exp(s - m)`` and ``acc`` the running ``sum exp(s - m) v``; when a block raises the maximum the
+old ``l`` and ``acc`` are rescaled by ``exp(m_old - m_new)``. The result ``acc / l`` equals softmax(s) v.
+
+The kernel is emitted already scheduled (``tirx.is_scheduled``): it is parallel over (batch*head, query
+block) and its two small GEMMs (``q k^T`` and ``p v``) are register-tiled and vectorized, with every size
+taken from the target's :class:`~edgediff.targets.CostModel` (vector lanes, register file, L1), so the
+same builder gives AVX-512 tiles on the host and NEON tiles on a Cortex-A78. Sums and maxima are kept in
+float32 whatever the input dtype.
+
+Rows whose scores are all ``-inf`` (fully masked) give zeros, as PyTorch's safe softmax decomposition
+does: the running maximum then stays ``-inf``, which is replaced by 0 before subtracting, so every
+``exp`` is 0 and ``l`` stays 0; the output is ``acc / l`` only where ``l > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from edgediff.lowering.schedules.common import choose_register_tile, largest_divisor, vector_width
+from edgediff.targets import CostModel
+from edgediff.targets.schema import DTYPE_BITS
+
+# Below this argument float32 exp underflows to 0 (ln of the smallest normal float32).
+EXP_UNDERFLOW = -87.3
+# exp(x) = 2^n * e^r with r in [-ln2/2, ln2/2]; Cephes' expf polynomial for e^r (relative error ~1e-7)
+_EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    """The tile sizes of one fused attention kernel (what the cost model chose; reported per site)."""
+
+    block_q: int  # queries per parallel task (they share each K/V block loaded into L1)
+    block_k: int  # keys per step of the online softmax (a K and a V block fit in L1)
+    rows: int  # query rows of the register tile
+    key_width: int  # vector lanes along the key block (q k^T tile)
+    dim_width: int  # vector lanes along the head dimension (p v tile)
+
+
+def choose_attention_tiles(cost: CostModel, dtype: str, n: int, m: int, d: int) -> AttentionTiles:
+    """Tile sizes for ``n`` queries, ``m`` keys and head dim ``d`` on this target.
+
+    A block of K^T and one of V (``2 * d * block_k`` elements) take half of L1, so they stay there while
+    every query of the task passes over them; the score tile and the output accumulators of the task
+    (``block_q * (block_k + d)`` floats) take a quarter. Blocks divide the extents (no tail code); among the
+    divisors, multiples of the vector width are preferred.
+    """
+    itemsize = DTYPE_BITS[dtype] // 8
+    lanes = cost.vector_lanes("float32")
+    block_k = _divisor_block(m, cost.cache_block(2 * d * itemsize, "l1", 0.5), lanes)
+    tile = choose_register_tile(cost, "float32", n, block_k)
+    block_q = _divisor_block(n, max(tile.rows, cost.cache_block((block_k + d) * 4, "l1", 0.25)), tile.rows)
+    rows = largest_divisor(block_q, tile.rows)
+    return AttentionTiles(block_q, block_k, rows, vector_width(block_k, lanes), vector_width(d, lanes))
+
+
+def _divisor_block(n: int, limit: int, multiple: int) -> int:
+    """The largest divisor of ``n`` up to ``limit`` that is a multiple of ``multiple``, else the largest."""
+    for b in range(min(n, max(1, limit)), 0, -1):
+        if n % b == 0 and b % multiple == 0:
+            return b
+    return largest_divisor(n, limit)
+
+
+def fast_exp(x: Any) -> Any:
+    """exp(x) for float32 by range reduction, as plain arithmetic LLVM can vectorize (libm's expf is a
+    scalar call per lane). Exact 0 below the float32 underflow, so masked (-inf) scores contribute 0."""
+    from tvm import tirx
+
+    f32 = "float32"
+    xc = tirx.max(x, tirx.const(EXP_UNDERFLOW, f32))
+    n = tirx.floor(xc * tirx.const(1.0 / math.log(2.0), f32) + tirx.const(0.5, f32))
+    r = xc - n * tirx.const(math.log(2.0), f32)
+    p = tirx.const(_EXP_POLY[0], f32)
+    for c in _EXP_POLY[1:]:
+        p = p * r + tirx.const(c, f32)
+    p = p * r * r + r + tirx.const(1.0, f32)
+    two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    return tirx.Select(x < tirx.const(EXP_UNDERFLOW, f32), tirx.const(0.0, f32), p * two_n)
+
+
+def fused_attention_kernel(
+    cost: CostModel,
+    *,
+    batch: int,
+    n: int,
+    m: int,
+    d: int,
+    dtype: str,
+    scale: float = 1.0,
+    exp: str = "fast",
+    tiles: AttentionTiles | None = None,
+) -> Any:
+    """The scheduled PrimFunc ``out[b, i, :] = softmax(scale * q[b, i, :] @ kt[b, :, :]) @ v[b, :, :]``.
+
+    ``q`` is ``(batch, n, d)``, ``kt`` the transposed keys ``(batch, d, m)`` (keys contiguous: the score
+    tile is vectorized along them), ``v`` is ``(batch, m, d)``. ``exp`` is ``"fast"`` (:func:`fast_exp`)
+    or ``"libm"`` (``tirx.exp``, kept for measuring the difference).
+    """
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    t = tiles or choose_attention_tiles(cost, dtype, n, m, d)
+    bq, bk, rr, kw, dw = t.block_q, t.block_k, t.rows, t.key_width, t.dim_width
+    tasks, steps = batch * (n // bq), m // bk
+    q_per_b = n // bq
+    f32 = "float32"
+    exp_fn = fast_exp if exp == "fast" else tirx.exp
+    neg_inf = tirx.const(-math.inf, f32)
+
+    def load(x: Any) -> Any:
+        return x if dtype == f32 else T.Cast(f32, x)
+
+    @T.prim_func(private=True, check_well_formed=False)
+    def fused_attention(
+        q: T.Buffer((batch, n, d), dtype),
+        kt: T.Buffer((batch, d, m), dtype),
+        v: T.Buffer((batch, m, d), dtype),
+        out: T.Buffer((batch, n, d), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        for task in T.parallel(tasks):
+            s = T.decl_buffer((bq * bk,), f32, scope="global")
+            acc = T.decl_buffer((bq * d,), f32, scope="global")
+            row_max = T.decl_buffer((bq,), f32, scope="global")
+            row_sum = T.decl_buffer((bq,), f32, scope="global")
+            alpha = T.decl_buffer((bq,), f32, scope="global")
+            reg = T.decl_buffer((rr * max(kw, dw),), f32, scope="local")
+            lane = T.decl_buffer((kw,), f32, scope="local")
+            red = T.decl_buffer((1,), f32, scope="local")
+            b = task // q_per_b
+            q0 = task % q_per_b * bq
+            for i in range(bq):
+                row_max[i] = neg_inf
+                row_sum[i] = T.float32(0)
+            for x in T.vectorized(bq * d):
+                acc[x] = T.float32(0)
+            for step in range(steps):
+                k0 = step * bk
+                # s = scale * q k^T, a (rr x kw) register tile at a time
+                for i0, jo in T.grid(bq // rr, bk // kw):
+                    for ii in T.unroll(rr):
+                        for ji in T.vectorized(kw):
+                            reg[ii * kw + ji] = T.float32(0)
+                    for dd in range(d):
+                        for ii in T.unroll(rr):
+                            for ji in T.vectorized(kw):
+                                reg[ii * kw + ji] = reg[ii * kw + ji] + load(
+                                    q[b, q0 + i0 * rr + ii, dd]
+                                ) * load(kt[b, dd, k0 + jo * kw + ji])
+                    for ii in T.unroll(rr):
+                        for ji in T.vectorized(kw):
+                            s[(i0 * rr + ii) * bk + jo * kw + ji] = reg[ii * kw + ji] * T.float32(scale)
+                # online softmax: new row maximum, rescale factor, p = exp(s - m), running sum
+                for i in range(bq):
+                    for ji in T.vectorized(kw):
+                        lane[ji] = neg_inf
+                    for jo in range(bk // kw):
+                        for ji in T.vectorized(kw):
+                            lane[ji] = T.max(lane[ji], s[i * bk + jo * kw + ji])
+                    red[0] = row_max[i]
+                    for ji in range(kw):
+                        red[0] = T.max(red[0], lane[ji])
+                    m_new = red[0]
+                    # a row still all -inf keeps m = -inf; subtracting 0 instead makes every exp 0, not NaN
+                    m_sub = T.Select(m_new == neg_inf, T.float32(0), m_new)
+                    alpha[i] = exp_fn(row_max[i] - m_sub)
+                    row_max[i] = m_new
+                    for ji in T.vectorized(kw):
+                        lane[ji] = T.float32(0)
+                    for jo in range(bk // kw):
+                        for ji in T.vectorized(kw):
+                            s[i * bk + jo * kw + ji] = exp_fn(s[i * bk + jo * kw + ji] - m_sub)
+                            lane[ji] = lane[ji] + s[i * bk + jo * kw + ji]
+                    red[0] = row_sum[i] * alpha[i]
+                    for ji in range(kw):
+                        red[0] = red[0] + lane[ji]
+                    row_sum[i] = red[0]
+                # acc = acc * alpha + p v, a (rr x dw) register tile at a time
+                for i0, do in T.grid(bq // rr, d // dw):
+                    for ii in T.unroll(rr):
+                        for di in T.vectorized(dw):
+                            reg[ii * dw + di] = acc[(i0 * rr + ii) * d + do * dw + di] * alpha[i0 * rr + ii]
+                    for j in range(bk):
+                        for ii in T.unroll(rr):
+                            for di in T.vectorized(dw):
+                                reg[ii * dw + di] = reg[ii * dw + di] + s[(i0 * rr + ii) * bk + j] * load(
+                                    v[b, k0 + j, do * dw + di]
+                                )
+                    for ii in T.unroll(rr):
+                        for di in T.vectorized(dw):
+                            acc[(i0 * rr + ii) * d + do * dw + di] = reg[ii * dw + di]
+            for i, dd in T.grid(bq, d):
+                out[b, q0 + i, dd] = T.Cast(
+                    dtype,
+                    T.Select(row_sum[i] > T.float32(0), acc[i * d + dd] / row_sum[i], T.float32(0)),
+                )
+
+    return fused_attention
