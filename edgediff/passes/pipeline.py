@@ -17,6 +17,7 @@ from edgediff.passes import (  # noqa: F401
     apply_schedules,
     cast_to_fp16,
     decompose_for_inference,
+    fuse_attention,
     fuse_ops,
     legalize_ops,
     mixed_precision,
@@ -32,6 +33,8 @@ PASS_ORDER: tuple[str, ...] = (
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
     "npu-op-coverage",
+    # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
+    "fuse-attention",
     # kernel level (TIR)
     "legalize",
     "fuse-ops",
@@ -48,6 +51,8 @@ def default_pipeline(spec: Any) -> list[str]:
         names.append("cast-to-fp16")
     if spec.kind == "npu":
         names.append("npu-op-coverage")
+    if spec.kind == "cpu":
+        names.append("fuse-attention")
     names += ["legalize", "fuse-ops", "schedule"]
     return names
 
