@@ -93,7 +93,9 @@ class FuseAttention:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.spec.kind != "cpu":
-            self.report = {"summary": f"skipped: the fused kernel is scheduled for CPUs, not {self.spec.kind}"}
+            self.report = {
+                "summary": f"skipped: the fused kernel is scheduled for CPUs, not {self.spec.kind}"
+            }
             return mod
         cost = CostModel(self.spec)
         pattern, parts = _attention_pattern()
