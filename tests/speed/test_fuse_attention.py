@@ -123,8 +123,8 @@ def test_fused_module_has_no_score_matrix():
     import tvm
     from tvm import relax
 
-    from edgediff.lowering.capture import capture
     from edgediff.lowering.build import run_passes
+    from edgediff.lowering.capture import capture
     from edgediff.lowering.relax_import import import_to_relax
 
     torch.manual_seed(0)
