@@ -68,6 +68,10 @@ def _scalar(const: Any) -> float | None:
     return float(value) if value.size == 1 else None
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
 @register_pass("fuse-attention")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.FuseAttention")
 class FuseAttention:
@@ -100,7 +104,7 @@ class FuseAttention:
         cost = CostModel(self.spec)
         pattern, parts = _attention_pattern()
         sites: list[dict[str, Any]] = []
-        kernels: dict[tuple, tvm.ir.GlobalVar] = {}
+        kernels: dict[tuple, tuple[tvm.ir.GlobalVar, Any]] = {}  # site shape -> (kernel, its tiles)
         # the builder adds each kernel to (a copy of) the module and gives its GlobalVar the PrimFunc's type,
         # which call_tir checks
         builder = relax.BlockBuilder(mod.clone())
@@ -109,26 +113,24 @@ class FuseAttention:
             site = self._check(orig, matched, parts)
             if site is None:
                 return orig
-            key = (site["batch_heads"], site["n"], site["m"], site["head_dim"], site["dtype"], site["scale"])
+            bh, n, m, d, dtype = (site[k] for k in ("batch_heads", "n", "m", "head_dim", "dtype"))
+            key = (bh, n, m, d, dtype, site["scale"])
             if key not in kernels:
-                tiles = choose_attention_tiles(cost, site["dtype"], site["n"], site["m"], site["head_dim"])
-                site["tiles"] = tiles.__dict__
+                tiles = choose_attention_tiles(cost, dtype, n, m, d)
                 kernel = fused_attention_kernel(
-                    cost,
-                    batch=site["batch_heads"],
-                    n=site["n"],
-                    m=site["m"],
-                    d=site["head_dim"],
-                    dtype=site["dtype"],
-                    scale=site["scale"],
-                    exp=self.exp,
-                    tiles=tiles,
+                    cost, batch=bh, n=n, m=m, d=d, dtype=dtype, scale=site["scale"], exp=self.exp, tiles=tiles
                 )
-                kernels[key] = builder.add_func(kernel, "fused_attention_{}x{}x{}x{}".format(*key[:4]))
+                kernels[key] = (builder.add_func(kernel, f"fused_attention_{bh}x{n}x{m}x{d}"), tiles)
+            gvar, tiles = kernels[key]
+            site["tiles"] = dict(tiles.__dict__)
             sites.append(site)
-            out_ty = relax.TensorType((site["batch_heads"], site["n"], site["head_dim"]), site["dtype"])
-            args = [matched[parts["q"]], matched[parts["kt"]], matched[parts["v"]]]
-            return relax.call_tir(kernels[key], args, out_ty)
+            q, kt, v = (matched[parts[name]] for name in ("q", "kt", "v"))
+            pad = tiles.padded_m - m
+            if pad:
+                # whole key blocks: zero keys and values, masked in the kernel (copies of M x D, not N x M)
+                kt = relax.op.nn.pad(kt, [0, 0, 0, 0, 0, pad])
+                v = relax.op.nn.pad(v, [0, 0, 0, pad, 0, 0])
+            return relax.call_tir(gvar, [q, kt, v], relax.TensorType((bh, n, d), dtype))
 
         updates = {}
         for gvar, func in mod.functions_items():
@@ -143,7 +145,7 @@ class FuseAttention:
         self.report = {
             "summary": (
                 f"{len(sites)} attention sites fused into {len(kernels)} kernels; "
-                f"{avoided / 2**20:.1f} MiB of score matrices no longer materialised"
+                f"{_mib(avoided)} of score matrices no longer materialised"
             ),
             "sites": sites,
             "score_bytes_avoided": avoided,

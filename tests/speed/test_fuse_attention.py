@@ -181,8 +181,11 @@ def test_tiles_follow_the_target_spec():
     # a K block and a V block take at most half of L1
     assert 2 * 40 * 4 * big.block_k <= a78.spec.memory.l1_bytes // 2
     assert choose_attention_tiles(host, "float32", 4096, 4096, 40).key_width == 16  # AVX-512
+    # 7 keys (a prime) are padded to one whole vector block instead of a scalar block of 7
     odd = choose_attention_tiles(a78, "float32", 25, 7, 12)
-    assert odd.block_k == 7 and odd.key_width == 1 and 25 % odd.block_q == 0
+    assert (odd.block_k, odd.padded_m, odd.key_width) == (8, 8, 4) and 25 % odd.block_q == 0
+    text = choose_attention_tiles(host, "float32", 4096, 77, 40)  # SD's 77 text tokens
+    assert text.key_width == 16 and text.padded_m % text.block_k == 0 and 77 <= text.padded_m < 77 + 16
 
 
 @pytest.mark.slow
