@@ -178,8 +178,10 @@ def test_tiles_follow_the_target_spec():
     big = choose_attention_tiles(a78, "float32", 4096, 4096, 40)
     assert big.key_width == 4 and big.dim_width == 4  # 128-bit NEON
     assert 4096 % big.block_k == 0 and 4096 % big.block_q == 0 and big.block_q % big.rows == 0
-    # a K block and a V block take at most half of L1
-    assert 2 * 40 * 4 * big.block_k <= a78.spec.memory.l1_bytes // 2
+    # a K block and a V block fit in L1, and the register tiles in the accumulator registers
+    assert 2 * 40 * 4 * big.block_k <= a78.spec.memory.l1_bytes
+    assert big.rows * big.key_vectors <= a78.accumulator_vectors()
+    assert big.pv_rows * big.dim_vectors <= a78.accumulator_vectors()
     assert choose_attention_tiles(host, "float32", 4096, 4096, 40).key_width == 16  # AVX-512
     # 7 keys (a prime) are padded to one whole vector block instead of a scalar block of 7
     odd = choose_attention_tiles(a78, "float32", 25, 7, 12)

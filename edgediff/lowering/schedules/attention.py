@@ -48,32 +48,40 @@ class AttentionTiles:
     block_q: int  # queries per parallel task (they share each K/V block loaded into L1)
     block_k: int  # keys per step of the online softmax (a K and a V block fit in L1)
     padded_m: int  # keys rounded up to whole blocks (the kernel masks the padding to -inf)
-    rows: int  # query rows of the register tile
-    key_width: int  # vector lanes along the key block (q k^T tile)
-    dim_width: int  # vector lanes along the head dimension (p v tile)
+    rows: int  # query rows of the q k^T register tile
+    key_vectors: int  # vectors along the key block in the q k^T register tile
+    key_width: int  # lanes of those vectors
+    pv_rows: int  # query rows of the p v register tile
+    dim_vectors: int  # vectors along the head dimension in the p v register tile
+    dim_width: int  # lanes of those vectors
 
 
 def choose_attention_tiles(cost: CostModel, dtype: str, n: int, m: int, d: int) -> AttentionTiles:
     """Tile sizes for ``n`` queries, ``m`` keys and head dim ``d`` on this target.
 
-    A block of K^T and one of V (``2 * d * block_k`` elements) take half of L1, so they stay there while
-    every query of the task passes over them; the score tile and the output accumulators of the task
-    (``block_q * (block_k + d)`` floats) take a quarter. Query blocks divide ``n``. Key blocks are whole
+    A block of K^T and one of V (``2 * d * block_k`` elements) fill L1, so they stay near while every query
+    of the task passes over them (measured: blocks of 64-256 keys beat 32, as each block costs a row
+    maximum and a rescale); the score tile and the output accumulators of the task
+    (``block_q * (block_k + d)`` floats) take a quarter of L1. Query blocks divide ``n``. Key blocks are whole
     vectors; when no such block divides ``m`` the keys are padded (and masked) up to whole blocks, the
     block chosen for the least padding: 77 text tokens become 5 blocks of 16 on AVX-512, where blocks of
     7 or 11 keys would leave the score tile scalar.
     """
     itemsize = DTYPE_BITS[dtype] // 8
     lanes = cost.vector_lanes("float32")
-    limit = max(lanes, cost.cache_block(2 * d * itemsize, "l1", 0.5) // lanes * lanes)
+    limit = max(lanes, cost.cache_block(2 * d * itemsize, "l1", 1.0) // lanes * lanes)
     # least padding first, then the largest block (fewest online-softmax rescales)
     block_k = min(range(lanes, limit + 1, lanes), key=lambda b: (-(-m // b) * b, -b))
     padded_m = -(-m // block_k) * block_k
     tile = choose_register_tile(cost, "float32", n, block_k)
     block_q = _divisor_block(n, max(tile.rows, cost.cache_block((block_k + d) * 4, "l1", 0.25)), tile.rows)
     rows = largest_divisor(block_q, tile.rows)
+    # p v: as many head-dim vectors per row as leave room for two rows, so each p broadcast feeds them all
+    dim_width = vector_width(d, lanes)
+    dim_vectors = largest_divisor(d // dim_width, max(1, cost.accumulator_vectors() // 2))
+    pv_rows = largest_divisor(block_q, max(1, cost.accumulator_vectors() // dim_vectors))
     return AttentionTiles(
-        block_q, block_k, padded_m, rows, vector_width(block_k, lanes), vector_width(d, lanes)
+        block_q, block_k, padded_m, rows, tile.col_vectors, tile.width, pv_rows, dim_vectors, dim_width
     )
 
 
@@ -125,7 +133,8 @@ def fused_attention_kernel(
     from tvm.script import tirx as T
 
     t = tiles or choose_attention_tiles(cost, dtype, n, m, d)
-    bq, bk, rr, kw, dw = t.block_q, t.block_k, t.rows, t.key_width, t.dim_width
+    bq, bk, rr, kv, kw = t.block_q, t.block_k, t.rows, t.key_vectors, t.key_width
+    pr, dv, dw = t.pv_rows, t.dim_vectors, t.dim_width
     mp = t.padded_m
     tasks, steps = batch * (n // bq), mp // bk
     q_per_b = n // bq
@@ -152,36 +161,42 @@ def fused_attention_kernel(
             s = T.decl_buffer((bq * bk,), f32, scope="global")
             acc = T.decl_buffer((bq * d,), f32, scope="global")
             row_max = T.decl_buffer((bq,), f32, scope="global")
-            row_sum = T.decl_buffer((bq,), f32, scope="global")
+            # lane-wise partial sums of each row: the horizontal sum is done once, at the end
+            row_sum = T.decl_buffer((bq * kw,), f32, scope="global")
             alpha = T.decl_buffer((bq,), f32, scope="global")
-            reg = T.decl_buffer((rr * max(kw, dw),), f32, scope="local")
+            reg = T.decl_buffer((max(rr * kv * kw, pr * dv * dw),), f32, scope="local")
             lane = T.decl_buffer((kw,), f32, scope="local")
             red = T.decl_buffer((1,), f32, scope="local")
             b = task // q_per_b
             q0 = task % q_per_b * bq
             for i in range(bq):
                 row_max[i] = neg_inf
-                row_sum[i] = T.float32(0)
+            for x in T.vectorized(bq * kw):
+                row_sum[x] = T.float32(0)
             for x in T.vectorized(bq * d):
                 acc[x] = T.float32(0)
             for step in range(steps):
                 k0 = step * bk
-                # s = scale * q k^T, a (rr x kw) register tile at a time
-                for i0, jo in T.grid(bq // rr, bk // kw):
+                # s = scale * q k^T, a (rr x kv vectors) register tile at a time
+                for i0, jo in T.grid(bq // rr, bk // (kv * kw)):
                     for ii in T.unroll(rr):
-                        for ji in T.vectorized(kw):
-                            reg[ii * kw + ji] = T.float32(0)
+                        for jv in T.unroll(kv):
+                            for ji in T.vectorized(kw):
+                                reg[(ii * kv + jv) * kw + ji] = T.float32(0)
                     for dd in range(d):
                         for ii in T.unroll(rr):
-                            for ji in T.vectorized(kw):
-                                reg[ii * kw + ji] = reg[ii * kw + ji] + load(
-                                    q[b, q0 + i0 * rr + ii, dd]
-                                ) * load(kt[b, dd, k0 + jo * kw + ji])
+                            for jv in T.unroll(kv):
+                                for ji in T.vectorized(kw):
+                                    reg[(ii * kv + jv) * kw + ji] = reg[(ii * kv + jv) * kw + ji] + load(
+                                        q[b, q0 + i0 * rr + ii, dd]
+                                    ) * load(kt[b, dd, k0 + (jo * kv + jv) * kw + ji])
                     for ii in T.unroll(rr):
-                        for ji in T.vectorized(kw):
-                            s[(i0 * rr + ii) * bk + jo * kw + ji] = mask(
-                                reg[ii * kw + ji] * T.float32(scale), k0 + jo * kw + ji
-                            )
+                        for jv in T.unroll(kv):
+                            for ji in T.vectorized(kw):
+                                s[(i0 * rr + ii) * bk + (jo * kv + jv) * kw + ji] = mask(
+                                    reg[(ii * kv + jv) * kw + ji] * T.float32(scale),
+                                    k0 + (jo * kv + jv) * kw + ji,
+                                )
                 # online softmax: new row maximum, rescale factor, p = exp(s - m), running sum
                 for i in range(bq):
                     for ji in T.vectorized(kw):
@@ -198,33 +213,41 @@ def fused_attention_kernel(
                     alpha[i] = exp_fn(row_max[i] - m_sub)
                     row_max[i] = m_new
                     for ji in T.vectorized(kw):
-                        lane[ji] = T.float32(0)
+                        row_sum[i * kw + ji] = row_sum[i * kw + ji] * alpha[i]
                     for jo in range(bk // kw):
                         for ji in T.vectorized(kw):
                             s[i * bk + jo * kw + ji] = exp_fn(s[i * bk + jo * kw + ji] - m_sub)
-                            lane[ji] = lane[ji] + s[i * bk + jo * kw + ji]
-                    red[0] = row_sum[i] * alpha[i]
-                    for ji in range(kw):
-                        red[0] = red[0] + lane[ji]
-                    row_sum[i] = red[0]
-                # acc = acc * alpha + p v, a (rr x dw) register tile at a time
-                for i0, do in T.grid(bq // rr, d // dw):
-                    for ii in T.unroll(rr):
-                        for di in T.vectorized(dw):
-                            reg[ii * dw + di] = acc[(i0 * rr + ii) * d + do * dw + di] * alpha[i0 * rr + ii]
-                    for j in range(bk):
-                        for ii in T.unroll(rr):
+                            row_sum[i * kw + ji] = row_sum[i * kw + ji] + s[i * bk + jo * kw + ji]
+                # acc = acc * alpha + p v, a (pr x dv vectors) register tile at a time
+                for i0, do in T.grid(bq // pr, d // (dv * dw)):
+                    for ii in T.unroll(pr):
+                        for dj in T.unroll(dv):
                             for di in T.vectorized(dw):
-                                reg[ii * dw + di] = reg[ii * dw + di] + s[(i0 * rr + ii) * bk + j] * load(
-                                    v[b, k0 + j, do * dw + di]
+                                reg[(ii * dv + dj) * dw + di] = (
+                                    acc[(i0 * pr + ii) * d + (do * dv + dj) * dw + di] * alpha[i0 * pr + ii]
                                 )
-                    for ii in T.unroll(rr):
-                        for di in T.vectorized(dw):
-                            acc[(i0 * rr + ii) * d + do * dw + di] = reg[ii * dw + di]
+                    for j in range(bk):
+                        for ii in T.unroll(pr):
+                            for dj in T.unroll(dv):
+                                for di in T.vectorized(dw):
+                                    reg[(ii * dv + dj) * dw + di] = reg[(ii * dv + dj) * dw + di] + s[
+                                        (i0 * pr + ii) * bk + j
+                                    ] * load(v[b, k0 + j, (do * dv + dj) * dw + di])
+                    for ii in T.unroll(pr):
+                        for dj in T.unroll(dv):
+                            for di in T.vectorized(dw):
+                                acc[(i0 * pr + ii) * d + (do * dv + dj) * dw + di] = reg[
+                                    (ii * dv + dj) * dw + di
+                                ]
+            for i in range(bq):
+                red[0] = T.float32(0)
+                for ji in range(kw):
+                    red[0] = red[0] + row_sum[i * kw + ji]
+                alpha[i] = red[0]  # alpha now holds each row's softmax denominator
             for i, dd in T.grid(bq, d):
                 out[b, q0 + i, dd] = T.Cast(
                     dtype,
-                    T.Select(row_sum[i] > T.float32(0), acc[i * d + dd] / row_sum[i], T.float32(0)),
+                    T.Select(alpha[i] > T.float32(0), acc[i * d + dd] / alpha[i], T.float32(0)),
                 )
 
     return fused_attention
