@@ -205,3 +205,29 @@ def test_gpu_targets_skip_the_pass():
 
     assert "fuse-attention" in default_pipeline(load_target("host"))
     assert "fuse-attention" not in default_pipeline(load_target("adreno-740"))
+
+
+def test_float16_inputs_accumulate_in_float32():
+    import tvm
+
+    from edgediff.lowering.schedules.attention import fused_attention_kernel
+
+    cost = CostModel(load_target("host"))
+    bh, n, m, d = 2, 32, 40, 16  # 40 keys: padded to whole 16-lane blocks
+    rng = np.random.default_rng(0)
+    q, kt, v = (rng.standard_normal(s).astype("float16") for s in ((bh, n, d), (bh, d, m), (bh, m, d)))
+    from edgediff.lowering.schedules.attention import choose_attention_tiles
+
+    tiles = choose_attention_tiles(cost, "float16", n, m, d)
+    func = fused_attention_kernel(cost, batch=bh, n=n, m=m, d=d, dtype="float16", scale=0.25, tiles=tiles)
+    lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target="llvm")
+    mp = tiles.padded_m  # keys padded to whole blocks: pad K^T and V like the pass does
+    kt_p = np.pad(kt, ((0, 0), (0, 0), (0, mp - m)))
+    v_p = np.pad(v, ((0, 0), (0, mp - m), (0, 0)))
+    args = [tvm.runtime.tensor(x) for x in (q, kt_p, v_p, np.zeros((bh, n, d), "float16"))]
+    lib(*args)
+    s = 0.25 * q.astype("float64") @ kt.astype("float64")
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)) @ v.astype("float64")
+    # float16 output rounding only (float32 sums): well inside float16's 1e-3
+    assert np.abs(args[3].numpy().astype("float64") - expected).max() < 2e-3
