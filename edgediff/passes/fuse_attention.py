@@ -68,6 +68,22 @@ def _scalar(const: Any) -> float | None:
     return float(value) if value.size == 1 else None
 
 
+def _score_shaped_vars(mod: tvm.IRModule, shapes: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Which of the (N, M) ``shapes`` some Relax variable's last two dimensions still have."""
+    found: set[tuple[int, int]] = set()
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, relax.Var):
+            dims = _static_shape(expr)
+            if dims is not None and len(dims) >= 2 and dims[-2:] in shapes:
+                found.add(dims[-2:])
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found
+
+
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
 
@@ -141,7 +157,12 @@ class FuseAttention:
             for gvar, func in updates.items():
                 mod[gvar] = func
             mod = relax.transform.DeadCodeElimination()(mod)
-        avoided = sum(site["score_bytes"] for site in sites)
+        # scores someone else still uses (e.g. MultiheadAttention's need_weights=True) stay in the graph:
+        # such a site is still fused, but it avoids nothing, and the report must not claim otherwise
+        left = _score_shaped_vars(mod, {(s["n"], s["m"]) for s in sites})
+        for site in sites:
+            site["scores_still_materialised"] = (site["n"], site["m"]) in left
+        avoided = sum(site["score_bytes"] for site in sites if not site["scores_still_materialised"])
         self.report = {
             "summary": (
                 f"{len(sites)} attention sites fused into {len(kernels)} kernels; "

@@ -82,6 +82,7 @@ def test_sd_attention_matches_torch(n, m, context, tmp_path):
     (site,) = report["sites"]
     assert (site["batch_heads"], site["n"], site["m"], site["head_dim"]) == (2, n, m, 8)
     assert site["safe_softmax"] and site["score_bytes"] == 2 * n * m * 4
+    assert not site["scores_still_materialised"]
     assert report["score_bytes_avoided"] == site["score_bytes"]
 
 
@@ -89,6 +90,24 @@ def test_multihead_attention_matches_torch(tmp_path):
     torch.manual_seed(0)
     report = _compare_on_off(MHA().eval(), (torch.randn(1, 25, 24),), tmp_path)
     assert [(s["n"], s["m"], s["head_dim"]) for s in report["sites"]] == [(25, 25, 12)]
+
+
+class MHAWithWeights(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(24, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, weights = self.attention(x, x, x, need_weights=True)
+        return torch.cat([out.flatten(1), weights.flatten(1)], dim=1)
+
+
+def test_scores_used_elsewhere_are_reported_as_still_materialised(tmp_path):
+    """need_weights=True keeps the probabilities as an output: fused, correct, but nothing avoided."""
+    torch.manual_seed(0)
+    report = _compare_on_off(MHAWithWeights().eval(), (torch.randn(1, 25, 24),), tmp_path)
+    (site,) = report["sites"]
+    assert site["scores_still_materialised"] and report["score_bytes_avoided"] == 0
 
 
 def test_fully_masked_rows_give_zeros_like_safe_softmax():
