@@ -141,12 +141,9 @@ class FuseAttention:
             site["tiles"] = dict(tiles.__dict__)
             sites.append(site)
             q, kt, v = (matched[parts[name]] for name in ("q", "kt", "v"))
-            pad = tiles.padded_m - m
-            if pad:
-                # whole key blocks: zero keys and values, masked in the kernel (copies of M x D, not N x M)
-                kt = relax.op.nn.pad(kt, [0, 0, 0, 0, 0, pad])
-                v = relax.op.nn.pad(v, [0, 0, 0, pad, 0, 0])
-            return relax.call_tir(gvar, [q, kt, v], relax.TensorType((bh, n, d), dtype))
+            # the kernel reads K blocks as rows (keys, dim): K^T back to K, a transpose of M x D elements
+            args = [q, relax.op.permute_dims(kt, [0, 2, 1]), v]
+            return relax.call_tir(gvar, args, relax.TensorType((bh, n, d), dtype))
 
         updates = {}
         for gvar, func in mod.functions_items():

@@ -117,22 +117,22 @@ def test_fully_masked_rows_give_zeros_like_safe_softmax():
     from edgediff.lowering.schedules.attention import fused_attention_kernel
 
     cost = CostModel(load_target("host"))
-    bh, n, m, d = 2, 8, 16, 8
+    bh, n, m, d = 2, 16, 24, 8
     rng = np.random.default_rng(0)
     q = rng.standard_normal((bh, n, d)).astype("float32")
-    kt = rng.standard_normal((bh, d, m)).astype("float32")
+    k = rng.standard_normal((bh, m, d)).astype("float32")
     v = rng.standard_normal((bh, m, d)).astype("float32")
     # head 1: every score is -inf * 1 + 0 = -inf, as an additive -inf mask over a whole row would make it
-    q[1], kt[1] = 0.0, 0.0
-    q[1, :, 0], kt[1, 0] = -np.inf, 1.0
+    q[1], k[1] = 0.0, 0.0
+    q[1, :, 0], k[1, :, 0] = -np.inf, 1.0
     scale = 0.5
     func = fused_attention_kernel(cost, batch=bh, n=n, m=m, d=d, dtype="float32", scale=scale)
     lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target="llvm")
-    args = [tvm.runtime.tensor(x) for x in (q, kt, v, np.zeros((bh, n, d), "float32"))]
+    args = [tvm.runtime.tensor(x) for x in (q, k, v, np.zeros((bh, n, d), "float32"))]
     lib(*args)
     got = args[3].numpy()
     assert np.all(got[1] == 0.0)
-    s = scale * q[0] @ kt[0]
+    s = scale * q[0] @ k[0].T
     p = np.exp(s - s.max(-1, keepdims=True))
     _close(got[0], (p / p.sum(-1, keepdims=True)) @ v[0])
 
@@ -195,18 +195,20 @@ def test_tiles_follow_the_target_spec():
 
     host, a78 = CostModel(load_target("host")), CostModel(load_target("arm-a78"))
     big = choose_attention_tiles(a78, "float32", 4096, 4096, 40)
-    assert big.key_width == 4 and big.dim_width == 4  # 128-bit NEON
-    assert 4096 % big.block_k == 0 and 4096 % big.block_q == 0 and big.block_q % big.rows == 0
+    assert big.width == 4  # 128-bit NEON, along the queries
+    assert 4096 % big.block_k == 0 and 4096 % big.block_q == 0
+    assert big.block_k % big.key_rows == 0 and 40 % big.dim_rows == 0
+    assert big.block_q % (big.width * big.query_vectors) == 0
     # a K block and a V block fit in L1, and the register tiles in the accumulator registers
     assert 2 * 40 * 4 * big.block_k <= a78.spec.memory.l1_bytes
-    assert big.rows * big.key_vectors <= a78.accumulator_vectors()
-    assert big.pv_rows * big.dim_vectors <= a78.accumulator_vectors()
-    assert choose_attention_tiles(host, "float32", 4096, 4096, 40).key_width == 16  # AVX-512
-    # 7 keys (a prime) are padded to one whole vector block instead of a scalar block of 7
-    odd = choose_attention_tiles(a78, "float32", 25, 7, 12)
-    assert (odd.block_k, odd.padded_m, odd.key_width) == (8, 8, 4) and 25 % odd.block_q == 0
-    text = choose_attention_tiles(host, "float32", 4096, 77, 40)  # SD's 77 text tokens
-    assert text.key_width == 16 and text.padded_m % text.block_k == 0 and 77 <= text.padded_m < 77 + 16
+    assert big.key_rows * big.query_vectors <= a78.accumulator_vectors()
+    assert big.dim_rows * big.query_vectors <= a78.accumulator_vectors()
+    assert choose_attention_tiles(host, "float32", 4096, 4096, 40).width == 16  # AVX-512
+    # SD's 77 text tokens with head dim 160: blocks of 7 keys (a 7-row tile), not 11 (a 1-row tile)
+    text = choose_attention_tiles(host, "float32", 4096, 77, 160)
+    assert text.block_k == 7 and text.key_rows == 7
+    odd = choose_attention_tiles(a78, "float32", 25, 7, 12)  # 25 queries: no vector divides them
+    assert odd.width == 1 and 25 % odd.block_q == 0 and odd.block_k == 7
 
 
 @pytest.mark.slow
@@ -232,20 +234,14 @@ def test_float16_inputs_accumulate_in_float32():
     from edgediff.lowering.schedules.attention import fused_attention_kernel
 
     cost = CostModel(load_target("host"))
-    bh, n, m, d = 2, 32, 40, 16  # 40 keys: padded to whole 16-lane blocks
+    bh, n, m, d = 2, 32, 40, 16
     rng = np.random.default_rng(0)
-    q, kt, v = (rng.standard_normal(s).astype("float16") for s in ((bh, n, d), (bh, d, m), (bh, m, d)))
-    from edgediff.lowering.schedules.attention import choose_attention_tiles
-
-    tiles = choose_attention_tiles(cost, "float16", n, m, d)
-    func = fused_attention_kernel(cost, batch=bh, n=n, m=m, d=d, dtype="float16", scale=0.25, tiles=tiles)
+    q, k, v = (rng.standard_normal(s).astype("float16") for s in ((bh, n, d), (bh, m, d), (bh, m, d)))
+    func = fused_attention_kernel(cost, batch=bh, n=n, m=m, d=d, dtype="float16", scale=0.25)
     lib = tvm.tirx.build(func.with_attr("global_symbol", "main"), target="llvm")
-    mp = tiles.padded_m  # keys padded to whole blocks: pad K^T and V like the pass does
-    kt_p = np.pad(kt, ((0, 0), (0, 0), (0, mp - m)))
-    v_p = np.pad(v, ((0, 0), (0, mp - m), (0, 0)))
-    args = [tvm.runtime.tensor(x) for x in (q, kt_p, v_p, np.zeros((bh, n, d), "float16"))]
+    args = [tvm.runtime.tensor(x) for x in (q, k, v, np.zeros((bh, n, d), "float16"))]
     lib(*args)
-    s = 0.25 * q.astype("float64") @ kt.astype("float64")
+    s = 0.25 * q.astype("float64") @ k.astype("float64").transpose(0, 2, 1)
     p = np.exp(s - s.max(-1, keepdims=True))
     expected = (p / p.sum(-1, keepdims=True)) @ v.astype("float64")
     # float16 output rounding only (float32 sums): well inside float16's 1e-3
