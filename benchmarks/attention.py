@@ -2,9 +2,10 @@
 
 The shapes are SD1.5's self attention in its first transformer blocks: 8 heads of dim 40 over the latent's
 tokens, N = M = 4096 at a 64x64 latent and 1024 at 32x32, batch 1, fp32. Each engine is timed as the median
-of ``--runs`` calls after ``--warmup``; peak memory is the process's VmHWM while that engine ran (reset
-before each). ``--exp`` also times the fused kernel alone with libm's scalar ``exp`` against the vectorized
-range-reduction ``exp`` the pass uses.
+of ``--runs`` calls after ``--warmup``, the engines taking turns call by call (so a shared machine's
+background load hits them alike); peak memory is the growth of the process's VmHWM over loading and
+first calling that engine (reset before each). ``--exp`` also times the fused kernel alone with libm's
+scalar ``exp`` against the vectorized range-reduction ``exp`` the pass uses.
 
     python benchmarks/attention.py                    # N = 4096 and 1024
     python benchmarks/attention.py --tokens 1024 --runs 5 --exp
@@ -15,9 +16,13 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +42,31 @@ def _sdpa_module():
     return SelfAttention().eval()
 
 
+def _eager(model: Any, inputs: tuple[Any, ...]) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model(*inputs)
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each engine, the engines taking turns call by call.
+
+    Engines timed one after the other on a shared machine see different background loads; taking turns
+    gives each the same mix, so their ratio holds even when the absolute times drift.
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(runs):
+        for label, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     """Time eager SDPA, edgediff unfused and edgediff fused at ``tokens`` queries and keys."""
     import torch
@@ -46,14 +76,12 @@ def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[s
     torch.manual_seed(0)
     inputs = tuple(torch.randn(1, HEADS, tokens, HEAD_DIM) for _ in range(3))
     model = _sdpa_module()
-    seconds: dict[str, float] = {}
     peak: dict[str, float] = {}
     _reset_peak_rss()
     base_mb = _peak_rss_mb()
-    with torch.inference_mode():
-        expected = model(*inputs).numpy()
-        seconds["eager SDPA"] = time_calls(lambda: model(*inputs), args.runs, args.warmup)
+    expected = _eager(model, inputs).numpy()
     peak["eager SDPA"] = _peak_rss_mb() - base_mb
+    calls: dict[str, Callable[[], Any]] = {"eager SDPA": lambda: _eager(model, inputs)}
     report: dict = {}
     for label, on in (("edgediff unfused", False), ("edgediff fused", True)):
         artifact = edgediff.compile_model(
@@ -65,16 +93,15 @@ def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[s
         )
         if on:
             report = next(p for p in artifact.manifest["passes"] if p["name"] == "fuse-attention")["report"]
-        module = edgediff.load(artifact.path)
         gc.collect()
         _reset_peak_rss()
         base_mb = _peak_rss_mb()
+        module = edgediff.load(artifact.path)  # its first call allocates the VM's memory pool
         err = float(np.abs(module(*inputs) - expected).max())
-        seconds[label] = time_calls(lambda module=module: module(*inputs), args.runs, args.warmup)
         peak[label] = _peak_rss_mb() - base_mb
         print(f"    {label}: max |err| vs eager {err:.1e}", flush=True)
-        del module
-        gc.collect()
+        calls[label] = lambda module=module: module(*inputs)
+    seconds = time_interleaved(calls, args.runs, args.warmup)
     print(f"  N = M = {tokens} ({HEADS} heads, head dim {HEAD_DIM}, batch 1, fp32)")
     for label, value in seconds.items():
         print(f"    {label:18s} {value * 1e3:9.2f} ms   peak +{peak[label]:7.0f} MB")
