@@ -1,16 +1,18 @@
-"""Size and quality of precision plans: fp32, fp16, uniform int8 (weight-only and w8a8), int4 and auto.
+"""Size and quality of precision plans: fp32, fp16, uniform int8 (weight-only and w8a8), int4, a fixed rule
+and auto.
 
 For each model and plan: the weights size, the prediction SQNR the planner measured, and the PSNR of the
-final latents of a 10-step DDIM trajectory against the float PyTorch model on the same seed (the error as
-it accumulates over sampling). ``auto`` gets the uniform-int8 size as its byte budget, so its row shows what
-measured, per-layer choice buys at equal size.
+final latents of a 20-step DPM-Solver++ trajectory (``--sampler``, ``--steps``) against the float PyTorch
+model on the same seed (the error as it accumulates over sampling). ``edges`` is the fixed rule of the
+deployment papers: int8 weights everywhere except the first and last layer, kept in float16. ``auto`` gets
+the ``edges`` size as its byte budget, so its row shows what measured, per-layer choice buys at equal size.
 
 Default: the tiny zoo models, compiled for this machine (the ``host`` spec with int8 added, so int8
 artifacts run here) and run through the compiled artifacts. ``--torch-only`` skips TVM and measures the
 plans with fake quantization in PyTorch (sizes are computed exactly from the weight shapes): the way to get
 numbers for the full-size models on a small machine, at a reduced latent size.
 
-    .venv/bin/python benchmarks/precision.py [--models tiny-sd15-unet tiny-dit] [--steps 10]
+    .venv/bin/python benchmarks/precision.py [--models tiny-sd15-unet tiny-dit] [--steps 20]
     .venv/bin/python benchmarks/precision.py --torch-only --models dit-xl-2 sd15-unet --latent-size 8
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PLANS = ("fp32", "fp16", "w8", "int8", "w4", "auto")
+PLANS = ("fp32", "fp16", "w8", "int8", "w4", "edges", "auto")  # auto last: its budget is the edges size
 
 
 def host_int8() -> Any:
@@ -39,13 +41,13 @@ def host_int8() -> Any:
     return TargetSpec.from_dict(data)
 
 
-def trajectory(denoise, zm: Any, steps: int, seed: int) -> np.ndarray:
-    """Final latents of a DDIM run from seeded noise with the example conditioning (no guidance)."""
+def trajectory(denoise, zm: Any, sampling: tuple[str, int], seed: int) -> np.ndarray:
+    """Final latents of a ``sampling`` = (sampler, steps) run from seeded noise with the example conditioning
+    (no guidance)."""
     from edgediff.runtime.samplers import get_sampler
 
-    sampler = get_sampler(
-        "ddim", num_steps=steps, prediction_type=zm.meta.get("prediction_type") or "epsilon"
-    )
+    name, steps = sampling
+    sampler = get_sampler(name, num_steps=steps, prediction_type=zm.meta.get("prediction_type") or "epsilon")
     start, stop = zm.meta.get("noise_pred_channels") or (0, zm.example_inputs[0].shape[1])
     x_T = np.random.default_rng(seed).standard_normal(tuple(zm.example_inputs[0].shape)).astype(np.float32)
 
@@ -73,39 +75,57 @@ def psnr(got: np.ndarray, want: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
-def request(plan: str, int8_bytes: int | None) -> tuple[Any, Any]:
+def request(plan: str, edges: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, dict[str, str]]:
+    """(precision mode, budget, pins) of a plan; ``edges`` holds what the earlier plans found: the first and
+    last layer (from the w8 plan) and the size of the edges plan."""
     if plan == "fp32":
-        return None, None
+        return None, None, {}
+    if plan == "edges":
+        return "w8", None, {edges["first"]: "fp16", edges["last"]: "fp16"}
     if plan == "auto":
-        return "auto", {"bytes": int8_bytes}
-    return plan, None
+        return "auto", {"bytes": edges["bytes"]}, {}
+    return plan, None, {}
 
 
-def compiled_rows(name: str, steps: int, spec: Any, root: Path) -> list[dict[str, Any]]:
+def note_edges(plan: str, layers: list[dict[str, Any]], size: int, edges: dict[str, Any]) -> None:
+    """Remember the first and last weighted layer (from the w8 plan) and the edges plan's size."""
+    if plan == "w8":
+        weighted = [layer["name"] for layer in layers if layer.get("weight")]
+        edges.update(first=weighted[0], last=weighted[-1])
+    if plan == "edges":
+        edges["bytes"] = size
+
+
+def compiled_rows(name: str, sampling: tuple[str, int], spec: Any, root: Path) -> list[dict[str, Any]]:
     from edgediff import compile_model, zoo
+    from edgediff.precision import PrecisionConfig
 
     zm = zoo.build(name)
-    reference = trajectory(torch_denoiser(zm), zm, steps, seed=0)
-    rows, int8_bytes = [], None
+    reference = trajectory(torch_denoiser(zm), zm, sampling, seed=0)
+    rows: list[dict[str, Any]] = []
+    edges: dict[str, Any] = {}
     for plan in PLANS:
-        precision, budget = request(plan, int8_bytes)
+        mode, budget, pins = request(plan, edges)
         start = time.perf_counter()
         artifact = compile_model(
-            name, target=spec, output_dir=root / f"{name}-{plan}", progress=False, precision=precision,
-            precision_budget=budget,
+            name, target=spec, output_dir=root / f"{name}-{plan}", progress=False,
+            precision=None if mode is None else PrecisionConfig(mode=mode, budget=budget, pins=pins),
         )  # fmt: skip
         seconds = time.perf_counter() - start
         module = artifact.load()
-        latents = trajectory(lambda x, t, m=module: m(x, t, *zm.example_inputs[2:]), zm, steps, seed=0)
+        latents = trajectory(lambda x, t, m=module: m(x, t, *zm.example_inputs[2:]), zm, sampling, seed=0)
         size = artifact.manifest["weights"]["bytes"]
-        int8_bytes = size if plan == "int8" else int8_bytes
         report = {p["name"]: p["report"] for p in artifact.manifest["passes"]}.get("mixed-precision")
+        if report:
+            note_edges(plan, report["plan"]["layers"], size, edges)
         totals = report["plan"]["totals"] if report else {}
         rows.append(_row(name, plan, size, psnr(latents, reference), totals, seconds, report))
     return rows
 
 
-def torch_rows(name: str, steps: int, spec: Any, latent_size: int | None) -> list[dict[str, Any]]:
+def torch_rows(
+    name: str, sampling: tuple[str, int], spec: Any, latent_size: int | None
+) -> list[dict[str, Any]]:
     from edgediff import zoo
     from edgediff.precision import PrecisionConfig, PrecisionPlan
     from edgediff.precision.planner import make_plan
@@ -115,14 +135,14 @@ def torch_rows(name: str, steps: int, spec: Any, latent_size: int | None) -> lis
     weights = {
         k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in zm.module.state_dict().items()
     }
-    reference = trajectory(torch_denoiser(zm), zm, steps, seed=0)
+    reference = trajectory(torch_denoiser(zm), zm, sampling, seed=0)
     fp32_bytes = sum(-(-int(np.prod(s)) * 4 // 64) * 64 for s, _ in weights.values())
     rows = [_row(name, "fp32", fp32_bytes, float("inf"), {}, 0.0, None)]
-    int8_bytes = None
+    edges: dict[str, Any] = {}
     for plan_name in PLANS[1:]:
-        precision, budget = request(plan_name, int8_bytes)
+        mode, budget, pins = request(plan_name, edges)
         start = time.perf_counter()
-        config = PrecisionConfig(mode=precision, budget=budget, keep=2, seeds=(0,))
+        config = PrecisionConfig(mode=mode, budget=budget, pins=pins, keep=2, seeds=(0,))
         plan: PrecisionPlan = make_plan(
             zm.module, zm.example_inputs, zm.input_names, zm.meta, spec, config, weights=weights
         )
@@ -130,9 +150,9 @@ def torch_rows(name: str, steps: int, spec: Any, latent_size: int | None) -> lis
         scales = {layer.name: layer.scales for layer in plan.layers if layer.scales}
         formats = {layer.name: layer.format for layer in plan.layers}
         with FakeQuant(zm.module, formats, plan.dtypes, scales, plan.timestep_split) as fake:
-            latents = trajectory(torch_denoiser(zm, fake), zm, steps, seed=0)
-        int8_bytes = plan.totals["bytes"] if plan_name == "int8" else int8_bytes
+            latents = trajectory(torch_denoiser(zm, fake), zm, sampling, seed=0)
         report = {"plan": plan.to_dict()}
+        note_edges(plan_name, report["plan"]["layers"], plan.totals["bytes"], edges)
         rows.append(
             _row(
                 name, plan_name, plan.totals["bytes"], psnr(latents, reference), plan.totals, seconds, report
@@ -169,7 +189,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", nargs="+", default=["tiny-sd15-unet", "tiny-dit"])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sampler", default="dpmpp-2m", help="sampler of the trajectory (default dpmpp-2m)")
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--torch-only", action="store_true", help="measure in PyTorch, no TVM build")
     parser.add_argument("--latent-size", type=int, help="(--torch-only) smaller latents for full-size models")
     parser.add_argument("--output", help="where artifacts go (default: a temporary directory)")
@@ -177,12 +198,13 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     spec = host_int8()
     root = Path(args.output or tempfile.mkdtemp(prefix="edgediff-precision-"))
-    print(f"target {spec.name}; {args.steps}-step DDIM, seed 0; latent PSNR against the float model")
+    sampling = (args.sampler, args.steps)
+    print(f"target {spec.name}; {args.steps}-step {args.sampler}, seed 0; latent PSNR against float torch")
     header = f"{'model':<16} {'plan':<5} {'weights':>12} {'of fp32':>8} {'PSNR dB':>8} {'SQNR dB':>8}"
     print(f"{header} {'s':>6}  formats")
     for name in args.models:
-        rows = torch_rows(name, args.steps, spec, args.latent_size) if args.torch_only else None
-        rows = rows or compiled_rows(name, args.steps, spec, root)
+        rows = torch_rows(name, sampling, spec, args.latent_size) if args.torch_only else None
+        rows = rows or compiled_rows(name, sampling, spec, root)
         base = rows[0]["bytes"]
         for r in rows:
             sqnr = f"{r['sqnr']:8.1f}" if r["sqnr"] is not None else f"{'-':>8}"

@@ -162,7 +162,7 @@ def _lift(
     staged = relax.Function(ordered, main.body, main.ret_ty, main.is_pure, main.attrs, main.span)
     work = mod.clone()
     work["main"] = staged.with_attr("num_input", num_input + len(kept))
-    lifted = relax.transform.LiftTransformParams()(work)
+    lifted = relax.transform.LiftTransformParams()(relax.transform.EliminateCommonSubexpr()(work))
     if TRANSFORM_FUNCTION not in [g.name_hint for g in lifted.get_global_vars()]:
         return None
     return lifted

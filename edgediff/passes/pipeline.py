@@ -17,6 +17,7 @@ from edgediff.passes import (  # noqa: F401
     apply_schedules,
     cast_to_fp16,
     decompose_for_inference,
+    fuse_attention,
     fuse_ops,
     legalize_ops,
     lift_weight_transforms,
@@ -36,6 +37,8 @@ PASS_ORDER: tuple[str, ...] = (
     "npu-op-coverage",
     # before legalize: it rewrites relax.nn.conv2d calls
     "winograd-conv2d",
+    # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
+    "fuse-attention",
     # kernel level (TIR)
     "legalize",
     # after legalize, so that weight-only kernels of any earlier rewrite (Winograd) are lifted too; before
@@ -58,6 +61,7 @@ def default_pipeline(spec: Any) -> list[str]:
     if spec.kind == "cpu":
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")
+        names.append("fuse-attention")
     names += ["legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
 
