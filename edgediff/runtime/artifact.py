@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,21 @@ def _check_tvm_version(root: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+def iter_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -> Iterator[np.ndarray]:
+    """Read ``weights.bin`` one tensor at a time, in call order, each into its own fresh array.
+
+    For copying the weights into device tensors: unlike the memory map of :func:`load_weights`, whose
+    pages stay resident while mapped, only one tensor is held twice at any moment, so loading an artifact
+    peaks at its weights plus the largest tensor instead of twice its weights."""
+    record = manifest["weights"]
+    path = _check_file(root, record, "weights", hash_it=verify)
+    with open(path, "rb") as handle:
+        for entry in record["tensors"]:
+            handle.seek(entry["offset"])
+            array = np.fromfile(handle, dtype=np.dtype(entry["dtype"]), count=int(np.prod(entry["shape"])))
+            yield array.reshape(entry["shape"])
+
+
 def load_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -> list[np.ndarray]:
     """Memory-map ``weights.bin`` and return one read-only array per weight, in call order."""
     record = manifest["weights"]
@@ -161,8 +177,8 @@ class CompiledModule:
         use_target_cores(self.manifest)  # before the first kernel starts TVM's thread pool
         self._vm = VirtualMachine(tvm.runtime.load_module(str(library_path)), self.device)
         self._main = self._vm["main"]
-        weights = load_weights(self.path, self.manifest, verify=verify)
-        self._weights = [tvm.runtime.tensor(np.ascontiguousarray(w), self.device) for w in weights]
+        weights = iter_weights(self.path, self.manifest, verify=verify)
+        self._weights = [tvm.runtime.tensor(w, self.device) for w in weights]
 
     @property
     def name(self) -> str:
