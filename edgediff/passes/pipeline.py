@@ -17,6 +17,7 @@ from edgediff.passes import (  # noqa: F401
     apply_schedules,
     cast_to_fp16,
     decompose_for_inference,
+    fuse_norm_activation,
     fuse_ops,
     legalize_ops,
     mixed_precision,
@@ -32,6 +33,8 @@ PASS_ORDER: tuple[str, ...] = (
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
     "npu-op-coverage",
+    # before legalize: moves reshapes out of Linear epilogues so that fuse-ops fuses them into the matmul
+    "fuse-norm-activation",
     # kernel level (TIR)
     "legalize",
     "fuse-ops",
@@ -48,7 +51,7 @@ def default_pipeline(spec: Any) -> list[str]:
         names.append("cast-to-fp16")
     if spec.kind == "npu":
         names.append("npu-op-coverage")
-    names += ["legalize", "fuse-ops", "schedule"]
+    names += ["fuse-norm-activation", "legalize", "fuse-ops", "schedule"]
     return names
 
 
