@@ -59,8 +59,11 @@ def build(mod: Any, spec: Any) -> Any:
     finalize = tvm.transform.Sequential(
         backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
     )
+    from edgediff.lowering.fast_math import fast_math
+
     try:
-        with target:
+        # CPU kernels get vectorizable exp/erf/tanh/sigmoid instead of scalar libm calls
+        with target, fast_math(spec.kind in ("cpu", "npu")):
             return tvm.compile(mod, target=target, relax_pipeline=finalize)
     except Exception as err:
         hint = ""

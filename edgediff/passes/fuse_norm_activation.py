@@ -55,6 +55,7 @@ class _SinkReshapes(relax.PyExprMutator):
         self.linear: set[Any] = set()  # vars holding a matmul result (with elementwise epilogue so far)
         self.flat: dict[Any, tuple[Any, list[int]]] = {}  # var == reshape(linear var, shape)
         self.view_of: dict[Any, Any] = {}  # var == a reshape/expand_dims/squeeze of another var
+        self.order: dict[Any, int] = {}  # binding position of each new var
         self.sunk: Counter[str] = Counter()
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -68,6 +69,7 @@ class _SinkReshapes(relax.PyExprMutator):
             inner, shape, kind = rewritten
             new_inner = self.builder_.emit(inner, binding.var.name + "_flat")
             self.linear.add(new_inner)
+            self.order[new_inner] = len(self.order)
             value = relax.op.reshape(new_inner, shape)
             self.sunk[kind] += 1
         value = self.builder_.normalize(value)
@@ -76,6 +78,7 @@ class _SinkReshapes(relax.PyExprMutator):
         else:
             new_var = self.builder_.emit_output(value, binding.var.name)
         self.set_var_remap(binding.var, new_var)
+        self.order[new_var] = len(self.order)
         if rewritten is not None:
             self.flat[new_var] = (new_inner, rewritten[1])
             self.view_of[new_var] = new_inner
@@ -99,9 +102,14 @@ class _SinkReshapes(relax.PyExprMutator):
         if side is None:
             return None
         inner, shape = self.flat[call.args[side]]
+        other = call.args[1 - side]
+        if other in self.linear and self.order.get(other, -1) > self.order.get(inner, -1):
+            # the other operand is a later matmul output in its own shape: fuse-ops puts the op into that
+            # matmul's kernel already (an epilogue can only join the last-computed operand's kernel)
+            return None
         if out_shape != shape:
             return None  # the other operand broadcasts the result up: not an epilogue of this matmul
-        other = self._operand(call.args[1 - side], inner, shape)
+        other = self._operand(other, inner, shape)
         if other is None:
             return None
         args = [inner, other] if side == 0 else [other, inner]

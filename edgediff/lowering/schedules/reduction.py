@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# Calls that cost tens of instructions per element even when vectorized (see lowering/fast_math.py).
+TRANSCENDENTAL = frozenset({"tirx.exp", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.pow"})
+
 from edgediff.lowering.schedules.common import (
     CostModelRule,
     iter_kinds,
@@ -32,7 +35,10 @@ class GeneralReduction(CostModelRule):
         sch, blocks = opened
         if not any("R" in iter_kinds(sch, b) for b in blocks):
             return None
-        left = try_inline_all(sch, blocks)
+        # softmax's exp feeds both the sum and the normalisation: inlined, it would be computed twice per
+        # element; kept as a block, dlight computes it once per row into a row-sized buffer
+        shared = [b for b in blocks if _transcendental(sch, b) and len(sch.get_consumers(b)) > 1]
+        left = try_inline_all(sch, [b for b in blocks if b not in shared]) + shared
         from tvm.s_tir import dlight as dl
 
         rows = dl.cpu.Reduction().apply(sch.mod["main"], target, False)
@@ -41,3 +47,21 @@ class GeneralReduction(CostModelRule):
         for block in left:
             schedule_loop_nest(sch, block, self.cost)
         return sch
+
+
+def _transcendental(sch: Any, block: Any) -> bool:
+    """Whether a block's stored value calls exp/erf/tanh/sigmoid/log/pow."""
+    from tvm import tirx
+
+    body = sch.get(block).body
+    return isinstance(body, tirx.BufferStore) and _calls(body.value, TRANSCENDENTAL)
+
+
+def _calls(expr: Any, ops: frozenset[str]) -> bool:
+    """Whether ``expr`` contains a call to one of ``ops`` (a walk over the expression's operands)."""
+    op = getattr(expr, "op", None)
+    if op is not None and getattr(op, "name", None) in ops:
+        return True
+    children = [getattr(expr, f, None) for f in ("a", "b", "value", "condition", "true_value", "false_value")]
+    children += list(getattr(expr, "args", None) or [])
+    return any(c is not None and _calls(c, ops) for c in children if not isinstance(c, (int, float, str)))
