@@ -56,26 +56,31 @@ def main() -> None:
     print(f"edgediff from {os.path.dirname(edgediff.__file__)}; {args.threads} threads")
     print(f"{'case':<30} {'torch ms':>10} {'edgediff ms':>12} {'edgediff/torch':>15} {'max |err|':>10}")
     for name in args.cases:
-        make, shape = CASES[name]
-        torch.manual_seed(0)
-        module = make().eval()
-        x = torch.randn(*shape) * 4
-        with tempfile.TemporaryDirectory() as tmp:
-            artifact = edgediff.compile_model(module, (x,), output_dir=f"{tmp}/a", progress=False)
-            run = edgediff.load(artifact.path)
-            with torch.no_grad():
-                expected = module(x).numpy()
-                torch_s = _median_seconds(lambda: module(x), args.warmup, args.runs)
-            got = run(x)
-            err = float(np.abs(got - expected).max())
-            # the VM function itself on a TVM tensor made once: the torch -> numpy -> TVM copy that
-            # CompiledModule.__call__ makes of every input would otherwise be timed too
-            import tvm
+        torch_s, ours_s, err = _bench_case(name, args.warmup, args.runs)
+        ratio = ours_s / torch_s
+        print(f"{name:<30} {torch_s * 1e3:>10.2f} {ours_s * 1e3:>12.2f} {ratio:>15.2f} {err:>10.1e}")
 
-            x_tvm = tvm.runtime.tensor(x.numpy(), tvm.cpu())
-            ours_s = _median_seconds(lambda: run._main(x_tvm, *run._weights), args.warmup, args.runs)
-            del run, x_tvm
-        print(f"{name:<30} {torch_s * 1e3:>10.2f} {ours_s * 1e3:>12.2f} {ours_s / torch_s:>15.2f} {err:>10.1e}")
+
+def _bench_case(name: str, warmup: int, runs: int) -> tuple[float, float, float]:
+    """(torch seconds, edgediff seconds, max |edgediff - torch|) for one case."""
+    import tvm
+
+    make, shape = CASES[name]
+    torch.manual_seed(0)
+    module = make().eval()
+    x = torch.randn(*shape) * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = edgediff.compile_model(module, (x,), output_dir=f"{tmp}/a", progress=False)
+        run = edgediff.load(artifact.path)
+        with torch.no_grad():
+            expected = module(x).numpy()
+            torch_s = _median_seconds(lambda: module(x), warmup, runs)
+        err = float(np.abs(run(x) - expected).max())
+        # the VM function itself on a TVM tensor made once: the torch -> numpy -> TVM copy that
+        # CompiledModule.__call__ makes of every input would otherwise be timed too
+        x_tvm = tvm.runtime.tensor(x.numpy(), tvm.cpu())
+        ours_s = _median_seconds(lambda: run._main(x_tvm, *run._weights), warmup, runs)
+    return torch_s, ours_s, err
 
 
 if __name__ == "__main__":

@@ -34,7 +34,14 @@ LN2_HI = 0.693359375  # ln 2 split so that n * LN2_HI is exact for |n| <= 128 (C
 LN2_LO = -2.12194440e-4
 EXP_HI = 88.3762626647949  # above: 2^n would need exponent 128
 EXP_LO = -87.3365447505531  # ln(FLT_MIN): below, the result is subnormal; it is flushed to 0
-EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+EXP_POLY = (  # Cephes expf: e^r = 1 + r + r^2 * P(r)
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
 ERF_CLAMP = 4.0
 ERF_ALPHA = (
     -2.72614225801306e-10,

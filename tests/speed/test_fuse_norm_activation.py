@@ -62,8 +62,9 @@ def _kernels(model, inputs, names: list[str]):
         import tvm
         from tvm import relax
 
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.call_tir":
-            called.append(expr.args[0].name_hint)
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            if expr.op.name == "relax.call_tir":
+                called.append(expr.args[0].name_hint)
 
     from tvm import relax
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-# Calls that cost tens of instructions per element even when vectorized (see lowering/fast_math.py).
-TRANSCENDENTAL = frozenset({"tirx.exp", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.pow"})
-
 from edgediff.lowering.schedules.common import (
     CostModelRule,
     iter_kinds,
     schedule_loop_nest,
     try_inline_all,
 )
+
+# Calls that cost tens of instructions per element even when vectorized (see lowering/fast_math.py).
+TRANSCENDENTAL = frozenset({"tirx.exp", "tirx.erf", "tirx.tanh", "tirx.sigmoid", "tirx.log", "tirx.pow"})
 
 
 class GeneralReduction(CostModelRule):
