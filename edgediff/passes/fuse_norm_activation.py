@@ -50,8 +50,9 @@ class _SinkReshapes(relax.PyExprMutator):
     matmul output and FuseOps puts it into the matmul kernel's write-back; the reshapes left are views.
     """
 
-    def __init__(self, mod: tvm.IRModule) -> None:
+    def __init__(self, mod: tvm.IRModule, geglu: dict[Any, tuple[Any, Any, Any]] | None = None) -> None:
         super().__init__(mod)
+        self.geglu = geglu or {}  # output var of a GEGLU -> (x, transposed weight, bias) of its Linear
         self.linear: set[Any] = set()  # vars holding a matmul result (with elementwise epilogue so far)
         self.flat: dict[Any, tuple[Any, list[int]]] = {}  # var == reshape(linear var, shape)
         self.view_of: dict[Any, Any] = {}  # var == a reshape/expand_dims/squeeze of another var
@@ -59,6 +60,9 @@ class _SinkReshapes(relax.PyExprMutator):
         self.sunk: Counter[str] = Counter()
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        if binding.var in self.geglu:
+            self._emit_geglu(binding)
+            return
         value = self.visit_expr(binding.value)
         op = _op(value)
         if op == "relax.reshape" and value.args[0] in self.view_of:
@@ -88,6 +92,21 @@ class _SinkReshapes(relax.PyExprMutator):
             self.flat[new_var] = (value.args[0], _shape(value))
         if op in _VIEWS:
             self.view_of[new_var] = self.view_of.get(value.args[0], value.args[0])
+
+    def _emit_geglu(self, binding: relax.VarBinding) -> None:
+        """One kernel for Linear -> split -> a * GELU(g): both halves' dot products and the product."""
+        x, weight, bias = (self.visit_expr(e) for e in self.geglu[binding.var])
+        fused = self.builder_.call_te(_geglu_te, x, weight, bias, primfunc_name_hint="geglu")
+        flat = self.builder_.emit(fused, binding.var.name + "_flat")
+        value = relax.op.reshape(flat, _shape(binding.var))
+        if isinstance(binding.var, relax.DataflowVar):
+            new_var = self.builder_.emit(value, binding.var.name)
+        else:
+            new_var = self.builder_.emit_output(value, binding.var.name)
+        self.set_var_remap(binding.var, new_var)
+        self.view_of[new_var] = flat
+        self.order[new_var] = len(self.order)
+        self.sunk["geglu"] += 1
 
     def _sink(self, op: str, call: relax.Call) -> tuple[relax.Expr, list[int], str] | None:
         """The epilogue op applied to the un-reshaped matmul output, the shape to reshape it to, its kind."""
@@ -138,6 +157,89 @@ class _SinkReshapes(relax.PyExprMutator):
         return self.builder_.emit(relax.op.reshape(source, shape))
 
 
+def _geglu_te(x: Any, weight: Any, bias: Any) -> Any:
+    """GEGLU of a Linear as one TE kernel: ``(x W_a + b_a) * gelu(x W_g + b_g)`` with ``W = [W_a | W_g]``.
+
+    The two halves' dot products are one reduction block over ``(row, half, column)``, so a register tile
+    holds both halves of its columns and the epilogue (bias, exact-erf GELU as Relax legalizes it, product)
+    runs on the accumulators: the ``2N``-wide Linear output is never written to memory.
+    """
+    from tvm import te, tirx
+
+    rows, depth = x.shape
+    n = weight.shape[1] // 2
+    k = te.reduce_axis((0, depth), name="k")
+    halves = te.compute(
+        (rows, 2, n), lambda i, h, j: te.sum(x[i, k] * weight[k, h * n + j], axis=k), name="geglu_matmul"
+    )
+
+    dtype = x.dtype
+
+    def gelu(v: Any) -> Any:
+        half = tirx.const(0.5, dtype)
+        return v * (half + tirx.erf(v * tirx.const(0.5**0.5, dtype)) * half)
+
+    return te.compute(
+        (rows, n),
+        lambda i, j: (halves[i, 0, j] + bias[j]) * gelu(halves[i, 1, j] + bias[n + j]),
+        name="geglu",
+    )
+
+
+def _find_geglu(func: relax.Function) -> dict[Any, tuple[Any, Any, Any]]:
+    """GEGLUs in ``func``: ``a * gelu(g)`` where ``a, g = split(reshape?(add(bias, matmul(x, W))))`` along the
+    last axis in two halves, each intermediate used once; maps the product's var to ``(x, W, bias)``."""
+    values: dict[Any, Any] = {}
+    uses: Counter[Any] = Counter()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            if isinstance(binding, relax.VarBinding):
+                values[binding.var] = binding.value
+                if isinstance(binding.value, relax.Call):
+                    uses.update(a for a in binding.value.args if isinstance(a, relax.Var))
+                elif isinstance(binding.value, relax.TupleGetItem):
+                    uses[binding.value.tuple_value] += 1
+
+    def single(var: Any, op: str) -> Any:
+        value = values.get(var)
+        return value if uses[var] == 1 and (_op(value) == op or (op == "item" and _is_item(value))) else None
+
+    found: dict[Any, tuple[Any, Any, Any]] = {}
+    for var, value in values.items():
+        if _op(value) != "relax.multiply" or _shape(var) is None or str(var.ty.dtype) != "float32":
+            continue
+        a, g = value.args
+        gelu = single(g, "relax.nn.gelu")
+        item_a = single(a, "item")
+        item_g = single(gelu.args[0], "item") if gelu is not None else None
+        if item_a is None or item_g is None or item_a.index != 0 or item_g.index != 1:
+            continue
+        if not item_a.tuple_value.same_as(item_g.tuple_value) or uses[item_a.tuple_value] != 2:
+            continue
+        split = values.get(item_a.tuple_value)
+        if _op(split) != "relax.split" or len(split.attrs.indices_or_sections) != 1:
+            continue
+        src = split.args[0]
+        if _op(values.get(src)) == "relax.reshape" and uses[src] == 1:
+            src = values[src].args[0]
+        add = single(src, "relax.add")
+        shape = _shape(src)
+        if add is None or shape is None or int(split.attrs.axis) not in (-1, len(_shape(split.args[0])) - 1):
+            continue
+        bias, mm_var = (add.args[0], add.args[1]) if _op(values.get(add.args[1])) == "relax.matmul" else add.args
+        mm = single(mm_var, "relax.matmul")
+        if mm is None or len(shape) != 2 or _shape(bias) != [shape[1]] or shape[1] % 2:
+            continue
+        if int(split.attrs.indices_or_sections[0]) != shape[1] // 2 or len(_shape(mm.args[1]) or []) != 2:
+            continue
+        found[var] = (mm.args[0], mm.args[1], bias)
+    return found
+
+
+def _is_item(value: Any) -> bool:
+    return isinstance(value, relax.TupleGetItem)
+
+
 def _chain_census(mod: tvm.IRModule) -> Counter[str]:
     """Norm + activation chains in ``mod`` (counted for the report; FuseOps fuses these by itself)."""
     uses: dict[Any, list[relax.Call]] = {}
@@ -186,7 +288,11 @@ class FuseNormActivation:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         census = _chain_census(mod)
-        rewriter = _SinkReshapes(mod)
+        geglu: dict[Any, tuple[Any, Any, Any]] = {}
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                geglu.update(_find_geglu(func))
+        rewriter = _SinkReshapes(mod, geglu)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
