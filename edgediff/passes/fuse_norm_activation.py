@@ -179,9 +179,11 @@ def _geglu_te(x: Any, weight: Any, bias: Any) -> Any:
         half = tirx.const(0.5, dtype)
         return v * (half + tirx.erf(v * tirx.const(0.5**0.5, dtype)) * half)
 
+    # the unit axis z indexes the halves as z and z + 1 rather than 0 and 1: TVM's compute-at analysis
+    # needs the consumer's reads of the accumulators indexed by its own iter vars
     return te.compute(
-        (rows, n),
-        lambda i, j: (halves[i, 0, j] + bias[j]) * gelu(halves[i, 1, j] + bias[n + j]),
+        (rows, 1, n),
+        lambda i, z, j: (halves[i, z, j] + bias[j]) * gelu(halves[i, z + 1, j] + bias[n + j]),
         name="geglu",
     )
 
@@ -226,7 +228,7 @@ def _find_geglu(func: relax.Function) -> dict[Any, tuple[Any, Any, Any]]:
         shape = _shape(src)
         if add is None or shape is None or int(split.attrs.axis) not in (-1, len(_shape(split.args[0])) - 1):
             continue
-        bias, mm_var = (add.args[0], add.args[1]) if _op(values.get(add.args[1])) == "relax.matmul" else add.args
+        bias, mm_var = add.args if _op(values.get(add.args[1])) == "relax.matmul" else add.args[::-1]
         mm = single(mm_var, "relax.matmul")
         if mm is None or len(shape) != 2 or _shape(bias) != [shape[1]] or shape[1] % 2:
             continue

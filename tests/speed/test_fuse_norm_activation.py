@@ -78,10 +78,13 @@ def test_chains_fuse_and_count():
     before, called_before, _ = _kernels(model, inputs, WITHOUT)
     after, called, reports = _kernels(model, inputs, WITH)
     report = reports["fuse-norm-activation"]
-    # three Linear epilogues were kernels of their own: up -> GELU(tanh), down -> gate * + residual and
-    # ff -> + residual (out -> / 1.5 + residual is fused without the pass: its matmul is 3-D)
+    # four Linear epilogues were kernels of their own: up -> GELU(tanh), down -> gate * + residual,
+    # ff -> + residual (out -> / 1.5 + residual is fused without the pass: its matmul is 3-D) and GEGLU
     assert report["linear_epilogues_sunk"]["activation"] == 1, report
-    assert launch_count(after) == launch_count(before) - 3, (called_before, called)
+    assert report["linear_epilogues_sunk"]["geglu"] == 1, report
+    assert launch_count(after) == launch_count(before) - 4, (called_before, called)
+    assert "geglu" in called and not any("split" in k for k in called), called
+    assert any("split" in k and "gelu" in k for k in called_before), called_before
     assert any(k.startswith("fused_matmul") and k.endswith("gelu_tanh") for k in called), called
     assert any(k.startswith("fused_matmul") and "multiply" in k and k.count("add") == 2 for k in called)
     assert sum(k.startswith("fused_matmul") and k.count("add") == 2 for k in called) == 3, called
@@ -117,16 +120,20 @@ def test_chains_numerics_with_and_without_pass(tmp_path):
     )
     assert "fuse-norm-activation" in [p["name"] for p in on.manifest["passes"]]
     assert "fuse-norm-activation" not in [p["name"] for p in off.manifest["passes"]]
+    schedule = next(p for p in on.manifest["passes"] if p["name"] == "schedule")["report"]
+    assert schedule["kernels_by_rule"]["GegluMatmul"] == 1 and not schedule["rule_failures"]
     got, reference = edgediff.load(on.path)(*inputs), edgediff.load(off.path)(*inputs)
     _close(got, expected)
     _close(reference, expected)
 
 
-@pytest.mark.parametrize(("name", "fewer"), [("tiny-dit", 6), ("tiny-sd15-unet", 14)])
-def test_zoo_models_launch_fewer_kernels(name, fewer):
+@pytest.mark.parametrize(("name", "fewer", "geglu"), [("tiny-dit", 6, 0), ("tiny-sd15-unet", 21, 7)])
+def test_zoo_models_launch_fewer_kernels(name, fewer, geglu):
     before, _, _ = _kernels(name, None, WITHOUT)
     after, called, _ = _kernels(name, None, WITH)
     assert launch_count(after) == launch_count(before) - fewer
+    assert sum(k.startswith("geglu") for k in called) == geglu
+    assert not any("split" in k and "gelu" in k for k in called)
     # no Linear epilogue left in a kernel of its own
     assert not any(k.startswith("fused_reshape") and ("divide" in k or "gelu_tanh" in k) for k in called)
 
@@ -146,5 +153,8 @@ def test_chains_build_for_arm_a78(tmp_path):
         Chains().eval(), _inputs(), target="arm-a78", output_dir=tmp_path / "arm", progress=False
     )
     report = next(p for p in artifact.manifest["passes"] if p["name"] == "fuse-norm-activation")["report"]
-    assert report["linear_epilogues_sunk"]["activation"] == 1
+    sunk = report["linear_epilogues_sunk"]
+    assert sunk["activation"] == 1 and sunk["geglu"] == 1
+    schedule = next(p for p in artifact.manifest["passes"] if p["name"] == "schedule")["report"]
+    assert schedule["kernels_by_rule"]["GegluMatmul"] == 1 and not schedule["rule_failures"]
     assert artifact.manifest["library"]["format"] == "shared"

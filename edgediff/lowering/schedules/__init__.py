@@ -12,11 +12,11 @@ from typing import Any
 
 from edgediff.lowering.schedules.conv2d import Conv2d
 from edgediff.lowering.schedules.elementwise import Elementwise
-from edgediff.lowering.schedules.matmul import Matmul
+from edgediff.lowering.schedules.matmul import GegluMatmul, Matmul
 from edgediff.lowering.schedules.reduction import GeneralReduction
 from edgediff.targets import CostModel
 
-__all__ = ["Conv2d", "Elementwise", "GeneralReduction", "Matmul", "cpu_rules"]
+__all__ = ["Conv2d", "Elementwise", "GegluMatmul", "GeneralReduction", "Matmul", "cpu_rules"]
 
 
 def cpu_rules(spec: Any) -> list[Any]:
@@ -27,6 +27,7 @@ def cpu_rules(spec: Any) -> list[Any]:
     return [
         Conv2d(cost),
         Matmul(cost),
+        GegluMatmul(cost),
         dl.cpu.GEMV(),
         GeneralReduction(cost),
         Elementwise(cost),
