@@ -1,4 +1,4 @@
-"""Single-kernel benchmark: softmax and GroupNorm + SiLU through edgediff (host build) against PyTorch eager.
+"""Single-kernel benchmark: softmax, GroupNorm + SiLU and GEGLU through edgediff (host build) against PyTorch eager.
 
 Each case is compiled with edgediff's default pipeline for ``host`` and timed as the median of ``--runs``
 calls after ``--warmup`` calls, in one process; PyTorch eager runs the same module on the same input with
@@ -22,6 +22,18 @@ import torch
 
 import edgediff
 
+class GEGLU(torch.nn.Module):
+    """diffusers' GEGLU: one Linear to twice the width, then a * gelu(g)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.proj(x).chunk(2, dim=-1)
+        return a * torch.nn.functional.gelu(g)
+
+
 CASES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     "softmax (8,1024,1024)": (lambda: torch.nn.Softmax(dim=-1), (8, 1024, 1024)),
     "softmax (8,4096,4096)": (lambda: torch.nn.Softmax(dim=-1), (8, 4096, 4096)),
@@ -29,6 +41,8 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
         lambda: torch.nn.Sequential(torch.nn.GroupNorm(32, 320), torch.nn.SiLU()),
         (1, 320, 64, 64),
     ),
+    # SD 1.5's first transformer block at latent 64x64: 4096 tokens, 320 -> 2 x 1280
+    "geglu (1,4096,320)->1280": (lambda: GEGLU(320, 1280), (1, 4096, 320)),
 }
 
 
