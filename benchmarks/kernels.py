@@ -1,4 +1,4 @@
-"""Single-kernel benchmark: softmax, GroupNorm + SiLU and GEGLU through edgediff (host build) against PyTorch eager.
+"""Single-kernel benchmark: softmax, GroupNorm + SiLU and GEGLU, edgediff (host build) vs PyTorch eager.
 
 Each case is compiled with edgediff's default pipeline for ``host`` and timed as the median of ``--runs``
 calls after ``--warmup`` calls, in one process; PyTorch eager runs the same module on the same input with
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import edgediff
+
 
 class GEGLU(torch.nn.Module):
     """diffusers' GEGLU: one Linear to twice the width, then a * gelu(g)."""
