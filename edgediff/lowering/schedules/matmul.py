@@ -134,7 +134,8 @@ class GegluMatmul(CostModelRule):
             sch.unroll(loop)
         sch.vectorize(tj_i)
         sch.vectorize(ej_i)
+        # parallel before the init is split off: TVM parallelizes only loops over complete reductions
+        parallelize_outer(sch, epilogue, [ej_o, ei_o], self.cost, rows * cols)
         init = sch.decompose_reduction(block, tk)
         vectorize_innermost(sch, init, lanes)
-        parallelize_outer(sch, epilogue, [ej_o, ei_o], self.cost, rows * cols)
         return sch
