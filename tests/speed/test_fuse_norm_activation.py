@@ -101,6 +101,8 @@ def test_chains_fuse_and_count():
         assert sum("layer_norm" in k for k in kernels) == 1
     assert report["chains_found"]["group_norm+activation"] == 1
     assert report["chains_found"]["layer_norm+modulate"] == 1
+    assert report["chains_found"]["conv+bias+residual"] == 1
+    assert report["geglu_found"] == 1
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> float:
