@@ -75,8 +75,11 @@ def build(mod: Any, spec: Any) -> Any:
     import tvm
 
     target = spec.build_target()
+    from edgediff.lowering.fast_math import fast_math
+
     try:
-        with target:
+        # CPU kernels get vectorizable exp/erf/tanh/sigmoid instead of scalar libm calls
+        with target, fast_math(spec.kind in ("cpu", "npu")):
             return tvm.compile(mod, target=target, relax_pipeline=_finalize_passes(target, spec.kind))
     except Exception as err:
         hint = ""

@@ -33,3 +33,27 @@ def kernel_count(mod: Any) -> int:
 def tir_call_count(mod: Any) -> int:
     """Number of ``call_tir`` launches: each is one kernel launch and one output written to memory."""
     return relax_op_histogram(mod).get("relax.call_tir", 0)
+
+
+def launch_count(mod: Any) -> int:
+    """``call_tir`` launches that run a kernel: those of pure reshape kernels are left out, since the
+    build (``RewriteDataflowReshape``) turns them into views of their input."""
+    import tvm
+    from tvm import relax, tirx
+
+    reshapes = {
+        gvar.name_hint
+        for gvar, func in mod.functions_items()
+        if isinstance(func, tirx.PrimFunc) and relax.analysis.has_reshape_pattern(func)
+    }
+    launches = 0
+
+    def visit(expr: Any) -> None:
+        nonlocal launches
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            launches += expr.op.name == "relax.call_tir" and expr.args[0].name_hint not in reshapes
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return launches

@@ -18,6 +18,7 @@ from edgediff.passes import (  # noqa: F401
     cast_to_fp16,
     decompose_for_inference,
     fuse_attention,
+    fuse_norm_activation,
     fuse_ops,
     legalize_ops,
     lift_weight_transforms,
@@ -39,6 +40,8 @@ PASS_ORDER: tuple[str, ...] = (
     "winograd-conv2d",
     # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
     "fuse-attention",
+    # before legalize: moves reshapes out of Linear epilogues so that fuse-ops fuses them into the matmul
+    "fuse-norm-activation",
     # kernel level (TIR)
     "legalize",
     # after legalize, so that weight-only kernels of any earlier rewrite (Winograd) are lifted too; before
@@ -62,7 +65,7 @@ def default_pipeline(spec: Any) -> list[str]:
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")
         names.append("fuse-attention")
-    names += ["legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
+    names += ["fuse-norm-activation", "legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
 
 

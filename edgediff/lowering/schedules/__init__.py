@@ -12,12 +12,20 @@ from typing import Any
 
 from edgediff.lowering.schedules.conv2d import Conv2d
 from edgediff.lowering.schedules.elementwise import Elementwise
-from edgediff.lowering.schedules.matmul import Matmul
+from edgediff.lowering.schedules.matmul import GegluMatmul, Matmul
 from edgediff.lowering.schedules.reduction import GeneralReduction
 from edgediff.lowering.schedules.winograd import WinogradTransform
 from edgediff.targets import CostModel
 
-__all__ = ["Conv2d", "Elementwise", "GeneralReduction", "Matmul", "WinogradTransform", "cpu_rules"]
+__all__ = [
+    "Conv2d",
+    "Elementwise",
+    "GegluMatmul",
+    "GeneralReduction",
+    "Matmul",
+    "WinogradTransform",
+    "cpu_rules",
+]
 
 
 def cpu_rules(spec: Any) -> list[Any]:
@@ -29,6 +37,7 @@ def cpu_rules(spec: Any) -> list[Any]:
         WinogradTransform(cost),  # before Elementwise, which would take its all-spatial kernels
         Conv2d(cost),
         Matmul(cost),
+        GegluMatmul(cost),
         dl.cpu.GEMV(),
         GeneralReduction(cost),
         Elementwise(cost),

@@ -145,15 +145,16 @@ class RegisterTile:
     width: int  # lanes per vector
 
 
-def choose_register_tile(cost: CostModel, dtype: str, rows: int, cols: int) -> RegisterTile:
+def choose_register_tile(cost: CostModel, dtype: str, rows: int, cols: int, sets: int = 1) -> RegisterTile:
     """Pick a register tile for an output of ``rows`` x ``cols`` (cols contiguous in memory).
 
     The column axis gets the target's vector lanes (two vectors when the extent allows, so each broadcast
-    operand feeds two FMAs); rows take the rest of the accumulator budget, half the register file.
+    operand feeds two FMAs); rows take the rest of the accumulator budget, half the register file, shared
+    by ``sets`` outputs accumulated together (GEGLU's two halves).
     """
     width = vector_width(cols, cost.vector_lanes(dtype))
     col_vectors = largest_divisor(cols // width, 2)
-    rows_tile = largest_divisor(rows, max(1, cost.accumulator_vectors() // col_vectors))
+    rows_tile = largest_divisor(rows, max(1, cost.accumulator_vectors() // (col_vectors * sets)))
     return RegisterTile(rows_tile, col_vectors, width)
 
 

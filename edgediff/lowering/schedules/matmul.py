@@ -8,11 +8,14 @@ from edgediff.lowering.schedules.common import (
     CostModelRule,
     child_blocks,
     choose_register_tile,
+    extent,
     finish_reduction,
     iter_kinds,
     output_dtype,
+    parallelize_outer,
     schedule_register_tiled,
     try_inline_all,
+    vectorize_innermost,
 )
 
 
@@ -88,3 +91,51 @@ def _columns_contiguous(block: Any) -> bool:
         else:
             return False
     return found_b
+
+
+class GegluMatmul(CostModelRule):
+    """Schedule the GEGLU kernel of ``fuse-norm-activation``: ``(x W_a + b_a) * gelu(x W_g + b_g)``.
+
+    The reduction block computes both halves, ``C[i, h, j]`` for ``h`` in {0, 1}; the register tile holds
+    ``rows`` x 2 x ``col_vectors`` vectors (rows sized for both halves) over the whole reduction, and the
+    epilogue (biases, GELU, product) is computed at the tile from the accumulators, vectorized: the
+    ``2N``-wide Linear output never goes to memory. Loop order and parallelism are the Matmul rule's.
+    """
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
+        opened = self.open_schedule(func, target)
+        if opened is None:
+            return None
+        sch, blocks = opened
+        if [sch.get(b).name_hint for b in blocks] != ["geglu_matmul", "geglu"]:
+            return None
+        block, epilogue = blocks
+        if iter_kinds(sch, block) != "SSSR":
+            return None
+        i, h, j, k = sch.get_loops(block)
+        if any(extent(sch, loop) is None for loop in (i, h, j, k)) or extent(sch, h) != 2:
+            return None
+        dtype = output_dtype(sch, block)
+        lanes = self.cost.vector_lanes(dtype)
+        rows, cols = extent(sch, i), extent(sch, j)
+        tile = choose_register_tile(self.cost, dtype, rows, cols, sets=2)
+        # the tile loops come from the epilogue (its reads of both halves are a region, which TVM can
+        # compute the accumulators for, but not reverse-compute the epilogue at)
+        ei, ez, ej = sch.get_loops(epilogue)
+        ei_o, ei_i = sch.split(ei, [None, tile.rows])
+        ej_o, ej_m, ej_i = sch.split(ej, [None, tile.col_vectors, tile.width])
+        sch.reorder(ej_o, ei_o, ez, ei_i, ej_m, ej_i)
+        sch.compute_at(block, ei_o, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")  # exactly the register tile, constant indices once unrolled
+        ti, th, tj, tk = sch.get_loops(block)[-4:]
+        tj_m, tj_i = sch.split(tj, [tile.col_vectors, tile.width])
+        sch.reorder(tk, th, ti, tj_m, tj_i)
+        for loop in (th, ti, tj_m, ez, ei_i, ej_m):
+            sch.unroll(loop)
+        sch.vectorize(tj_i)
+        sch.vectorize(ej_i)
+        # parallel before the init is split off: TVM parallelizes only loops over complete reductions
+        parallelize_outer(sch, epilogue, [ej_o, ei_o], self.cost, rows * cols)
+        init = sch.decompose_reduction(block, tk)
+        vectorize_innermost(sch, init, lanes)
+        return sch
