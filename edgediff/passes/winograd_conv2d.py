@@ -27,7 +27,7 @@ fractions; each row's Lagrange denominator moves from B^T into G so that B^T and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cache
 from typing import Any
@@ -62,6 +62,11 @@ LAUNCH_SECONDS = 1e-5
 # so below 1.5x estimated the gain is not reliably there, while the stored weights still grow alpha^2/9
 # times (1.8x to 7.1x).
 DEFAULT_MIN_SPEEDUP = 1.5
+# How much the stored weights of the whole model may grow through Winograd's transformed weights, as a
+# fraction of the model's weight bytes. Memory, not compute, is what a 4-6 GB phone runs out of, and edgediff
+# aims to run in no more memory than PyTorch eager holds; within this budget layers are chosen by estimated
+# time saved per extra byte (the high-resolution layers, whose weights are small, come first).
+DEFAULT_MAX_WEIGHT_GROWTH = 0.05
 
 
 # --- transform matrices -------------------------------------------------------------------------------------
@@ -433,11 +438,21 @@ class LayerChoice:
     errors: dict[str, float]  # relative max error of each variant
     bound: float
     chosen: str
+    allowed: list[str] = field(default_factory=list)  # variants within the error bound and min_speedup
+    over_budget: bool = False  # the preferred variant did not fit the weight budget
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.shape.k * self.shape.c * KERNEL * KERNEL * DTYPE_BITS[self.shape.dtype] // 8
+
+    def extra_bytes(self, variant: str) -> int:
+        """Bytes the stored weight grows by when ``variant`` is chosen (alpha^2/9 - 1 times the weight)."""
+        m = variant_tile(variant)
+        return self.weight_bytes * (m + 2) ** 2 // 9 - self.weight_bytes if m else 0
 
     def to_dict(self) -> dict[str, Any]:
         direct = self.seconds["direct"]
-        m = variant_tile(self.chosen)
-        weight_bytes = self.shape.k * self.shape.c * KERNEL * KERNEL * DTYPE_BITS[self.shape.dtype] // 8
+        weight_bytes = self.weight_bytes
         return {
             "layer": self.name,
             "shape": self.shape.describe(),
@@ -447,8 +462,9 @@ class LayerChoice:
             "error": self.errors[self.chosen],
             "errors": {k: float(f"{v:.3g}") for k, v in self.errors.items()},
             "bound": self.bound,
+            "over_budget": self.over_budget,
             "weight_bytes": weight_bytes,
-            "transformed_weight_bytes": weight_bytes * (m + 2) ** 2 // 9 if m else weight_bytes,
+            "transformed_weight_bytes": weight_bytes + self.extra_bytes(self.chosen),
         }
 
 
@@ -566,7 +582,11 @@ class _Rewriter(relax.PyExprMutator):
 
 
 class _Decider:
-    """Chooses a variant per layer and records why."""
+    """Chooses a variant per layer and records why.
+
+    Called once per eligible conv, in program order, twice: a first walk only measures (``plan`` is None,
+    nothing is rewritten), then :meth:`fit_budget` picks the variants under the weight budget for the
+    whole model, and the second walk rewrites by that plan."""
 
     def __init__(self, spec: Any, variant: str, error_bound: float, min_speedup: float) -> None:
         self.cost = CostModel(spec)
@@ -574,6 +594,8 @@ class _Decider:
         self.error_bound = error_bound
         self.min_speedup = min_speedup
         self.layers: list[LayerChoice] = []
+        self.plan: list[str] | None = None
+        self.calls = 0
 
     def tile_multiple(self, shape: ConvShape) -> int:
         """Tiles are padded to two vectors of the GEMM's output dtype: whole register tiles along the
@@ -581,6 +603,40 @@ class _Decider:
         return 2 * self.cost.vector_lanes(shape.out_dtype)
 
     def __call__(self, name: str, shape: ConvShape) -> int | None:
+        if self.plan is not None:
+            self.calls += 1
+            return variant_tile(self.plan[self.calls - 1])
+        self.measure(name, shape)
+        return None
+
+    def fit_budget(self, budget_bytes: float) -> None:
+        """Keep each layer's preferred variant while the extra weight bytes fit ``budget_bytes``, taking
+        layers by estimated seconds saved per extra byte; a layer that does not fit gets its cheapest
+        allowed variant that does (or stays direct). Forced variants ignore the budget."""
+        if self.variant != "auto":
+            self.plan = [layer.chosen for layer in self.layers]
+            return
+        spent = 0
+        chosen = ["direct"] * len(self.layers)
+
+        def value(layer: LayerChoice, variant: str) -> float:
+            return (layer.seconds["direct"] - layer.seconds[variant]) / max(1, layer.extra_bytes(variant))
+
+        order = sorted(range(len(self.layers)), key=lambda i: -value(self.layers[i], self.layers[i].chosen))
+        for i in order:
+            layer = self.layers[i]
+            options = [layer.chosen] + sorted(layer.allowed, key=lambda v: layer.extra_bytes(v))
+            for variant in options:
+                if variant != "direct" and spent + layer.extra_bytes(variant) <= budget_bytes:
+                    chosen[i] = variant
+                    spent += layer.extra_bytes(variant)
+                    break
+        for layer, variant in zip(self.layers, chosen, strict=True):
+            layer.over_budget = variant != layer.chosen
+            layer.chosen = variant
+        self.plan = chosen
+
+    def measure(self, name: str, shape: ConvShape) -> None:
         multiple = self.tile_multiple(shape)
         seconds = {"direct": estimate_seconds(self.cost, shape, None, multiple)}
         errors = {"direct": measure_error(None, shape.c, shape.dtype, shape.out_dtype)}
@@ -597,9 +653,31 @@ class _Decider:
             ]
             chosen = min(allowed, key=lambda v: seconds[v], default="direct")
         else:
+            allowed = []
             chosen = self.variant
-        self.layers.append(LayerChoice(name, shape, seconds, errors, bound, chosen))
-        return variant_tile(chosen)
+        layer = LayerChoice(name, shape, seconds, errors, bound, chosen)
+        layer.allowed = [v for v in allowed if v != "direct"]
+        self.layers.append(layer)
+
+
+def _rewrite(mod: tvm.IRModule, decider: _Decider) -> tvm.IRModule:
+    rewriter = _Rewriter(mod, decider)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+def _weight_bytes(mod: tvm.IRModule) -> int:
+    """Bytes of ``main``'s weight parameters (those after its ``num_input`` run-time inputs)."""
+    main = mod["main"]
+    num_input = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
+    total = 0
+    for param in main.params[num_input:]:
+        shape = _static_shape(param)
+        if shape is not None:
+            total += int(np.prod(shape, dtype=np.int64)) * tvm.runtime.DataType(str(param.ty.dtype)).bits // 8
+    return total
 
 
 @register_pass("winograd-conv2d")
@@ -613,7 +691,9 @@ class WinogradConv2d:
     (``"auto"``: per layer by the cost model among the variants whose measured error is within
     ``error_bound`` and estimated at least ``min_speedup`` times faster than the direct conv; or
     ``"direct"``, ``2``, ``4``, ``6`` forced on every eligible layer), ``error_bound`` (relative max error,
-    default 1e-3) and ``min_speedup`` (default 1.5: the weights of a rewritten layer grow alpha^2/9 times).
+    default 1e-3), ``min_speedup`` (default 1.5: the weights of a rewritten layer grow alpha^2/9 times) and
+    ``max_weight_growth`` (default 0.05: the transformed weights may add at most this fraction of the
+    model's weight bytes; within it, layers are taken by estimated time saved per extra byte).
     """
 
     def __init__(
@@ -622,20 +702,21 @@ class WinogradConv2d:
         variant: Any = "auto",
         error_bound: float = DEFAULT_ERROR_BOUND,
         min_speedup: float = DEFAULT_MIN_SPEEDUP,
+        max_weight_growth: float = DEFAULT_MAX_WEIGHT_GROWTH,
     ) -> None:
         self.spec = spec
         self.variant = _variant_name(variant)
         self.error_bound = float(error_bound)
         self.min_speedup = float(min_speedup)
+        self.max_weight_growth = float(max_weight_growth)
         self.report: dict[str, Any] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         decider = _Decider(self.spec, self.variant, self.error_bound, self.min_speedup)
-        rewriter = _Rewriter(mod, decider)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        mod = rewriter.builder_.get()
+        _rewrite(mod, decider)  # measures every eligible layer, rewrites nothing
+        model_bytes = _weight_bytes(mod)
+        decider.fit_budget(self.max_weight_growth * model_bytes)
+        mod = _rewrite(mod, decider)
         if any(layer.chosen != "direct" for layer in decider.layers):
             # the rewritten conv's binding is now an alias of the output transform's var; FuseOps does not
             # look through aliases, so without this the bias/residual epilogue would not fuse
@@ -661,6 +742,9 @@ class WinogradConv2d:
             "variant": self.variant,
             "error_bound": self.error_bound,
             "min_speedup": self.min_speedup,
+            "max_weight_growth": self.max_weight_growth,
+            "model_weight_bytes": model_bytes,
+            "over_budget": sum(1 for layer in layers if layer["over_budget"]),
             "layers": layers,
             "weight_bytes_before": before,
             "weight_bytes_after": after,
