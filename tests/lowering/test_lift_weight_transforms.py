@@ -91,3 +91,14 @@ def test_cross_target_runs_the_transform_on_the_compiling_host(tmp_path):
     assert "out.weight:transpose" in names
     assert artifact.manifest["library"]["format"] == "shared"
     assert elf_machine(artifact.path / "model.so") == AARCH64
+
+
+def test_a_model_whose_weights_need_no_transform_compiles_unchanged(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.GroupNorm(2, 8).eval()  # its weights reach the kernel as they are
+    inputs = (torch.randn(1, 8, 4, 4),)
+    artifact = edgediff.compile_model(model, inputs, output_dir=tmp_path / "gn", progress=False)
+    assert _report(artifact, "lift-weight-transforms")["lifted"] == 0
+    assert [t["name"] for t in artifact.manifest["weights"]["tensors"]] == ["weight", "bias"]
+    with torch.no_grad():
+        assert np.abs(edgediff.load(artifact.path)(*inputs) - model(*inputs).numpy()).max() <= TOLERANCE
