@@ -137,7 +137,9 @@ def bench_model(name: str, latent: int | None, args: argparse.Namespace, workdir
         gc.collect()
 
     start = time.perf_counter()
-    artifact = edgediff.compile_model(zm, target="host", output_dir=workdir / name, progress=False)
+    # one directory per model and size: a process cannot load a second library from the same path
+    output_dir = workdir / f"{name}-{row.latent}"
+    artifact = edgediff.compile_model(zm, target="host", output_dir=output_dir, progress=False)
     row.compile_seconds = time.perf_counter() - start
     module = edgediff.load(artifact.path)
     got = module(*inputs)

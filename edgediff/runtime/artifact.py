@@ -150,6 +150,31 @@ def load_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -
     return arrays
 
 
+# library path -> sha256 of the library first loaded from it in this process
+_LOADED_LIBRARIES: dict[str, str] = {}
+
+
+def _distinct_library_path(path: Path, sha256: str) -> Path:
+    """``path``, or a copy named after its hash when this process already loaded a different library there.
+
+    The dynamic loader keeps a library open by path: loading a recompiled artifact from the same directory
+    again would silently run the old code (with the old shapes) instead."""
+    key = str(path.resolve())
+    first = _LOADED_LIBRARIES.setdefault(key, sha256)
+    if first == sha256:
+        return path
+    import shutil
+    import tempfile
+
+    copy = Path(tempfile.gettempdir()) / "edgediff-libraries" / f"{sha256}{path.suffix}"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_name(f".{copy.name}.{os.getpid()}")
+        shutil.copyfile(path, partial)
+        os.replace(partial, copy)
+    return copy
+
+
 class CompiledModule:
     """A host-runnable artifact as a callable: numpy (or torch) inputs in, numpy outputs out."""
 
@@ -175,6 +200,7 @@ class CompiledModule:
         self.outputs = [TensorInfo.from_dict(d) for d in self.manifest["outputs"]]
         self.device = tvm.cpu()
         use_target_cores(self.manifest)  # before the first kernel starts TVM's thread pool
+        library_path = _distinct_library_path(library_path, library["sha256"])
         self._vm = VirtualMachine(tvm.runtime.load_module(str(library_path)), self.device)
         self._main = self._vm["main"]
         weights = iter_weights(self.path, self.manifest, verify=verify)

@@ -217,3 +217,19 @@ def test_interrupted_write_leaves_no_partial_directory(tmp_path, monkeypatch):
             _Small(), (torch.randn(1, 3, 8, 8),), "host", output_dir=tmp_path / "a", progress=False
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recompiling_into_the_same_directory_loads_the_new_library(tmp_path):
+    # the dynamic loader keeps the first library opened from a path: the runtime must not hand it back
+    out = tmp_path / "model"
+    results = []
+    for width in (3, 5):
+        torch.manual_seed(width)
+        model = torch.nn.Linear(4, width).eval()
+        inputs = (torch.randn(2, 4),)
+        edgediff.compile_model(model, inputs, output_dir=out, progress=False)
+        got = edgediff.load(out)(*inputs)
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(*inputs).numpy(), rtol=1e-5, atol=1e-6)
+        results.append(got.shape)
+    assert results == [(2, 3), (2, 5)]
