@@ -12,6 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+# first match wins: "fused_attention_..." is attention even though it contains matmuls
+FAMILIES = ("attention", "geglu", "winograd", "conv2d", "matmul", "group_norm", "layer_norm", "softmax")
+
 
 @dataclass
 class KernelProfile:
@@ -41,12 +44,11 @@ class KernelProfile:
         return "\n".join(lines)
 
     def by_family(self) -> dict[str, float]:
-        """Seconds per run grouped by op family (conv2d, matmul, group_norm, softmax, other)."""
+        """Seconds per run grouped by op family (attention, geglu, winograd, conv2d, matmul, norms, softmax,
+        other); the fused kernels of edgediff's passes are named after what they compute."""
         families: dict[str, float] = defaultdict(float)
         for name, seconds in self.seconds.items():
-            family = next(
-                (f for f in ("conv2d", "matmul", "group_norm", "layer_norm", "softmax") if f in name), "other"
-            )
+            family = next((f for f in FAMILIES if f in name), "other")
             families[family] += seconds / max(1, self.runs)
         return dict(sorted(families.items(), key=lambda kv: -kv[1]))
 
