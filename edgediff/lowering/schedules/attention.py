@@ -28,21 +28,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgediff.lowering.fast_math import fast_exp
 from edgediff.lowering.schedules.common import largest_divisor, vector_width
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
-
-# Below this argument float32 exp underflows to 0 (ln of the smallest normal float32).
-EXP_UNDERFLOW = -87.3
-# exp(x) = 2^n * e^r with r in [-ln2/2, ln2/2]; Cephes' expf polynomial for e^r (relative error ~1e-7)
-_EXP_POLY = (
-    1.9875691500e-4,
-    1.3981999507e-3,
-    8.3334519073e-3,
-    4.1665795894e-2,
-    1.6666665459e-1,
-    5.0000001201e-1,
-)
 
 
 @dataclass(frozen=True)
@@ -92,23 +81,6 @@ def _divisor_block(n: int, limit: int, multiple: int) -> int:
         if n % b == 0 and b % multiple == 0:
             return b
     return largest_divisor(n, limit)
-
-
-def fast_exp(x: Any) -> Any:
-    """exp(x) for float32 by range reduction, as plain arithmetic LLVM can vectorize (libm's expf is a
-    scalar call per lane). Exact 0 below the float32 underflow, so masked (-inf) scores contribute 0."""
-    from tvm import tirx
-
-    f32 = "float32"
-    xc = tirx.max(x, tirx.const(EXP_UNDERFLOW, f32))
-    n = tirx.floor(xc * tirx.const(1.0 / math.log(2.0), f32) + tirx.const(0.5, f32))
-    r = xc - n * tirx.const(math.log(2.0), f32)
-    p = tirx.const(_EXP_POLY[0], f32)
-    for c in _EXP_POLY[1:]:
-        p = p * r + tirx.const(c, f32)
-    p = p * r * r + r + tirx.const(1.0, f32)
-    two_n = tirx.reinterpret(f32, tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
-    return tirx.Select(x < tirx.const(EXP_UNDERFLOW, f32), tirx.const(0.0, f32), p * two_n)
 
 
 def fused_attention_kernel(
