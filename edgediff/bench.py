@@ -71,12 +71,11 @@ def _peak_rss_mb() -> float:
 
 _RUNTIME_PEAK = """
 import sys, numpy as np
+from edgediff.bench import _peak_rss_mb
 from edgediff.runtime import load
 module = load(sys.argv[1])
 module(*[np.load(path) for path in sys.argv[2:]])
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        print(int(line.split()[1]) / 1024)
+print(_peak_rss_mb())
 """
 
 

@@ -10,11 +10,11 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from edgediff.bench import add_arguments as add_bench_arguments
 from edgediff.errors import EdgediffError
-from edgediff.runtime.run import add_generation_arguments
+from edgediff.runtime.run import add_generation_arguments, run_command
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -319,19 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     # torch.export's own deprecation chatter is not the user's business
     warnings.filterwarnings("ignore", category=FutureWarning)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], int] = args.run
-    try:
-        return run(args)
-    except EdgediffError as err:
-        if args.traceback:
-            raise
-        print(f"edgediff: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("edgediff: interrupted", file=sys.stderr)
-        return 130
+    return run_command("edgediff", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -169,15 +169,22 @@ def main(argv: Sequence[str] | None = None, *, artifacts_dir: str | os.PathLike 
     """Run the device command line; ``artifacts_dir`` is the bundle's ``artifacts/`` folder (run.py's)."""
     args = build_parser().parse_args(argv)
     args.artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else None
+    return run_command("run.py", args)
+
+
+def run_command(prog: str, args: argparse.Namespace) -> int:
+    """Run the parsed subcommand ``args.run`` the way both command lines (``edgediff`` and the device's
+    ``run.py``) do: an edgediff error is one line and exit 1 (the traceback only with ``--traceback``),
+    Ctrl-C is exit 130."""
     try:
         return int(args.run(args))
     except EdgediffError as err:
         if args.traceback:
             raise
-        print(f"run.py: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("run.py: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 
