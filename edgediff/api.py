@@ -18,6 +18,7 @@ from edgediff.lowering.build import build, device_sources, export_library, run_p
 from edgediff.lowering.capture import capture
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
+from edgediff.passes.pack_matmul_weights import weight_layouts
 from edgediff.precision.plan import resolve_request
 from edgediff.runtime.artifact import FORMAT_VERSION, Artifact
 from edgediff.targets import load_target
@@ -191,11 +192,14 @@ def compile_model(
                 from edgediff.passes.mixed_precision import quantize_weights
 
                 arrays, names = quantize_weights(plan, arrays, names)
+            layouts = weight_layouts(pass_results, names)
             transform = weight_transform(pass_results)
             if transform is not None:
                 bar.stage("precompute weight transforms")
                 arrays, names = transform.apply(arrays, names)
             weights = write_weights(staging, arrays, names)
+            if layouts:  # weights stored in a kernel's layout (what a LoRA merge must apply its delta in)
+                weights["layouts"] = layouts
             notes = _target_notes(spec) + ([library.note] if library.note else [])
             manifest = {
                 "format_version": FORMAT_VERSION,

@@ -14,6 +14,9 @@ from tvm import relax
 from edgediff.passes.analysis import relax_op_histogram
 from edgediff.passes.registry import register_pass
 
+# PrimFunc attribute naming an edgediff kernel, so that later passes find the kernel (not its name hint).
+KERNEL_ATTR = "edgediff.kernel"
+
 # Elementwise ops that may follow a Linear: activations (unary) and bias / residual / scale / gate (binary).
 _UNARY = frozenset(
     {"relax.nn.gelu", "relax.nn.gelu_tanh", "relax.nn.silu", "relax.sigmoid", "relax.tanh", "relax.nn.relu"}
@@ -97,7 +100,9 @@ class _SinkReshapes(relax.PyExprMutator):
     def _emit_geglu(self, binding: relax.VarBinding) -> None:
         """One kernel for Linear -> split -> a * GELU(g): both halves' dot products and the product."""
         x, weight, bias = (self.visit_expr(e) for e in self.geglu[binding.var])
-        fused = self.builder_.call_te(_geglu_te, x, weight, bias, primfunc_name_hint="geglu")
+        fused = self.builder_.call_te(
+            geglu_te, x, weight, bias, primfunc_name_hint="geglu", primfunc_attrs={KERNEL_ATTR: "geglu"}
+        )
         flat = self.builder_.emit(fused, binding.var.name + "_flat")
         value = relax.op.reshape(flat, _shape(binding.var))
         if isinstance(binding.var, relax.DataflowVar):
@@ -158,20 +163,32 @@ class _SinkReshapes(relax.PyExprMutator):
         return self.builder_.emit(relax.op.reshape(source, shape))
 
 
-def _geglu_te(x: Any, weight: Any, bias: Any) -> Any:
+def geglu_te(x: Any, weight: Any, bias: Any) -> Any:
     """GEGLU of a Linear as one TE kernel: ``(x W_a + b_a) * gelu(x W_g + b_g)`` with ``W = [W_a | W_g]``.
 
     The two halves' dot products are one reduction block over ``(row, half, column)``, so a register tile
     holds both halves of its columns and the epilogue (bias, exact-erf GELU as Relax legalizes it, product)
-    runs on the accumulators: the ``2N``-wide Linear output is never written to memory.
+    runs on the accumulators: the ``2N``-wide Linear output is never written to memory. ``weight`` is
+    ``[K, 2N]``, or ``[2, N / P, K, P]`` in column panels of ``P`` (``pack-matmul-weights``).
     """
     from tvm import te, tirx
 
     rows, depth = x.shape
-    n = weight.shape[1] // 2
+    if len(weight.shape) == 4:
+        panel = weight.shape[3]
+        n = weight.shape[1] * panel
+
+        def w(k: Any, h: Any, j: Any) -> Any:
+            return weight[h, j // panel, k, j % panel]
+    else:
+        n = weight.shape[1] // 2
+
+        def w(k: Any, h: Any, j: Any) -> Any:
+            return weight[k, h * n + j]
+
     k = te.reduce_axis((0, depth), name="k")
     halves = te.compute(
-        (rows, 2, n), lambda i, h, j: te.sum(x[i, k] * weight[k, h * n + j], axis=k), name="geglu_matmul"
+        (rows, 2, n), lambda i, h, j: te.sum(x[i, k] * w(k, h, j), axis=k), name="geglu_matmul"
     )
 
     dtype = x.dtype
@@ -300,7 +317,7 @@ class FuseNormActivation:
     in the matmul's own shape and the reshape moved after it (see :class:`_SinkReshapes`), so ``fuse-ops``
     gives one kernel per Linear + epilogue instead of two, and the matmul output is written once. GEGLU's
     split is not elementwise, so no reshape move makes it fusible: it becomes one TE kernel
-    (:func:`_geglu_te`, scheduled by the ``GegluMatmul`` rule). The other chains the issue names (GroupNorm +
+    (:func:`geglu_te`, scheduled by the ``GegluMatmul`` rule). The other chains the issue names (GroupNorm +
     SiLU, LayerNorm + adaLN modulate, conv + bias + residual add) are already single kernels after
     ``fuse-ops``; the report counts them so that the claim is checked (tests assert their kernels).
     """

@@ -24,6 +24,7 @@ from edgediff.passes import (  # noqa: F401
     lift_weight_transforms,
     mixed_precision,
     npu_op_coverage,
+    pack_matmul_weights,
     winograd_conv2d,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
@@ -42,6 +43,8 @@ PASS_ORDER: tuple[str, ...] = (
     "fuse-attention",
     # before legalize: moves reshapes out of Linear epilogues so that fuse-ops fuses them into the matmul
     "fuse-norm-activation",
+    # after fuse-norm-activation, whose GEGLU kernels it packs too; the packing is lifted to compile time
+    "pack-matmul-weights",
     # kernel level (TIR)
     "legalize",
     # after legalize, so that weight-only kernels of any earlier rewrite (Winograd) are lifted too; before
@@ -65,7 +68,10 @@ def default_pipeline(spec: Any) -> list[str]:
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")
         names.append("fuse-attention")
-    names += ["fuse-norm-activation", "legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
+    names.append("fuse-norm-activation")
+    if spec.kind == "cpu":
+        names.append("pack-matmul-weights")
+    names += ["legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
 
 

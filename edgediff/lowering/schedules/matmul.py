@@ -27,7 +27,8 @@ class Matmul(CostModelRule):
     in registers: each k step broadcasts ``rows`` elements of A and loads ``col_vectors`` contiguous vectors
     of B, and the accumulators stay in registers over all of k; batch, column blocks and row blocks are
     parallel. Bias/activation/residual epilogues are inlined into the accumulator write-back. A matmul
-    whose B is not contiguous along j (``[j, k]`` layout) is left to the GEMV/fallback rules.
+    whose B is not contiguous along j (``[j, k]`` layout) is left to the GEMV/fallback rules; B in column
+    panels of the tile's width (``pack-matmul-weights``) is read one contiguous panel per tile.
     """
 
     def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
@@ -47,12 +48,15 @@ class Matmul(CostModelRule):
         loops = sch.get_loops(block)
         if len(loops) != len(kinds) or any(not isinstance(sch.get(lp).extent, tirx.IntImm) for lp in loops):
             return None
-        if not _columns_contiguous(sch.get(block)):
+        layout = _column_layout(sch.get(block))
+        if layout is None:
             return None
         *batch, i, j, k = loops
         dtype = output_dtype(sch, block)
         lanes = self.cost.vector_lanes(dtype)
         tile = choose_register_tile(self.cost, dtype, int(sch.get(i).extent), int(sch.get(j).extent))
+        if layout and layout != tile.col_vectors * tile.width:
+            return None  # panels of another width than the tile: a tile would straddle two panels
         # column blocks outside row blocks: one B panel (k x tile columns) stays in cache while the row
         # blocks of A stream past it
         tiled = schedule_register_tiled(
@@ -66,8 +70,11 @@ class Matmul(CostModelRule):
         return sch
 
 
-def _columns_contiguous(block: Any) -> bool:
-    """Whether B (the read not indexed by the row var) is indexed by the column var last and A not at all."""
+def _column_layout(block: Any) -> int | None:
+    """How B (the read not indexed by the row var) holds the output columns: 0 when it is indexed by the
+    column var last (row-major ``[k, j]``), ``P`` for column panels ``[j // P, k, j % P]``
+    (``pack-matmul-weights``), None for anything else (or when A is indexed by the column var)."""
+    from tvm import tirx
     from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
 
     iter_vars = [iv.var for iv in block.iter_vars]
@@ -76,21 +83,30 @@ def _columns_contiguous(block: Any) -> bool:
     def uses(expr: Any, var: Any) -> bool:
         return any(v.same_as(var) for v in collect_vars_used_in_prim_expr(expr))
 
+    def panel_index(expr: Any, kind: type) -> int | None:
+        if isinstance(expr, kind) and expr.a.same_as(col) and isinstance(expr.b, tirx.IntImm):
+            return int(expr.b)
+        return None
+
     out = block.writes[0]
     if not out.region or not out.region[-1].min.same_as(col):
-        return False
-    found_b = False
+        return None
+    layout = None
     for read in block.reads:
         if read.source.same_as(out.source):
             continue
         if any(uses(r.min, row) for r in read.region):
             if any(uses(r.min, col) for r in read.region):
-                return False
+                return None
         elif read.region and read.region[-1].min.same_as(col):
-            found_b = True
+            layout = 0
+        elif len(read.region) == 3 and (panel := panel_index(read.region[-1].min, tirx.FloorMod)):
+            if panel_index(read.region[0].min, tirx.FloorDiv) != panel:
+                return None
+            layout = panel
         else:
-            return False
-    return found_b
+            return None
+    return layout
 
 
 class GegluMatmul(CostModelRule):
