@@ -1,16 +1,22 @@
-"""Single-kernel benchmark: softmax, GroupNorm + SiLU and GEGLU, edgediff (host build) vs PyTorch eager.
+"""Single-kernel benchmark: softmax, GroupNorm + SiLU, GEGLU, Linear and 3x3 conv layers, edgediff (host
+build) vs PyTorch eager and onnxruntime.
 
-Each case is compiled with edgediff's default pipeline for ``host`` and timed as the median of ``--runs``
-calls after ``--warmup`` calls, in one process; PyTorch eager runs the same module on the same input with
-the same thread count. To compare two versions of edgediff, run the script with each on PYTHONPATH (the
-script uses only ``edgediff.compile_model`` and ``edgediff.load``).
+Each case is compiled with edgediff's default pipeline for ``host`` (Winograd off, so that the conv cases
+time the direct schedule) and timed as the median of ``--runs`` calls after ``--warmup`` calls, in one
+process; PyTorch eager and onnxruntime (CPUExecutionProvider) run the same module on the same input with the
+same thread count. ``--cpu-time`` takes the least process CPU time of the runs instead of the median wall
+time: with ``--threads 1`` that is what a call costs on a quiet core even when other work shares the
+machine. To compare two versions of edgediff, run the script with each on PYTHONPATH (the script uses only
+``edgediff.compile_model`` and ``edgediff.load``).
 
     PYTHONPATH=. .venv/bin/python benchmarks/kernels.py
+    PYTHONPATH=. .venv/bin/python benchmarks/kernels.py --threads 1 --cpu-time --cases 'linear*' 'conv*'
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import statistics
 import tempfile
@@ -44,18 +50,32 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     ),
     # SD 1.5's first transformer block at latent 64x64: 4096 tokens, 320 -> 2 x 1280
     "geglu (1,4096,320)->1280": (lambda: GEGLU(320, 1280), (1, 4096, 320)),
+    # SD 1.5's 8x8 level at latent 32x32: 64 tokens, 1280 -> 2 x 5120 (52 MB of weights)
+    "geglu (1,64,1280)->5120": (lambda: GEGLU(1280, 5120), (1, 64, 1280)),
+    # DiT-XL/2 at latent 32x32: 256 tokens of 1152, MLP up and down
+    "linear (1,256,1152)->4608": (lambda: torch.nn.Linear(1152, 4608), (1, 256, 1152)),
+    "linear (1,256,4608)->1152": (lambda: torch.nn.Linear(4608, 1152), (1, 256, 4608)),
+    "linear (1,64,1280)->1280": (lambda: torch.nn.Linear(1280, 1280), (1, 64, 1280)),
+    "linear (1,1024,320)->320": (lambda: torch.nn.Linear(320, 320), (1, 1024, 320)),
+    # SD 1.5's resnet convs at latent 32x32, one per level
+    "conv 3x3 320 (1,320,32,32)": (lambda: torch.nn.Conv2d(320, 320, 3, padding=1), (1, 320, 32, 32)),
+    "conv 3x3 640 (1,640,16,16)": (lambda: torch.nn.Conv2d(640, 640, 3, padding=1), (1, 640, 16, 16)),
+    "conv 3x3 1280 (1,1280,8,8)": (lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (1, 1280, 8, 8)),
+    "conv 3x3 1280 (1,1280,4,4)": (lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (1, 1280, 4, 4)),
 }
 
 
-def _median_seconds(fn: Callable[[], object], warmup: int, runs: int) -> float:
+def _seconds(fn: Callable[[], object], warmup: int, runs: int, cpu_time: bool) -> float:
+    """Median wall seconds of ``runs`` calls after ``warmup``, or (``cpu_time``) their least CPU time."""
     for _ in range(warmup):
         fn()
+    clock = time.process_time if cpu_time else time.perf_counter
     times = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(clock() - start)
+    return min(times) if cpu_time else statistics.median(times)
 
 
 def main() -> None:
@@ -63,39 +83,77 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("TVM_NUM_THREADS", "2")))
-    parser.add_argument("--cases", nargs="*", default=list(CASES), help="case names (default: all)")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="least process CPU time instead of median wall"
+    )
+    parser.add_argument(
+        "--cases", nargs="*", default=["*"], help="case names or shell patterns (default: all)"
+    )
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
+    names = [name for name in CASES if any(fnmatch.fnmatch(name, pattern) for pattern in args.cases)]
 
-    print(f"edgediff from {os.path.dirname(edgediff.__file__)}; {args.threads} threads")
-    print(f"{'case':<30} {'torch ms':>10} {'edgediff ms':>12} {'edgediff/torch':>15} {'max |err|':>10}")
-    for name in args.cases:
-        torch_s, ours_s, err = _bench_case(name, args.warmup, args.runs)
-        ratio = ours_s / torch_s
-        print(f"{name:<30} {torch_s * 1e3:>10.2f} {ours_s * 1e3:>12.2f} {ratio:>15.2f} {err:>10.1e}")
+    clock = "CPU time, least of the runs" if args.cpu_time else "wall time, median of the runs"
+    print(f"edgediff from {os.path.dirname(edgediff.__file__)}; {args.threads} threads; {clock}")
+    print(
+        f"{'case':<28} {'torch ms':>9} {'ort ms':>8} {'edgediff ms':>12} {'/torch':>7} {'/ort':>6} "
+        f"{'max |err|':>9}"
+    )
+    for name in names:
+        times, err = _bench_case(name, args)
+        ours = times["edgediff"]
+        ort_ms = f"{times['ort'] * 1e3:>8.2f}" if "ort" in times else f"{'-':>8}"
+        ort_ratio = f"{ours / times['ort']:>6.2f}" if "ort" in times else f"{'-':>6}"
+        print(
+            f"{name:<28} {times['torch'] * 1e3:>9.2f} {ort_ms} {ours * 1e3:>12.2f} "
+            f"{ours / times['torch']:>7.2f} {ort_ratio} {err:>9.1e}"
+        )
 
 
-def _bench_case(name: str, warmup: int, runs: int) -> tuple[float, float, float]:
-    """(torch seconds, edgediff seconds, max |edgediff - torch|) for one case."""
+def _bench_case(name: str, args: argparse.Namespace) -> tuple[dict[str, float], float]:
+    """Seconds per engine (torch, ort when installed, edgediff) and max |edgediff - torch| for one case."""
     import tvm
 
     make, shape = CASES[name]
     torch.manual_seed(0)
     module = make().eval()
     x = torch.randn(*shape) * 4
+
+    def seconds(fn: Callable[[], object]) -> float:
+        return _seconds(fn, args.warmup, args.runs, args.cpu_time)
+
+    times = {}
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = edgediff.compile_model(module, (x,), output_dir=f"{tmp}/a", progress=False)
+        artifact = edgediff.compile_model(
+            module, (x,), output_dir=f"{tmp}/a", passes={"winograd-conv2d": False}, progress=False
+        )
         run = edgediff.load(artifact.path)
         with torch.no_grad():
             expected = module(x).numpy()
-            torch_s = _median_seconds(lambda: module(x), warmup, runs)
+            times["torch"] = seconds(lambda: module(x))
         err = float(np.abs(run(x) - expected).max())
+        session = _onnxruntime_session(module, x, f"{tmp}/m.onnx", args.threads)
+        if session is not None:
+            feed = {"x": x.numpy()}
+            times["ort"] = seconds(lambda: session.run(None, feed))
         # the VM function itself on a TVM tensor made once: the torch -> numpy -> TVM copy that
         # CompiledModule.__call__ makes of every input would otherwise be timed too
         x_tvm = tvm.runtime.tensor(x.numpy(), tvm.cpu())
-        ours_s = _median_seconds(lambda: run._main(x_tvm, *run._weights), warmup, runs)
-    return torch_s, ours_s, err
+        times["edgediff"] = seconds(lambda: run._main(x_tvm, *run._weights))
+    return times, err
+
+
+def _onnxruntime_session(module: torch.nn.Module, x: torch.Tensor, path: str, threads: int) -> object | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    torch.onnx.export(module, (x,), path, input_names=["x"], dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 if __name__ == "__main__":
