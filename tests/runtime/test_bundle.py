@@ -21,7 +21,14 @@ from edgediff.bundle import make_bundle, runtime_files
 from edgediff.errors import ArtifactError, EdgediffError
 from tests.cli.test_cli import assert_one_line_error, run_cli
 
-ALLOWED_FILES = {"run.py", "README.md", "edgediff/__init__.py", "edgediff/errors.py"}
+# precision/quantizers.py: the numpy quantizer that re-quantizes LoRA-merged int8/int4 layers on the device
+ALLOWED_FILES = {
+    "run.py",
+    "README.md",
+    "edgediff/__init__.py",
+    "edgediff/errors.py",
+    "edgediff/precision/quantizers.py",
+}
 
 
 def unpack(bundle: Path, destination: Path) -> Path:
