@@ -97,7 +97,7 @@ class Footprint:
         return self.weights + self.library + self.workspace + self.io + self.load_copy
 
     @classmethod
-    def of(cls, manifest: Mapping[str, Any], extra_io: int = 0) -> Footprint:
+    def of(cls, manifest: Mapping[str, Any]) -> Footprint:
         memory = manifest.get("memory") or {}
         io = _tensor_bytes(manifest["inputs"]) + _tensor_bytes(manifest["outputs"])
         workspace = memory.get("workspace_bytes")
@@ -106,7 +106,7 @@ class Footprint:
             weights=int(manifest["weights"]["bytes"]),
             library=int(manifest["library"]["bytes"]),
             workspace=int(workspace) if workspace is not None else UNMEASURED_WORKSPACE_FACTOR * io,
-            io=io + extra_io,
+            io=io,
             load_copy=max((int(t["nbytes"]) for t in tensors), default=0),
             measured=workspace is not None,
         )
@@ -181,10 +181,11 @@ def make_plan(
     ``lora_bytes``: bytes of LoRA-merged tensors each role holds. Raises :class:`InputError` when even one
     stage at a time, with the smaller decoder, does not fit, saying what the smallest footprint is.
     """
-    baseline = current_rss() if baseline is None else baseline
+    # the pipeline's own arrays are held throughout: part of the baseline, not of each stage
+    baseline = (current_rss() if baseline is None else baseline) + extra_io
     stages = {}
     for role, manifest in manifests.items():
-        footprint = Footprint.of(manifest, extra_io)
+        footprint = Footprint.of(manifest)
         footprint.weights += int((lora_bytes or {}).get(role, 0))
         stages[role] = footprint
     plan = MemoryPlan(cap, baseline, stages)
@@ -240,27 +241,34 @@ def make_plan(
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``size`` with at least ``overlap`` shared between
-    neighbours (the last tile is moved back to end at ``size``)."""
+    """Start offsets of the fewest ``tile``-long tiles that cover ``size`` with at least ``overlap`` shared
+    between neighbours, spread evenly (so every overlap is as wide as that number of tiles allows)."""
     if tile >= size:
         return [0]
     stride = max(1, tile - overlap)
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
+    count = -(-(size - tile) // stride) + 1
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
 
 
-def _ramp(length: int, start: int, tile: int, size: int, overlap: int) -> np.ndarray:
-    """Blend weights along one axis of a tile (in output pixels): linear ramps over the overlap on each side
-    that has a neighbour, 1 elsewhere; never 0, so every pixel has weight."""
+def _ramp(length: int, before: int, after: int) -> np.ndarray:
+    """Blend weights along one axis of a tile: linear ramps over the ``before`` / ``after`` pixels shared
+    with the previous / next tile, 1 elsewhere. Two neighbours' ramps over a shared span sum to 1; no weight
+    is 0, so every pixel is covered."""
     weights = np.ones(length, np.float32)
-    if overlap <= 0:
-        return weights
-    ramp = (np.arange(overlap, dtype=np.float32) + 1.0) / (overlap + 1.0)
-    if start > 0:
-        weights[:overlap] = np.minimum(weights[:overlap], ramp)
-    if start + tile < size:
-        weights[-overlap:] = np.minimum(weights[-overlap:], ramp[::-1])
+    if before > 0:
+        weights[:before] = (np.arange(before, dtype=np.float32) + 1.0) / (before + 1.0)
+    if after > 0:
+        weights[length - after :] = np.minimum(
+            weights[length - after :], (np.arange(after, 0, -1, dtype=np.float32)) / (after + 1.0)
+        )
     return weights
+
+
+def _shared(starts: list[int], i: int, tile: int) -> tuple[int, int]:
+    """Latent pixels tile ``i`` shares with its previous and next tile."""
+    before = starts[i - 1] + tile - starts[i] if i > 0 else 0
+    after = starts[i] + tile - starts[i + 1] if i + 1 < len(starts) else 0
+    return max(0, before), max(0, after)
 
 
 def tiled_decode(
@@ -276,15 +284,15 @@ def tiled_decode(
     ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     out = weight = None
     factor = 1
-    for y in ys:
-        for x in xs:
+    for iy, y in enumerate(ys):
+        for ix, x in enumerate(xs):
             pixels = np.asarray(decode(np.ascontiguousarray(latents[:, :, y : y + tile, x : x + tile])))
             if out is None:
                 factor = pixels.shape[-1] // min(tile, width)
                 out = np.zeros((*pixels.shape[:2], height * factor, width * factor), np.float32)
                 weight = np.zeros((height * factor, width * factor), np.float32)
-            wy = _ramp(pixels.shape[-2], y, tile, height, overlap * factor)
-            wx = _ramp(pixels.shape[-1], x, tile, width, overlap * factor)
+            wy = _ramp(pixels.shape[-2], *(factor * n for n in _shared(ys, iy, tile)))
+            wx = _ramp(pixels.shape[-1], *(factor * n for n in _shared(xs, ix, tile)))
             w = wy[:, None] * wx[None, :]
             py, px = y * factor, x * factor
             out[..., py : py + pixels.shape[-2], px : px + pixels.shape[-1]] += pixels * w

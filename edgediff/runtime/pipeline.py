@@ -139,14 +139,11 @@ class Pipeline:
                 )
         if text_encoder is not None:
             self._check_text_encoder(text_encoder, tokenizer)
-        self.max_memory = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
-        self._baseline = None
+        self.max_memory: int | None = None
+        self._baseline: int | None = None
         self.memory_plan: MemoryPlan | None = None
-        if self.max_memory is not None:
-            from edgediff.runtime.memory import current_rss
-
-            self._baseline = current_rss()  # the process before any model is loaded
-            self.memory_plan = self.plan_memory()
+        if max_memory is not None:
+            self.set_memory_cap(max_memory)
 
     def _check_text_encoder(self, text_encoder: CompiledModule, tokenizer: CLIPTokenizer | None) -> None:
         """The text encoder must make exactly the denoiser's conditioning, from ids its tokenizer can give
@@ -265,6 +262,17 @@ class Pipeline:
         if self.max_memory is not None:
             self.memory_plan = self.plan_memory()  # merged tensors are held beside the loaded weights
         return text
+
+    def set_memory_cap(self, cap: int | str, *, baseline: int | None = None) -> MemoryPlan:
+        """Cap the runs at ``cap`` bytes (``"1.5GB"``); ``baseline`` is what the process holds besides the
+        models (default: its resident set now). Raises :class:`InputError` when no plan fits. Models loaded
+        eagerly stay loaded until their stage's plan releases them."""
+        from edgediff.runtime.memory import current_rss
+
+        self.max_memory = parse_bytes(cap, "--max-memory")
+        self._baseline = current_rss() if baseline is None else baseline
+        self.memory_plan = self.plan_memory()
+        return self.memory_plan
 
     def plan_memory(self, cap: int | None = None) -> MemoryPlan:
         """The memory plan of a run under ``cap`` (default: the pipeline's ``max_memory``)."""
