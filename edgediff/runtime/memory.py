@@ -72,7 +72,16 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size so far, in bytes."""
+    """This process's peak resident set size so far, in bytes: Linux's VmHWM (``ru_maxrss`` keeps the peak
+    of the process that forked this one across ``exec``: a small child of a large parent would report the
+    parent's), elsewhere ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
