@@ -42,9 +42,27 @@ def workspace_pass(stats: dict[str, Any]) -> tvm.transform.Pass:
                 else:
                     dynamic += 1
         stats.update({"workspace_bytes": total, "storage_blocks": blocks, "dynamic_blocks": dynamic})
+        stats["kernel_scratch_bytes"] = _largest_kernel_scratch(mod)
         return mod
 
     return record
+
+
+def _largest_kernel_scratch(mod: tvm.IRModule) -> int:
+    """The largest heap scratch one kernel allocates for itself (its ``global`` buffers), per call: kernels
+    run one at a time, so the largest is what the workspace needs on top of the planned blocks."""
+    from tvm import s_tir
+
+    largest = 0
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            try:
+                sizes = s_tir.analysis.calculate_allocated_bytes(func)
+            except tvm.TVMError:  # a kernel the analysis cannot read counts as none
+                continue
+            for scopes in sizes.values():
+                largest = max(largest, int(scopes.get("global", 0)))
+    return largest
 
 
 def memory_record(weights: dict[str, Any], stats: dict[str, Any], pass_results: list[Any]) -> dict[str, Any]:
@@ -69,5 +87,6 @@ def memory_record(weights: dict[str, Any], stats: dict[str, Any], pass_results: 
         "largest_weight_bytes": max((int(t["nbytes"]) for t in tensors), default=0),
         "workspace_bytes": stats.get("workspace_bytes"),  # None: not measured (no finalize pipeline ran)
         "storage_blocks": stats.get("storage_blocks"),
+        "kernel_scratch_bytes": stats.get("kernel_scratch_bytes"),
         "attention": attention,
     }

@@ -36,6 +36,11 @@ _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 # Workspace of an artifact compiled before the manifest recorded it: this many times its inputs + outputs.
 UNMEASURED_WORKSPACE_FACTOR = 16
 DEFAULT_TILE_OVERLAP = 0.25  # of the tile's latent size
+# What a call holds beyond the planned blocks (kernel-internal buffers, allocator rounding, the output's
+# numpy copy): measured 66 MB over a 693 MB plan for SD's VAE decoder at a 32x32 latent tile
+# (benchmarks/memory_cap.py), so a tenth of the workspace; and a few MB of Python objects per run.
+UNPLANNED_WORKSPACE_FRACTION = 0.10
+UNPLANNED_RUN_BYTES = 8_000_000
 
 
 def parse_bytes(value: int | float | str, what: str = "a size") -> int:
@@ -100,10 +105,11 @@ class Footprint:
     io: int
     load_copy: int  # the one tensor held twice while loading
     measured: bool  # workspace from the compile-time memory plan (False: estimated from the I/O)
+    unplanned: int = 0  # kernel scratch + UNPLANNED_WORKSPACE_FRACTION of the workspace
 
     @property
     def total(self) -> int:
-        return self.weights + self.library + self.workspace + self.io + self.load_copy
+        return self.weights + self.library + self.workspace + self.io + self.load_copy + self.unplanned
 
     @classmethod
     def of(cls, manifest: Mapping[str, Any]) -> Footprint:
@@ -111,13 +117,16 @@ class Footprint:
         io = _tensor_bytes(manifest["inputs"]) + _tensor_bytes(manifest["outputs"])
         workspace = memory.get("workspace_bytes")
         tensors = manifest["weights"]["tensors"]
+        workspace = int(workspace) if workspace is not None else UNMEASURED_WORKSPACE_FACTOR * io
         return cls(
             weights=int(manifest["weights"]["bytes"]),
             library=int(manifest["library"]["bytes"]),
-            workspace=int(workspace) if workspace is not None else UNMEASURED_WORKSPACE_FACTOR * io,
+            workspace=workspace,
             io=io,
             load_copy=max((int(t["nbytes"]) for t in tensors), default=0),
-            measured=workspace is not None,
+            measured=memory.get("workspace_bytes") is not None,
+            unplanned=int(memory.get("kernel_scratch_bytes") or 0)
+            + int(UNPLANNED_WORKSPACE_FRACTION * workspace),
         )
 
     def describe(self) -> str:
@@ -125,7 +134,7 @@ class Footprint:
         return (
             f"{format_bytes(self.total)} = weights {format_bytes(self.weights)} + library "
             f"{format_bytes(self.library)} + {ws} {format_bytes(self.workspace)} + I/O "
-            f"{format_bytes(self.io)}"
+            f"{format_bytes(self.io)} + unplanned {format_bytes(self.unplanned + self.load_copy)}"
         )
 
 
@@ -191,7 +200,7 @@ def make_plan(
     stage at a time, with the smaller decoder, does not fit, saying what the smallest footprint is.
     """
     # the pipeline's own arrays are held throughout: part of the baseline, not of each stage
-    baseline = (current_rss() if baseline is None else baseline) + extra_io
+    baseline = (current_rss() if baseline is None else baseline) + extra_io + UNPLANNED_RUN_BYTES
     stages = {}
     for role, manifest in manifests.items():
         footprint = Footprint.of(manifest)
