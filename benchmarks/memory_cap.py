@@ -105,7 +105,10 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny VAE decoder instead of SD's")
     parser.add_argument("--cap", default="1.5GB", help="the cap of the second run (default 1.5GB)")
-    parser.add_argument("--slack", default="16MB", help="tight run: the plan's smallest footprint plus this")
+    parser.add_argument(
+        "--slack",
+        help="tight run: the plan's smallest footprint plus this (default 1MB quick, 16MB otherwise)",
+    )
     parser.add_argument("--latent", type=int, help="latent size (default 16 quick, 64 otherwise)")
     parser.add_argument("--tile", type=int, help="decoder tile latent size (default latent / 2)")
     parser.add_argument("--steps", type=int, default=4)
@@ -123,7 +126,7 @@ def main() -> int:
     np.save(embeds, np.random.default_rng(1).standard_normal((1, 8, 32)).astype(np.float32))
 
     probe = run_child(_PROBE, str(set_dir))
-    tight = probe["minimum"] + parse_bytes(args.slack)
+    tight = probe["minimum"] + parse_bytes(args.slack or ("1MB" if args.quick else "16MB"))
     runs = [("no cap", ""), (f"--max-memory {args.cap}", args.cap), ("tightest cap", str(tight))]
     print(
         f"artifact set {set_dir}: tiny-sd15-unet + {'tiny-vae-decoder' if args.quick else 'sd-vae-decoder'}"
