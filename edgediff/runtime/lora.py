@@ -224,6 +224,10 @@ class StoredTensor:
     shape: tuple[int, ...]
     dtype: str
 
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
 
 @dataclass
 class MergeTarget:
@@ -341,10 +345,19 @@ def plan_merge(manifest: Mapping[str, Any], layers: list[LoraLayer], where: str)
         if quant:
             shape = tuple(quant["weight_shape"])
         else:
-            shapes = {_source_shape(t) for t in stored}
-            if len(shapes) != 1 or None in shapes:
+            shapes = {_source_shape(t) for t in stored} - {None}
+            if not shapes and stored:  # reshaped only: the LoRA's own shape, if it has as many elements
+                shapes = {_lora_shape(layer)} if stored[0].size == int(np.prod(_lora_shape(layer))) else set()
+            if len(shapes) != 1:
                 raise LoraError(f"{where}: cannot tell the shape of '{weight}' from its stored form")
             (shape,) = shapes
+        rows = (shape[0], int(np.prod(shape[1:])))
+        for tensor in stored if not fmt else []:
+            if "transpose" in tensor.kernels and tensor.shape[::-1] != rows:
+                raise LoraError(
+                    f"{where}: cannot merge LoRA layer '{layer.key}' into '{weight}': stored transposed as "
+                    f"{list(tensor.shape)}, not as the transpose of {list(rows)}"
+                )
         scales = by_source.get(weight + SCALE_SUFFIX, []) if fmt else []
         for tensor in scales:
             reason = _refusal(tensor)
@@ -361,14 +374,18 @@ def plan_merge(manifest: Mapping[str, Any], layers: list[LoraLayer], where: str)
     return targets
 
 
+def _lora_shape(layer: LoraLayer) -> tuple[int, ...]:
+    """The weight shape a LoRA layer's product has: (out, in) or (out, in, kh, kw)."""
+    assert layer.down is not None and layer.up is not None
+    return (int(layer.up.shape[0]), *(int(d) for d in layer.down.shape[1:]))
+
+
 def _check_shape(target: MergeTarget) -> None:
     """A LoRA for another base model: its product does not have the weight's shape (named in the error)."""
     layer, shape = target.layer, target.weight_shape
     assert layer.down is not None and layer.up is not None
-    out_features = layer.up.shape[0]
-    in_size = int(np.prod(layer.down.shape[1:]))
-    if out_features != shape[0] or in_size != int(np.prod(shape[1:])):
-        made = [out_features, *layer.down.shape[1:]]
+    made = list(_lora_shape(layer))
+    if made[0] != shape[0] or int(np.prod(made[1:])) != int(np.prod(shape[1:])):
         raise LoraError(
             f"LoRA layer '{layer.key}' is for a weight of shape {made}, but '{target.weight}' has shape "
             f"{list(shape)}: the LoRA was made for another base model"
@@ -384,7 +401,7 @@ def merged_tensors(targets: list[MergeTarget], scale: float, read: Any) -> dict[
         delta = scale * target.layer.delta(target.weight_shape)
         if target.format is None:
             for tensor in target.stored:
-                base = out.get(tensor.index, read(tensor.index))
+                base = out[tensor.index] if tensor.index in out else read(tensor.index)
                 merged = base.astype(np.float32) + to_stored(delta, tensor)
                 out[tensor.index] = merged.astype(tensor.dtype)
             continue
