@@ -49,6 +49,7 @@ lint: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
+	$(PY) benchmarks/memory_cap.py --quick   # peak RSS against --max-memory, tiled decode error
 
 clean:
 	rm -rf demo-out .pytest_cache build

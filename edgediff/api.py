@@ -16,6 +16,7 @@ from typing import Any
 from edgediff.lowering.artifact import atomic_directory, file_record, write_manifest, write_weights
 from edgediff.lowering.build import build, device_sources, export_library, run_passes, weight_transform
 from edgediff.lowering.capture import capture
+from edgediff.lowering.memory import memory_record
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
 from edgediff.passes.pack_matmul_weights import weight_layouts
@@ -174,7 +175,8 @@ def compile_model(
         bar.advance()
 
         bar.stage("build (TVM)")
-        executable = build(mod, spec)
+        build_stats: dict[str, Any] = {}
+        executable = build(mod, spec, stats=build_stats)
         bar.advance()
 
         destination = (
@@ -194,10 +196,13 @@ def compile_model(
                 arrays, names = quantize_weights(plan, arrays, names)
             layouts = weight_layouts(pass_results, names)
             transform = weight_transform(pass_results)
+            chains = {}
             if transform is not None:
                 bar.stage("precompute weight transforms")
+                chains = transform.kernel_chains(names)
                 arrays, names = transform.apply(arrays, names)
             weights = write_weights(staging, arrays, names)
+            weights["transforms"] = chains  # stored name -> kernels (the runtime's LoRA merge reads it)
             if layouts:  # weights stored in a kernel's layout (what a LoRA merge must apply its delta in)
                 weights["layouts"] = layouts
             notes = _target_notes(spec) + ([library.note] if library.note else [])
@@ -224,6 +229,7 @@ def compile_model(
                     "compiler": library.compiler,
                 },
                 "weights": weights,
+                "memory": memory_record(weights, build_stats, pass_results),
                 "device_code": device_code,
                 "versions": _versions(captured.source),
                 "notes": notes,
@@ -277,6 +283,7 @@ def compile_pipeline(
     batch: int = 2,
     progress: bool = True,
     require_cross_compiler: bool = False,
+    decoder_tile: int | None = None,
 ) -> Path:
     """Compile an artifact set: ``output_dir`` with ``denoiser/``, and ``decoder/``, ``text_encoder/`` and
     ``tokenizer/`` when given, which ``Pipeline.from_directory`` and ``edgediff generate`` run.
@@ -288,7 +295,9 @@ def compile_pipeline(
     the denoiser's latent size; the text encoder must make the denoiser's conditioning (one input of its
     width, as SD 1.x/2.x UNets take it) and the tokenizer must fit the text encoder, all checked before
     anything is compiled. ``batch`` is the denoiser's (2: one-call classifier-free guidance; the text
-    encoder runs once per prompt). The set is written atomically, like an artifact.
+    encoder runs once per prompt). ``decoder_tile`` (a latent size) also compiles the decoder for tiles of
+    that size into ``decoder_tile/``: a memory-capped run decodes in overlapping tiles with it. The set is
+    written atomically, like an artifact.
     """
     from edgediff import zoo
     from edgediff.errors import InputError
@@ -336,8 +345,20 @@ def compile_pipeline(
                 f"makes latents {[1, *sample]}"
             )
 
+    tile_dec = None
+    if decoder_tile is not None:
+        if decoder is None or not 0 < decoder_tile <= den.meta["latent_size"]:
+            raise InputError(
+                f"decoder_tile {decoder_tile} needs a decoder and a tile no larger than the latents "
+                f"({den.meta['latent_size']})"
+            )
+        if isinstance(decoder, zoo.ZooModel):  # built for one latent size already
+            raise InputError("decoder_tile needs the decoder as a zoo name or folder, not a built ZooModel")
+        tile_dec = _set_component(decoder, "decoder", latent_size=decoder_tile)
+
     with atomic_directory(Path(output_dir)) as staging:
-        for role, model in (("denoiser", den), ("decoder", dec), ("text_encoder", enc)):
+        roles = (("denoiser", den), ("decoder", dec), ("text_encoder", enc), ("decoder_tile", tile_dec))
+        for role, model in roles:
             if model is not None:
                 compile_model(
                     model,

@@ -31,7 +31,8 @@ from edgediff.runtime.artifact import MANIFEST_FILE, check_artifact, target_arch
 
 PACKAGE_DIR = Path(edgediff.__file__).resolve().parent
 # What of the package a device needs (relative to the package folder); everything else is the compiler.
-RUNTIME_SOURCES = ("errors.py", "runtime")
+# precision/quantizers.py: the runtime re-quantizes LoRA-merged int8/int4 layers with the compiler's quantizer
+RUNTIME_SOURCES = ("errors.py", "runtime", "precision/quantizers.py")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 _BUNDLE_INIT = '''"""The edgediff runtime bundled for a device: artifacts, samplers, pipeline, PNG writing.

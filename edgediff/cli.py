@@ -64,8 +64,9 @@ def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
         batch=args.batch,
         progress=not args.quiet,
         require_cross_compiler=args.require_cross_compiler,
+        decoder_tile=args.decoder_tile,
     )
-    for role in ("denoiser", "decoder", "text_encoder"):
+    for role in ("denoiser", "decoder", "text_encoder", "decoder_tile"):
         if (root / role).is_dir():
             artifact = Artifact(root / role)
             signature = "; ".join(i.describe() for i in artifact.inputs)
@@ -92,9 +93,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edgediff.runtime.image import write_png
-    from edgediff.runtime.pipeline import Pipeline
+    from edgediff.runtime.run import open_pipeline, print_memory
 
-    pipeline = Pipeline.from_directory(args.artifacts)
+    pipeline = open_pipeline(args.artifacts, args)
     if args.prompt is not None or args.negative_prompt is not None:
         parts = (("text_encoder/", pipeline.text_encoder), ("tokenizer/", pipeline.tokenizer))
         missing = [name for name, part in parts if part is None]
@@ -136,7 +137,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance,
             seed=args.seed,
             callback=progress,
-            decode=pipeline.decoder is not None,
+            decode=pipeline.decoder is not None or pipeline.tile_decoder is not None,
         )
     finally:
         if bar is not None:
@@ -152,6 +153,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             + ("" if args.save_latents else " (--save-latents)")
         )
     print(result.timings.summary())
+    print_memory(result)
     if args.profile:
         steps = np.asarray(result.timings.steps) * 1e3
         model = np.asarray(result.timings.model) * 1e3
@@ -168,10 +170,41 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from edgediff.runtime.artifact import check_artifact, describe_manifest
+    from pathlib import Path
 
+    from edgediff.runtime.artifact import MANIFEST_FILE, check_artifact, describe_manifest
+
+    root = Path(args.artifact)
+    if not (root / MANIFEST_FILE).is_file() and (root / "denoiser").is_dir():
+        return _inspect_set(root, args)
     manifest = check_artifact(args.artifact, verify=not args.no_verify)
     print(json.dumps(manifest, indent=2) if args.json else describe_manifest(manifest, args.artifact))
+    return 0
+
+
+def _inspect_set(root, args: argparse.Namespace) -> int:
+    """``inspect`` of an artifact set: each model, then the memory plan of a run with one model per stage."""
+    from edgediff.runtime.artifact import MANIFEST_FILE, check_artifact, describe_manifest
+    from edgediff.runtime.memory import format_bytes, make_plan
+
+    manifests = {}
+    for role in ("text_encoder", "denoiser", "decoder", "decoder_tile"):
+        if (root / role / MANIFEST_FILE).is_file():
+            manifests[role] = check_artifact(root / role, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(manifests, indent=2))
+        return 0
+    for role, manifest in manifests.items():
+        print(describe_manifest(manifest, root / role))
+    plan = make_plan(manifests, None, baseline=0)
+    plan.resident = False
+    together = sum(f.total for f in plan.stages.values())
+    print(
+        f"artifact set {root}: all models together {format_bytes(together)}; "
+        f"smallest footprint under --max-memory (one model per stage"
+        + (", tiled decode" if "decoder_tile" in manifests else "")
+        + f") {format_bytes(plan.minimum)} plus the process itself"
+    )
     return 0
 
 
@@ -272,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--target", default="host", help="built-in target name or target YAML path")
     pipe.add_argument("-o", "--output", required=True, help="artifact set directory to write")
     pipe.add_argument("--batch", type=int, default=2, help="denoiser batch (2 = one-call CFG, default)")
+    pipe.add_argument(
+        "--decoder-tile",
+        type=int,
+        metavar="LATENT",
+        help="also compile the decoder for LATENT x LATENT tiles (decoder_tile/), for tiled decoding under "
+        "generate --max-memory",
+    )
     pipe.add_argument("--require-cross-compiler", action="store_true", help="as for compile")
     pipe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(run=_cmd_compile_pipeline)

@@ -53,8 +53,9 @@ def run_passes(
     return mod, results
 
 
-def _finalize_passes(target: Any, kind: str) -> Any:
-    """The lowering after edgediff's passes: memory planning and VM codegen preparation of TVM's backend."""
+def _finalize_passes(target: Any, kind: str, stats: dict[str, Any] | None = None) -> Any:
+    """The lowering after edgediff's passes: memory planning and VM codegen preparation of TVM's backend
+    (``stats`` receives the planned activation workspace, see ``lowering/memory.py``)."""
     import tvm
     from tvm import relax
 
@@ -62,7 +63,15 @@ def _finalize_passes(target: Any, kind: str) -> Any:
         backend = relax.backend.gpu_generic
     else:
         backend = relax.backend.cpu_generic.pipeline  # its package does not re-export dataflow_lower_passes
-    return tvm.transform.Sequential(backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+    finalize = list(backend.finalize_passes(target))
+    if stats is not None:
+        from edgediff.lowering.memory import workspace_pass
+
+        # right after LowerAllocTensor: every allocation is then one planned alloc_storage
+        at = next((i for i, p in enumerate(finalize) if "LowerAllocTensor" in p.info.name), None)
+        if at is not None:
+            finalize.insert(at + 1, workspace_pass(stats))
+    return tvm.transform.Sequential(backend.dataflow_lower_passes(target) + finalize)
 
 
 def weight_transform(results: list[PassResult]) -> Any | None:
@@ -70,8 +79,9 @@ def weight_transform(results: list[PassResult]) -> Any | None:
     return next((r.outputs["weight_transform"] for r in results if "weight_transform" in r.outputs), None)
 
 
-def build(mod: Any, spec: Any) -> Any:
-    """Lower the scheduled module to a VM executable (memory planning, VM codegen, LLVM/OpenCL codegen)."""
+def build(mod: Any, spec: Any, stats: dict[str, Any] | None = None) -> Any:
+    """Lower the scheduled module to a VM executable (memory planning, VM codegen, LLVM/OpenCL codegen);
+    ``stats`` (optional) receives the planned activation workspace."""
     import tvm
 
     target = spec.build_target()
@@ -80,7 +90,7 @@ def build(mod: Any, spec: Any) -> Any:
     try:
         # CPU kernels get vectorizable exp/erf/tanh/sigmoid instead of scalar libm calls
         with target, fast_math(spec.kind in ("cpu", "npu")):
-            return tvm.compile(mod, target=target, relax_pipeline=_finalize_passes(target, spec.kind))
+            return tvm.compile(mod, target=target, relax_pipeline=_finalize_passes(target, spec.kind, stats))
     except Exception as err:
         hint = ""
         if spec.kind == "gpu" and "schedule" not in str(err):

@@ -48,6 +48,12 @@ class WeightTransform:
             names.append(name if not copies else f"{name}#{copies + 1}")
         return names
 
+    def kernel_chains(self, weight_names: list[str]) -> dict[str, list[str]]:
+        """The kernels that computed each precomputed stored weight, by stored name (for the manifest: the
+        runtime's LoRA merge needs to know which transforms a stored weight went through)."""
+        computed = self.names(weight_names)[len(self.kept) :]
+        return {name: out.kernels for name, out in zip(computed, self.outputs, strict=True) if out.kernels}
+
     def apply(self, weights: list[Any], weight_names: list[str]) -> tuple[list[Any], list[str]]:
         """Run the transform on the host and return the weights (and names) in the order ``main`` takes."""
         from edgediff.lowering.build import build_for_host

@@ -43,6 +43,7 @@ from edgediff.precision.quantizers import (
     get_format,
     int4_layout,
     quantize_weight,
+    stored_shapes,
 )
 
 SCALE_SUFFIX = "_scale"
@@ -59,21 +60,12 @@ def stored_params(
     """``(name, shape, dtype)`` of each array weight ``name`` of ``layer`` is stored as - the signature the
     rewrite gives ``main`` and the arrays :func:`quantize_weights` writes, in that order."""
     fmt = get_format(layer.format)
-    shape = tuple(int(d) for d in shape)
-    if fmt.weight_bits in (32, 16):
-        return [(name, shape, str(fmt.weight_dtype))]
-    if fmt.weight_bits == 8:
-        return [
-            (name, shape, "int8"),
-            (name + SCALE_SUFFIX, (shape[0],) + (1,) * (len(shape) - 2), "float32"),
-        ]
-    if fmt.weight_bits == 4:
-        _, groups, size = int4_layout(shape)
-        return [
-            (name, (shape[0], groups * size // 2), "uint8"),
-            (name + SCALE_SUFFIX, (shape[0], groups, 1), "float32"),
-        ]
-    raise PassError(f"layer {layer.name}: format {fmt.name} stores no weights")
+    if fmt.weight_bits is None:
+        raise PassError(f"layer {layer.name}: format {fmt.name} stores no weights")
+    shapes = stored_shapes(tuple(shape), fmt)
+    dtypes = [str(fmt.weight_dtype), "float32"]
+    names = [name, name + SCALE_SUFFIX]
+    return [(n, s, d) for n, s, d in zip(names, shapes, dtypes, strict=False)]
 
 
 def _changes_storage(layer: LayerPlan | None, dtype: str) -> bool:

@@ -16,45 +16,28 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgediff.errors import PrecisionError
+from edgediff.errors import InputError, PrecisionError
 from edgediff.precision.quantizers import FORMATS, Format, compute_dtype, get_format, sqnr_db, stored_nbytes
 from edgediff.runtime.artifact import WEIGHT_ALIGNMENT
+from edgediff.runtime.memory import format_bytes
+from edgediff.runtime.memory import parse_bytes as runtime_parse_bytes
 
 if TYPE_CHECKING:
     from edgediff.precision.calibration import LayerInfo
 
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_UNITS.update({f"{p}B": v for p, v in list(_UNITS.items()) if p not in ("", "B")})
-_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-
 
 def parse_bytes(value: int | float | str) -> int:
-    """``1GB`` (10^9), ``512MiB`` (2^29), ``2e6`` or a plain number of bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number, unit = float(value), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-        if not match or match.group(2).upper() not in _UNITS:
-            raise PrecisionError(f"cannot read {value!r} as a size; expected e.g. 800MB, 1.5GiB or 120000")
-        number, unit = float(match.group(1)), match.group(2).upper()
-    size = int(number * _UNITS[unit])
-    if size < 1:
-        raise PrecisionError(f"a size budget must be at least one byte, got {value!r}")
-    return size
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
+    """``1GB`` (10^9), ``512MiB`` (2^29), ``2e6`` or a plain number of bytes (the runtime's parser)."""
+    try:
+        return runtime_parse_bytes(value, "a size budget")
+    except InputError as err:
+        raise PrecisionError(str(err)) from err
 
 
 @dataclass(frozen=True)

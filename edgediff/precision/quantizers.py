@@ -223,9 +223,29 @@ def fake_quant_weight(weight: np.ndarray, fmt: Format) -> np.ndarray:
     stored = quantize_weight(weight, fmt)
     if fmt.weight_bits in (32, 16):
         return stored[0].astype(np.float32)
+    return dequantize(stored[0], stored[1], weight.shape, fmt)
+
+
+def stored_shapes(shape: tuple[int, ...], fmt: Format) -> list[tuple[int, ...]]:
+    """Shapes of the arrays ``quantize_weight`` stores for a weight of ``shape`` (without computing them)."""
+    shape = tuple(int(d) for d in shape)
+    if fmt.weight_bits in (32, 16):
+        return [shape]
     if fmt.weight_bits == 8:
-        return dequantize_per_channel(stored[0], stored[1].reshape(-1))
-    return dequantize_int4(stored[0], stored[1], weight.shape)
+        return [shape, (shape[0],) + (1,) * (len(shape) - 2)]
+    if fmt.weight_bits == 4:
+        _, groups, size = int4_layout(shape)
+        return [(shape[0], groups * size // 2), (shape[0], groups, 1)]
+    raise PrecisionError(f"format {fmt.name} has no weights to quantize")
+
+
+def dequantize(ints: np.ndarray, scale: np.ndarray, shape: tuple[int, ...], fmt: Format) -> np.ndarray:
+    """The float32 weight of ``shape`` that the stored ``(ints, scale)`` of ``fmt`` stand for."""
+    if fmt.weight_bits == 8:
+        return dequantize_per_channel(ints, scale.reshape(-1))
+    if fmt.weight_bits == 4:
+        return dequantize_int4(ints, scale, shape)
+    raise PrecisionError(f"format {fmt.name} stores no integer weights")
 
 
 def stored_nbytes(shape: tuple[int, ...], fmt: Format) -> list[int]:

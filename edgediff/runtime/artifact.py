@@ -136,6 +136,15 @@ def iter_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -
             yield array.reshape(entry["shape"])
 
 
+def read_weight(root: Path, manifest: dict[str, Any], index: int) -> np.ndarray:
+    """Tensor ``index`` of ``weights.bin`` as stored (no hash check: for re-reading after a verified load)."""
+    entry = manifest["weights"]["tensors"][index]
+    with open(root / manifest["weights"]["file"], "rb") as handle:
+        handle.seek(entry["offset"])
+        array = np.fromfile(handle, dtype=np.dtype(entry["dtype"]), count=int(np.prod(entry["shape"])))
+    return array.reshape(entry["shape"])
+
+
 def load_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -> list[np.ndarray]:
     """Memory-map ``weights.bin`` and return one read-only array per weight, in call order."""
     record = manifest["weights"]
@@ -176,12 +185,14 @@ def _distinct_library_path(path: Path, sha256: str) -> Path:
 
 
 class CompiledModule:
-    """A host-runnable artifact as a callable: numpy (or torch) inputs in, numpy outputs out."""
+    """A host-runnable artifact as a callable: numpy (or torch) inputs in, numpy outputs out.
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True) -> None:
-        import tvm
-        from tvm.runtime.vm import VirtualMachine
+    ``lazy=True`` reads only the manifest: the library and the weights are loaded by the first call (or
+    :meth:`load`) and dropped again by :meth:`unload`, so a pipeline under a memory cap holds one stage's
+    model at a time. :meth:`set_lora` merges a LoRA into the weights (see ``runtime/lora.py``).
+    """
 
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True, lazy: bool = False) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         _check_tvm_version(self.path, self.manifest)
@@ -195,16 +206,78 @@ class CompiledModule:
             )
         if library["format"] != "shared":
             raise ArtifactError(f"{self.path}: library is {library['file']} (objects), not a loadable .so")
-        library_path = _check_file(self.path, library, "library", hash_it=True)
+        self._library_path = _check_file(self.path, library, "library", hash_it=True)
         self.inputs = [TensorInfo.from_dict(d) for d in self.manifest["inputs"]]
         self.outputs = [TensorInfo.from_dict(d) for d in self.manifest["outputs"]]
+        self._verify = verify
+        self._vm: Any = None
+        self._main: Any = None
+        self._weights: list[Any] = []
+        self._merged: dict[int, np.ndarray] = {}  # weights.bin index -> tensor with the LoRA merged
+        self.lora: dict[str, Any] | None = None  # what set_lora merged (for reports)
+        if not lazy:
+            self.load()
+
+    @property
+    def loaded(self) -> bool:
+        return self._vm is not None
+
+    def load(self) -> None:
+        """Load the library and copy the weights in (a no-op when loaded)."""
+        if self.loaded:
+            return
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
         self.device = tvm.cpu()
         use_target_cores(self.manifest)  # before the first kernel starts TVM's thread pool
-        library_path = _distinct_library_path(library_path, library["sha256"])
+        library_path = _distinct_library_path(self._library_path, self.manifest["library"]["sha256"])
         self._vm = VirtualMachine(tvm.runtime.load_module(str(library_path)), self.device)
         self._main = self._vm["main"]
-        weights = iter_weights(self.path, self.manifest, verify=verify)
-        self._weights = [tvm.runtime.tensor(w, self.device) for w in weights]
+        weights = iter_weights(self.path, self.manifest, verify=self._verify)
+        self._weights = [
+            tvm.runtime.tensor(self._merged.get(i, w), self.device) for i, w in enumerate(weights)
+        ]
+        self._verify = False  # hashed once: a reload under a memory cap does not hash again
+
+    def unload(self) -> None:
+        """Drop the weights and the library (the next call loads them again)."""
+        self._weights = []
+        self._main = self._vm = None
+        import gc
+
+        gc.collect()  # the VM and its tensors hold each other: free them now, not at the next collection
+
+    def set_lora(self, lora: Any, role: str = "denoiser") -> dict[str, Any] | None:
+        """Merge ``lora`` (a :class:`~edgediff.runtime.lora.Lora`, its layers of ``role``) into the weights,
+        replacing any LoRA merged before; ``None`` restores the stored weights. Returns what was merged."""
+        from edgediff.runtime.lora import merged_tensors, plan_merge
+
+        layers = lora.for_role(role) if lora is not None else []
+        targets = plan_merge(self.manifest, layers, f"{self.path}") if layers else []
+        merged = merged_tensors(targets, lora.scale, self.read_weight) if targets else {}
+        if self.loaded:
+            import tvm
+
+            # tensors the old LoRA touched come back from weights.bin: an exact un-merge
+            for index in set(self._merged) | set(merged):
+                value = merged[index] if index in merged else self.read_weight(index)
+                self._weights[index] = tvm.runtime.tensor(value, self.device)
+        self._merged = merged
+        self.lora = None
+        if targets:
+            self.lora = {
+                "file": lora.path,
+                "scale": lora.scale,
+                "layers": len(targets),
+                "requantized": sum(t.format is not None for t in targets),
+                "tensors": len(merged),
+            }
+        return self.lora
+
+    def read_weight(self, index: int) -> np.ndarray:
+        """Tensor ``index`` of weights.bin as stored (without any LoRA)."""
+        return read_weight(self.path, self.manifest, index)
 
     @property
     def name(self) -> str:
@@ -235,6 +308,7 @@ class CompiledModule:
             )
         import tvm
 
+        self.load()
         args = [
             tvm.runtime.tensor(self._to_array(v, info), self.device)
             for v, info in zip(inputs, self.inputs, strict=True)
@@ -283,12 +357,31 @@ def describe_manifest(manifest: dict[str, Any], path: str | os.PathLike | None =
     ]
     for item in manifest["passes"]:
         lines.append(f"    {item['name']:<24} {item['report'].get('summary', '')}  [{item['seconds']:.2f} s]")
+    lines += _memory_and_lora_lines(manifest)
     for note in manifest.get("notes", []):
         lines.append(f"  note      {note}")
     if manifest.get("device_code"):
         for kind, record in manifest["device_code"].items():
             lines.append(f"  device    {kind}: {record['kernels']} kernels in {record['file']}")
     return "\n".join(lines)
+
+
+def _memory_and_lora_lines(manifest: dict[str, Any]) -> list[str]:
+    """``inspect``'s memory line (what loading and calling the model holds) and LoRA line."""
+    from edgediff.runtime.lora import mergeable_summary
+    from edgediff.runtime.memory import Footprint, format_bytes
+
+    footprint = Footprint.of(manifest)
+    lines = [f"  memory    {footprint.describe()}" + ("" if footprint.measured else " (no recorded plan)")]
+    attention = (manifest.get("memory") or {}).get("attention") or {}
+    if attention.get("fused_sites") or attention.get("unfused_sites"):
+        lines.append(
+            f"            attention: {attention.get('fused_sites', 0)} sites fused (N x N scores never held, "
+            f"no slicing needed), {attention.get('unfused_sites', 0)} unfused "
+            f"({format_bytes(attention.get('unfused_score_bytes', 0))} of scores, in the workspace)"
+        )
+    lines.append(f"  lora      {mergeable_summary(manifest)}")
+    return lines
 
 
 class Artifact:

@@ -20,6 +20,14 @@ import numpy as np
 from edgediff.errors import EdgediffError, InputError
 from edgediff.runtime.artifact import CompiledModule
 from edgediff.runtime.image import to_uint8_image
+from edgediff.runtime.memory import (
+    MemoryPlan,
+    default_overlap,
+    make_plan,
+    parse_bytes,
+    peak_rss,
+    tiled_decode,
+)
 from edgediff.runtime.samplers import Sampler, SamplerError, get_sampler
 from edgediff.runtime.tokenizer import CLIPTokenizer
 
@@ -28,6 +36,7 @@ SAMPLE_INPUT = "sample"
 TIMESTEP_INPUT = "timestep"
 ARTIFACT_SET_ROLES = ("denoiser", "decoder", "text_encoder")
 TOKENIZER_DIR = "tokenizer"  # in an artifact set: the text encoder's tokenizer folder, copied as is
+TILE_DECODER_DIR = "decoder_tile"  # in an artifact set: the decoder compiled for one latent tile
 
 
 @dataclass
@@ -72,6 +81,8 @@ class Generation:
     latents: np.ndarray
     image: np.ndarray | None
     timings: Timings
+    memory_plan: MemoryPlan | None = None  # the plan a memory-capped run followed
+    peak_rss: int = 0  # the process's peak resident set size at the end of the run (bytes)
 
 
 class Pipeline:
@@ -83,11 +94,15 @@ class Pipeline:
         decoder: CompiledModule | None = None,
         text_encoder: CompiledModule | None = None,
         tokenizer: CLIPTokenizer | None = None,
+        *,
+        tile_decoder: CompiledModule | None = None,
+        max_memory: int | str | None = None,
     ) -> None:
         self.denoiser = denoiser
         self.decoder = decoder
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.tile_decoder = tile_decoder
         names = [info.name for info in denoiser.inputs]
         if names[:2] != [SAMPLE_INPUT, TIMESTEP_INPUT]:
             raise InputError(
@@ -111,8 +126,24 @@ class Pipeline:
                     f"decoder {decoder.path} takes latents {list(expected)}, "
                     f"the denoiser produces {list(self.latent_shape)}"
                 )
+        if tile_decoder is not None:
+            tile = tuple(tile_decoder.inputs[0].shape)
+            if (
+                tile[:2] != self.latent_shape[:2]
+                or tile[2] != tile[3]
+                or tile[2] > min(self.latent_shape[2:])
+            ):
+                raise InputError(
+                    f"tile decoder {tile_decoder.path} takes latents {list(tile)}: expected square tiles of "
+                    f"{self.latent_shape[1]} channels no larger than the latents {list(self.latent_shape)}"
+                )
         if text_encoder is not None:
             self._check_text_encoder(text_encoder, tokenizer)
+        self.max_memory: int | None = None
+        self._baseline: int | None = None
+        self.memory_plan: MemoryPlan | None = None
+        if max_memory is not None:
+            self.set_memory_cap(max_memory)
 
     def _check_text_encoder(self, text_encoder: CompiledModule, tokenizer: CLIPTokenizer | None) -> None:
         """The text encoder must make exactly the denoiser's conditioning, from ids its tokenizer can give
@@ -145,20 +176,36 @@ class Pipeline:
         tokenizer: str | os.PathLike | None = None,
         *,
         verify: bool = True,
+        tile_decoder: str | os.PathLike | None = None,
+        max_memory: int | str | None = None,
     ) -> Pipeline:
         """Load the artifacts of a pipeline (each a directory written by ``compile_model``) and the text
-        encoder's tokenizer folder (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``)."""
+        encoder's tokenizer folder (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``).
 
-        def load(path: str | os.PathLike | None) -> CompiledModule | None:
-            return CompiledModule(path, verify=verify) if path is not None else None
+        ``max_memory`` (bytes or ``"1.5GB"``) caps the run: models are then loaded when their stage runs
+        (see :mod:`edgediff.runtime.memory`); ``tile_decoder`` is a decoder compiled for one latent tile,
+        for tiled decoding."""
+        lazy = max_memory is not None
+
+        def load(path: str | os.PathLike | None, lazy: bool = lazy) -> CompiledModule | None:
+            return CompiledModule(path, verify=verify, lazy=lazy) if path is not None else None
 
         words = CLIPTokenizer.from_directory(tokenizer) if tokenizer is not None else None
-        return cls(load(denoiser), load(decoder), load(text_encoder), words)
+        return cls(
+            load(denoiser),
+            load(decoder),
+            load(text_encoder),
+            words,
+            tile_decoder=load(tile_decoder, lazy=True),  # loaded only when a decode is tiled
+            max_memory=max_memory,
+        )
 
     @classmethod
-    def from_directory(cls, path: str | os.PathLike, *, verify: bool = True) -> Pipeline:
-        """Load an artifact set: a directory holding denoiser/ and optionally decoder/, text_encoder/ and
-        tokenizer/ (as ``edgediff.compile_pipeline`` writes it)."""
+    def from_directory(
+        cls, path: str | os.PathLike, *, verify: bool = True, max_memory: int | str | None = None
+    ) -> Pipeline:
+        """Load an artifact set: a directory holding denoiser/ and optionally decoder/, text_encoder/,
+        tokenizer/ and decoder_tile/ (as ``edgediff.compile_pipeline`` writes it)."""
         root = Path(path)
         if not (root / "denoiser").is_dir():
             raise EdgediffError(
@@ -167,10 +214,105 @@ class Pipeline:
             )
         found = {
             role: root / role if (root / role).is_dir() else None
-            for role in (*ARTIFACT_SET_ROLES, TOKENIZER_DIR)
+            for role in (*ARTIFACT_SET_ROLES, TOKENIZER_DIR, TILE_DECODER_DIR)
         }
         return cls.from_artifacts(
-            found["denoiser"], found["decoder"], found["text_encoder"], found[TOKENIZER_DIR], verify=verify
+            found["denoiser"],
+            found["decoder"],
+            found["text_encoder"],
+            found[TOKENIZER_DIR],
+            verify=verify,
+            tile_decoder=found[TILE_DECODER_DIR],
+            max_memory=max_memory,
+        )
+
+    # ------------------------------------------------------------------------------------- LoRA and memory
+
+    def _modules(self) -> dict[str, CompiledModule]:
+        roles = {
+            "text_encoder": self.text_encoder,
+            "denoiser": self.denoiser,
+            "decoder": self.decoder,
+            TILE_DECODER_DIR: self.tile_decoder,
+        }
+        return {role: module for role, module in roles.items() if module is not None}
+
+    def set_lora(self, path: str | os.PathLike | None, scale: float = 1.0) -> str:
+        """Merge the LoRA file ``path`` at ``scale`` into the denoiser (and the text encoder, for its layers),
+        replacing any LoRA merged before; ``None`` removes it. Returns a one-line summary."""
+        from edgediff.runtime.lora import Lora
+
+        lora = Lora.load(path, scale) if path is not None else None
+        merged = []
+        for role in ("denoiser", "text_encoder"):
+            module = self._modules().get(role)
+            if module is not None:
+                state = module.set_lora(lora, role)
+                if state:
+                    quant = f", {state['requantized']} re-quantized" if state["requantized"] else ""
+                    merged.append(f"{state['layers']} {role} layers{quant}")
+        if lora is None:
+            text = "LoRA removed: stored weights restored"
+        else:
+            text = f"LoRA {path} at scale {scale:g}: merged {', '.join(merged) or 'nothing'}"
+            missing = [r for r in lora.roles() if r not in self._modules()]
+            if missing:
+                skipped = sum(len(lora.for_role(r)) for r in missing)
+                text += f"; {skipped} layers for {', '.join(missing)} not applied (no such model in the set)"
+        if self.max_memory is not None:
+            self.memory_plan = self.plan_memory()  # merged tensors are held beside the loaded weights
+        return text
+
+    def set_memory_cap(self, cap: int | str, *, baseline: int | None = None) -> MemoryPlan:
+        """Cap the runs at ``cap`` bytes (``"1.5GB"``); ``baseline`` is what the process holds besides the
+        models (default: its resident set now). Raises :class:`InputError` when no plan fits. Models loaded
+        eagerly stay loaded until their stage's plan releases them."""
+        from edgediff.runtime.memory import current_rss
+
+        self.max_memory = parse_bytes(cap, "--max-memory")
+        self._baseline = current_rss() if baseline is None else baseline
+        self.memory_plan = self.plan_memory()
+        return self.memory_plan
+
+    def plan_memory(self, cap: int | None = None) -> MemoryPlan:
+        """The memory plan of a run under ``cap`` (default: the pipeline's ``max_memory``)."""
+        cap = self.max_memory if cap is None else cap
+        latent_bytes = int(np.prod(self.latent_shape)) * 4
+        # the loop's own arrays: latents, the sampler's history (a few latents) and the conditioning
+        extra = 8 * latent_bytes + sum(int(np.prod(i.shape)) * 4 for i in self.conditioning) * 2
+        modules = self._modules()
+        return make_plan(
+            {role: m.manifest for role, m in modules.items()},
+            cap,
+            baseline=self._baseline,
+            extra_io=extra,
+            lora_bytes={role: sum(a.nbytes for a in m._merged.values()) for role, m in modules.items()},
+        )
+
+    def _enter(self, role: str) -> None:
+        """Make ``role``'s model ready to run: under a per-stage plan, unload every other model first."""
+        plan = self.memory_plan
+        modules = self._modules()
+        if plan is not None and not plan.resident:
+            for other, module in modules.items():
+                if other != role:
+                    module.unload()
+        modules[role].load()
+
+    def decode(self, latents: np.ndarray, *, tiled: bool = False, overlap: int | None = None) -> np.ndarray:
+        """The decoder's output for ``latents`` (NCHW floats in [-1, 1]); ``tiled`` decodes overlapping tiles
+        with the tile decoder (``decoder_tile/``) and blends them (see :func:`memory.tiled_decode`)."""
+        if not tiled:
+            if self.decoder is None:
+                raise InputError("this pipeline has no decoder/")
+            self._enter("decoder")
+            return np.asarray(self.decoder(latents))
+        if self.tile_decoder is None:
+            raise InputError("tiled decoding needs a decoder compiled for one tile (decoder_tile/)")
+        self._enter(TILE_DECODER_DIR)
+        tile = self.tile_decoder.inputs[0].shape[2]
+        return tiled_decode(
+            self.tile_decoder, latents, tile, default_overlap(tile) if overlap is None else overlap
         )
 
     # ---------------------------------------------------------------------------------------------- text
@@ -205,6 +347,8 @@ class Pipeline:
         if negative_prompt is not None and negative is not None:
             raise InputError("give either a negative prompt or negative embeddings, not both")
         start = time.perf_counter()
+        if self.text_encoder is not None:
+            self._enter("text_encoder")
         if prompt is not None:
             conditioning = self.encode_prompt(prompt)
         if use_cfg and negative is None:
@@ -356,6 +500,9 @@ class Pipeline:
                     f"latents have shape {list(latents.shape)}, expected {list(self.latent_shape)}"
                 )
 
+        if self.max_memory is not None:
+            self.memory_plan = self.plan_memory()
+        self._enter("denoiser")
         denoise = self._denoise_fn(cond, uncond, guidance_scale, timings)
         evaluations = len(chosen.timesteps)
 
@@ -376,9 +523,16 @@ class Pipeline:
         final = chosen.sample(timed_denoise, latents, rng=rng, callback=on_step)
 
         image = None
-        if decode and self.decoder is not None:
+        plan = self.memory_plan
+        tiled = (
+            plan.tiled_decode if plan is not None else self.decoder is None and self.tile_decoder is not None
+        )
+        if decode and (self.decoder is not None or self.tile_decoder is not None):
             start = time.perf_counter()
-            image = to_uint8_image(self.decoder(final))
+            image = to_uint8_image(self.decode(final, tiled=tiled))
             timings.decoder = time.perf_counter() - start
+        if plan is not None and not plan.resident:
+            for module in self._modules().values():
+                module.unload()
         timings.total = time.perf_counter() - total_start
-        return Generation(final, image, timings)
+        return Generation(final, image, timings, plan, peak_rss())

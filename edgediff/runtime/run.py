@@ -82,9 +82,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from edgediff.runtime.image import write_png
-    from edgediff.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.from_directory(resolve(args.artifacts, args.artifacts_dir), verify=not args.no_verify)
+    pipeline = open_pipeline(resolve(args.artifacts, args.artifacts_dir), args, verify=not args.no_verify)
     # prompt text goes through the set's text encoder and tokenizer; passed only when given
     given = (("prompt", args.prompt), ("negative_prompt", args.negative_prompt))
     text = {key: value for key, value in given if value is not None}
@@ -121,7 +120,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         print("no decoder/ in the artifact set: latents only")
     print(result.timings.summary())
+    print_memory(result)
     return 0
+
+
+def open_pipeline(path: str | os.PathLike, args: argparse.Namespace, *, verify: bool = True) -> Any:
+    """The artifact set at ``path`` with the generation options' LoRA and memory cap applied (and said)."""
+    from edgediff.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.from_directory(path, verify=verify, max_memory=args.max_memory)
+    if args.lora is not None:
+        print(pipeline.set_lora(args.lora, args.lora_scale))
+    elif args.lora_scale != 1.0:
+        raise InputError("--lora-scale needs --lora FILE.safetensors")
+    if pipeline.memory_plan is not None:
+        print(pipeline.memory_plan.describe())
+    return pipeline
+
+
+def print_memory(result: Any) -> None:
+    """The measured peak resident set size, beside the cap when the run had one."""
+    from edgediff.runtime.memory import format_bytes
+
+    plan = result.memory_plan
+    line = f"peak RSS      {format_bytes(result.peak_rss)}"
+    if plan is not None and plan.cap:
+        verdict = "under" if result.peak_rss <= plan.cap else "OVER"
+        line += (
+            f" ({verdict} the cap of {format_bytes(plan.cap)}; planned {format_bytes(plan.peak_estimate)})"
+        )
+    print(line)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +165,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler")
     parser.add_argument("--save-latents", help="save the final latents (.npy)")
+    parser.add_argument("--lora", help="LoRA .safetensors merged into the weights at load (no rebuild)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    parser.add_argument(
+        "--max-memory",
+        help="cap on the run's resident memory, e.g. 1.5GB: models load per stage, tiled decode if needed",
+    )
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write when there is a decoder")
 
 

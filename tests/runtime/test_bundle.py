@@ -21,7 +21,14 @@ from edgediff.bundle import make_bundle, runtime_files
 from edgediff.errors import ArtifactError, EdgediffError
 from tests.cli.test_cli import assert_one_line_error, run_cli
 
-ALLOWED_FILES = {"run.py", "README.md", "edgediff/__init__.py", "edgediff/errors.py"}
+# precision/quantizers.py: the numpy quantizer that re-quantizes LoRA-merged int8/int4 layers on the device
+ALLOWED_FILES = {
+    "run.py",
+    "README.md",
+    "edgediff/__init__.py",
+    "edgediff/errors.py",
+    "edgediff/precision/quantizers.py",
+}
 
 
 def unpack(bundle: Path, destination: Path) -> Path:
@@ -88,6 +95,15 @@ def test_bundled_run_py_runs_an_artifact_on_npy_inputs(compiled, tmp_path):
     listed = run_py(bundle_dir, "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert artifact.path.name in listed.stdout and "runs here yes" in listed.stdout
+
+    # the LoRA merge re-quantizes with the compiler's quantizer: the bundle's copy imports on its own
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "import edgediff.precision.quantizers as q, edgediff.runtime.lora; print(q.__file__)"
+    )
+    imported = subprocess.run([sys.executable, "-c", code, str(bundle_dir)], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip().startswith(str(bundle_dir))
 
     missing = run_py(bundle_dir, "run", "nope", "latents.npy", cwd=tmp_path)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
