@@ -287,7 +287,9 @@ def _mark_weights(graph: Graph) -> None:
 
 # Ops allowed on the path from q @ k^T to softmax and from softmax to the P @ v matmul (casts, the 1/sqrt(d)
 # scale, reshapes, and the importer's guard that zeroes rows that are all -inf).
-_SCORE_PATH = frozenset({"relax.astype", "relax.multiply", "relax.divide"}) | ALIAS_OPS | {"relax.broadcast_to"}
+_SCORE_PATH = (
+    frozenset({"relax.astype", "relax.multiply", "relax.divide"}) | ALIAS_OPS | {"relax.broadcast_to"}
+)
 _GUARD_OPS = frozenset(
     {"relax.equal", "relax.logical_not", "relax.max", "relax.full_like", "relax.where", "relax.astype"}
 )
@@ -338,7 +340,10 @@ def _fuse_attention(graph: Graph) -> None:
                 if node.op in _GUARD_OPS:
                     inner.add(node.name)
         escapes = [
-            c for n in inner | {qk.name} for c in graph.consumers.get(n, []) if c not in inner and c != pv.name
+            c
+            for n in inner | {qk.name}
+            for c in graph.consumers.get(n, [])
+            if c not in inner and c != pv.name
         ]
         if escapes:
             continue
@@ -376,7 +381,9 @@ def _label_layers(graph: Graph) -> None:
         node.layer = layer
         match = _BLOCK_RE.search(layer)
         parts = layer.split("_")
-        node.block = match.group(0) if match else ("_".join(parts[1:3]) if len(parts) > 2 else layer or "input")
+        node.block = (
+            match.group(0) if match else ("_".join(parts[1:3]) if len(parts) > 2 else layer or "input")
+        )
 
 
 def _layer_name(weight: str) -> str:

@@ -96,8 +96,12 @@ def _conv2d(x: np.ndarray, w: np.ndarray, attrs: dict[str, Any], pad: list[int])
         wg = w[g * og : (g + 1) * og]
         for i in range(kh):
             for j in range(kw):
-                patch = xg[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
-                out[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", patch, wg[:, :, i, j], optimize=True)
+                patch = xg[
+                    :, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw
+                ]
+                out[:, g * og : (g + 1) * og] += np.einsum(
+                    "nchw,oc->nohw", patch, wg[:, :, i, j], optimize=True
+                )
     return out
 
 
@@ -150,7 +154,9 @@ def _layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, attrs: dict[
     return y.astype(np.float32)
 
 
-def _resize_nearest(x: np.ndarray, rows: list[int], cols: list[int], in_row0: int, in_col0: int) -> np.ndarray:
+def _resize_nearest(
+    x: np.ndarray, rows: list[int], cols: list[int], in_row0: int, in_col0: int
+) -> np.ndarray:
     """Nearest upsampling by integer factors; output rows ``rows`` (absolute) from an input tile at row0."""
     return x[:, :, np.asarray(rows) - in_row0][:, :, :, np.asarray(cols) - in_col0]
 
@@ -249,7 +255,9 @@ def evaluate(
     return np.asarray(out).astype(_np_dtype(dtype), copy=False)
 
 
-def _conv2d_tile(x: np.ndarray, w: np.ndarray, attrs: dict[str, Any], out_box: Box, in_box: Box | None) -> Any:
+def _conv2d_tile(
+    x: np.ndarray, w: np.ndarray, attrs: dict[str, Any], out_box: Box, in_box: Box | None
+) -> Any:
     """The conv output rows ``out_box`` from an input tile at ``in_box``: padding rows that lie outside the
     whole input (the image border) are zeros, those inside are the halo the tile already holds."""
     top, left, bottom, right = attrs.get("padding", [0, 0, 0, 0])

@@ -31,7 +31,9 @@ from edgediff.npu.kernels import Box, box_shape
 
 PROGRAM_VERSION = 1
 ROWWISE_OPS = frozenset({"relax.nn.softmax", "relax.nn.layer_norm", "relax.mean", "relax.max", "relax.sum"})
-ANCHORS = frozenset({"relax.nn.conv2d", "relax.matmul", "relax.nn.group_norm", ATTENTION_OP, "relax.image.resize2d"})
+ANCHORS = frozenset(
+    {"relax.nn.conv2d", "relax.matmul", "relax.nn.group_norm", ATTENTION_OP, "relax.image.resize2d"}
+)
 _STATS_BYTES = 12  # count, mean, M2 per (batch, group) in float32
 
 
@@ -98,7 +100,9 @@ def _may_join(group: Group, node: Node, graph: Graph, chain: bool) -> bool:
     kinds = {_kind(n) for n in group.nodes}
     if node.op == "relax.nn.conv2d" and len(node.shape or []) == 4:
         # GroupNorm -> SiLU -> conv and conv -> conv: row bands with a halo per 3x3 conv
-        return kinds <= {"elementwise", "relax.nn.group_norm", "relax.nn.conv2d"} and len(last.shape or []) == 4
+        return (
+            kinds <= {"elementwise", "relax.nn.group_norm", "relax.nn.conv2d"} and len(last.shape or []) == 4
+        )
     if node.op == "relax.matmul" and graph.is_weight(node.var_args()[1]):
         # LayerNorm -> Linear over token rows
         return kinds <= {"elementwise", "rowwise"} and len(node.shape or []) == len(last.shape or [])
@@ -281,11 +285,14 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
         axes.append((row, "rows"))
     col = 1 if spatial else rank - 1
     # output channels / columns: the weight is cut into column tiles (one weighted op, no GroupNorm)
-    if (
-        len(weighted) == 1
-        and col not in reduced_after
-        and col != row
-        and not any(n.op == "relax.nn.group_norm" for n in group.nodes)
+    elementwise = all(n.op in ELEMENTWISE_OPS for n in group.nodes)
+    if col != row and (
+        elementwise
+        or (
+            len(weighted) == 1
+            and col not in reduced_after
+            and not any(n.op == "relax.nn.group_norm" for n in group.nodes)
+        )
     ):
         axes.append((col, "cols"))
     return axes
@@ -334,7 +341,9 @@ def region_boxes(group: Group, graph: Graph, out_box: Box) -> TileBoxes:
                 continue
             target = needed if arg in names else inputs
             if arg in target:
-                target[arg] = [[min(a[0], b[0]), max(a[1], b[1])] for a, b in zip(target[arg], abox, strict=True)]
+                target[arg] = [
+                    [min(a[0], b[0]), max(a[1], b[1])] for a, b in zip(target[arg], abox, strict=True)
+                ]
             else:
                 target[arg] = abox
     return TileBoxes(needed, inputs)
@@ -349,13 +358,14 @@ def _slot_sizes(group: Group, graph: Graph, axes: list[TileAxis], kv: int | None
     border, and the last tile may be short), so that every tile's buffer fits its slot."""
     out_shape = group.last.shape or []
     samples = [tuple(min(i, ax.count - 1) for ax in axes) for i in (0, 1)]
-    slots: dict[str, list[list[int]]] = {}
+    kv_names = _kv_inputs(group)
+    slots: dict[str, list[int]] = {}
     dtypes: dict[str, str] = {}
     for index in samples:
         boxes = region_boxes(group, graph, _tile_box(out_shape, axes, index))
         for name, box in {**boxes.nodes, **boxes.inputs}.items():
-            if group.last.op == ATTENTION_OP and kv is not None and name in _kv_inputs(group):
-                axis = 2 if name == group.last.var_args()[1] else 1
+            if kv is not None and name in kv_names:
+                axis = 2 if name == kv_names[0] else 1
                 box = [list(r) for r in box]
                 box[axis] = [0, min(kv, box[axis][1] - box[axis][0])]
             lengths = box_shape(box)
@@ -558,7 +568,11 @@ def _too_small(group: Group, graph: Graph, spec: Any, sram: int) -> SramTooSmall
     engine = spec.npu.tensor_engine if spec.npu is not None else (16, 16)
     axes = []
     for axis, role in axes_spec:
-        smallest = 1 if role in ("batch",) or len(out_shape) == 4 and role == "rows" else engine[0 if role == "rows" else 1]
+        smallest = (
+            1
+            if role in ("batch",) or len(out_shape) == 4 and role == "rows"
+            else engine[0 if role == "rows" else 1]
+        )
         axes.append(TileAxis(axis, out_shape[axis], min(smallest, out_shape[axis]), role))
     kv = min(engine[0], 16) if any(n.op == ATTENTION_OP for n in group.nodes) else None
     slots = _slot_sizes(group, graph, axes, kv)
@@ -755,8 +769,13 @@ def build_program(graph: Graph, groups: list[Group], spec: Any, sram: int) -> di
         * 1e9,
         "graph": graph.to_dict(),
         "groups": [
-            {"id": g.id, "device": g.device, "block": g.block, "nodes": [n.name for n in g.nodes],
-             "plan": g.plan}  # fmt: skip
+            {
+                "id": g.id,
+                "device": g.device,
+                "block": g.block,
+                "nodes": [n.name for n in g.nodes],
+                "plan": g.plan,
+            }  # fmt: skip
             for g in groups
         ],
         "instructions": emitter.instructions,
@@ -774,7 +793,9 @@ def op_by_op_bytes(graph: Graph) -> dict[str, int]:
             continue
         total = 0
         for arg in node.var_args():
-            total += nbytes(graph.shape_of(arg), graph.dtype_of(arg)) if graph.shape_of(arg) is not None else 0
+            total += (
+                nbytes(graph.shape_of(arg), graph.dtype_of(arg)) if graph.shape_of(arg) is not None else 0
+            )
         if node.shape is not None:
             total += nbytes(node.shape, node.dtype)
         else:  # split: its outputs are its input's bytes

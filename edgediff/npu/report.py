@@ -90,7 +90,9 @@ def analyse(graph: Graph, groups: list[Group], spec: Any, result: SimulationResu
 
     for block, value in op_by_op_bytes(unfused or graph).items():
         row(block).op_by_op += value
-    for block, value in fused_bytes(form_groups(unfused or graph, spec, chain=False), unfused or graph).items():
+    for block, value in fused_bytes(
+        form_groups(unfused or graph, spec, chain=False), unfused or graph
+    ).items():
         row(block).fused += value
     regions = []
     seen_weights: set[str] = set()
@@ -151,7 +153,9 @@ def render_text(analysis: TilingAnalysis) -> str:
             f"{r.op_by_op / max(1, r.tiled):>5.1f}x {r.floor / 1e6:>9.1f} {format_bytes(r.sram_peak):>10} "
             f"{r.seconds * 1e3:>8.3f} {r.tiles:>6}"
         )
-    overflow = sorted((x for x in analysis.regions if x["overflows_sram"]), key=lambda x: -x["memory"]["total"])
+    overflow = sorted(
+        (x for x in analysis.regions if x["overflows_sram"]), key=lambda x: -x["memory"]["total"]
+    )
     if overflow:
         lines += ["", f"regions whose untiled working set overflows the SRAM ({len(overflow)}; largest 15):"]
         for x in overflow[:15]:

@@ -207,7 +207,9 @@ class Simulator:
                     if inst["tensor"] not in self.dram:
                         shape = self.graph.shape_of(inst["tensor"])
                         self.dram[inst["tensor"]] = np.zeros(shape, kernels._np_dtype(dtype))
-                    self.dram[inst["tensor"]][_slices(inst["box"])] = buf.array[_relative(inst["box"], buf.box)]
+                    self.dram[inst["tensor"]][_slices(inst["box"])] = buf.array[
+                        _relative(inst["box"], buf.box)
+                    ]
                 gs.dram_write += size
                 tile_dma += size
             elif kind == "free":
