@@ -123,17 +123,22 @@ def merge_stats(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([n, mean, m2], axis=-1)
 
 
-def _group_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, attrs: dict[str, Any], stats: Any) -> Any:
+def _group_norm(
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, attrs: dict[str, Any], stats: Any, channels: range
+) -> Any:
+    """GroupNorm of the channels ``channels`` (absolute) of an N, C, ... tile: with ``stats`` (from the
+    statistics phase) any channel range; without, ``x`` must hold whole samples (its own statistics)."""
     groups = attrs["num_groups"]
+    total = len(channels) if stats is None else attrs["channels"]
     if stats is None:
         stats = group_norm_stats(x, groups)
-    n, c = x.shape[:2]
-    mean = stats[..., 1]
-    var = stats[..., 2] / stats[..., 0]
-    v = x.astype(np.float64).reshape(n, groups, c // groups, *x.shape[2:])
-    shape = (n, groups) + (1,) * (v.ndim - 2)
-    y = ((v - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + attrs["epsilon"])).reshape(x.shape)
-    bshape = (1, c) + (1,) * (x.ndim - 2)
+    per_group = total // groups
+    index = np.asarray(channels) // per_group
+    mean = stats[:, index, 1]
+    var = stats[:, index, 2] / stats[:, index, 0]
+    shape = mean.shape + (1,) * (x.ndim - 2)
+    y = (x.astype(np.float64) - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + attrs["epsilon"])
+    bshape = (1, len(channels)) + (1,) * (x.ndim - 2)
     if attrs.get("scale", True):
         y = y * _f32(gamma).reshape(bshape)
     if attrs.get("center", True):
@@ -223,7 +228,8 @@ def evaluate(
     elif op == "relax.nn.conv2d":
         out = _conv2d_tile(args[0], args[1], attrs, out_box, arg_boxes[0] if arg_boxes else None)
     elif op == "relax.nn.group_norm":
-        out = _group_norm(args[0], args[1], args[2], attrs, extra)
+        channels = range(out_box[1][0], out_box[1][1])
+        out = _group_norm(args[0], args[1], args[2], {**attrs, "channels": shape[1]}, extra, channels)
     elif op == "relax.nn.layer_norm":
         out = _layer_norm(args[0], args[1], args[2], attrs)
     elif op == "relax.nn.softmax":

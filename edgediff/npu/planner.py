@@ -202,7 +202,13 @@ def arg_boxes(node: Node, out_box: Box, graph: Graph) -> list[Box | None]:
                 box[-2] = list(out_box[-2]) if len(shape) >= 2 else box[-2]
             else:
                 box[-1] = list(out_box[-1])
-        elif op in ROWWISE_OPS or op == "relax.nn.group_norm":
+        elif op == "relax.nn.group_norm":
+            box = [list(r) for r in full]
+            if index == 0:
+                box = [list(r) for r in out_box]
+            else:
+                box = [list(out_box[1])]
+        elif op in ROWWISE_OPS:
             box = [list(r) for r in full]
             if index == 0 and len(out_box) == len(shape):
                 reduced = _reduced_axes(node)
@@ -265,8 +271,10 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
         return []
     if any(len(n.shape or []) != rank for n in group.nodes):
         return []
-    spatial = rank == 4 and any(n.op in ("relax.nn.conv2d", "relax.nn.group_norm", "relax.image.resize2d")
-                                for n in group.nodes)  # fmt: skip
+    # NCHW maps (and GroupNorm's N, C, H*W view): rows are H, columns are channels
+    spatial = rank in (3, 4) and any(
+        n.op in ("relax.nn.conv2d", "relax.nn.group_norm", "relax.image.resize2d") for n in group.nodes
+    )
     reduced: set[int] = set()
     reduced_after: set[int] = set()  # axes reduced by the weighted op's epilogue
     weighted = [n for n in group.nodes if n.op in ("relax.nn.conv2d", "relax.matmul")]
@@ -286,8 +294,12 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
     col = 1 if spatial else rank - 1
     # output channels / columns: the weight is cut into column tiles (one weighted op, no GroupNorm)
     elementwise = all(n.op in ELEMENTWISE_OPS for n in group.nodes)
+    # GroupNorm normalises each channel with its group's statistics (from the statistics phase): channel
+    # tiles are exact when no conv follows in the region
+    norm_only = all(n.op in ELEMENTWISE_OPS or n.op == "relax.nn.group_norm" for n in group.nodes)
     if col != row and (
         elementwise
+        or (norm_only and spatial)
         or (
             len(weighted) == 1
             and col not in reduced_after
@@ -489,7 +501,7 @@ def plan_region(group: Group, graph: Graph, spec: Any, sram: int) -> dict[str, A
 
 def _needs_stats_phase(group: Group, axes: list[TileAxis]) -> bool:
     return any(n.op == "relax.nn.group_norm" for n in group.nodes) and any(
-        a.count > 1 and a.role == "rows" for a in axes
+        a.count > 1 and a.role != "batch" for a in axes
     )
 
 
