@@ -398,6 +398,57 @@ def _slot_sizes(group: Group, graph: Graph, axes: list[TileAxis], kv: int | None
     return sizes
 
 
+def _last_uses(group: Group) -> dict[str, int]:
+    """For each node of a region, the position of its last consumer inside the region (its own for the last)."""
+    position = {n.name: i for i, n in enumerate(group.nodes)}
+    last = {n.name: i for i, n in enumerate(group.nodes)}
+    for i, node in enumerate(group.nodes):
+        for arg in node.var_args():
+            if arg in position:
+                last[arg] = max(last[arg], i)
+    last[group.last.name] = len(group.nodes)  # held until its DMA out
+    return last
+
+
+def _layout(group: Group, slots: dict[str, int]) -> tuple[dict[str, int], int]:
+    """SRAM offsets for a tile's buffers, first fit by lifetime: an intermediate's space is reused once its
+    last consumer in the region has run; inputs, statistics and resident tiles live through the region.
+    Returns the offsets and the bytes spanned (the working set)."""
+    n = len(group.nodes)
+    last = _last_uses(group)
+    attention = next((i for i, node in enumerate(group.nodes) if node.op == ATTENTION_OP), None)
+    streamed = set(_kv_inputs(group))
+    spans: list[tuple[str, int, int]] = []
+    for name in slots:
+        if name in last:
+            i = next(k for k, node in enumerate(group.nodes) if node.name == name)
+            spans.append((name, i, last[name]))
+        elif name in ("@state", "@scores") or (name in streamed and attention is not None):
+            spans.append((name, attention if attention is not None else 0, attention if attention is not None else 0))
+        else:  # region inputs and statistics: the whole region
+            spans.append((name, -1, n))
+    # statistics first (the statistics phase streams bands above them), then by start, larger first
+    spans.sort(key=lambda s: (s[0] != "@stats", s[1], -slots[s[0]]))
+    placed: list[tuple[int, int, int, int]] = []  # offset, end, start step, end step
+    offsets: dict[str, int] = {}
+    for name, start, end in spans:
+        size = slots[name]
+        offset = 0
+        for o, e, s0, s1 in sorted(placed):
+            if s0 <= end and start <= s1 and o < offset + size and offset < e:
+                offset = e
+        # a later placed buffer may now overlap: retry until stable
+        moved = True
+        while moved:
+            moved = False
+            for o, e, s0, s1 in placed:
+                if s0 <= end and start <= s1 and o < offset + size and offset < e:
+                    offset, moved = e, True
+        offsets[name] = offset
+        placed.append((offset, offset + size, start, end))
+    return offsets, max((e for _, e, _, _ in placed), default=0)
+
+
 def _kv_inputs(group: Group) -> list[str]:
     attn = next((n for n in group.nodes if n.op == ATTENTION_OP), None)
     return [] if attn is None else attn.var_args()[1:3]
@@ -460,7 +511,7 @@ def plan_region(group: Group, graph: Graph, spec: Any, sram: int) -> dict[str, A
             tiles = [rows if i == row_index else t for i, t in enumerate(fixed)]
             axes = [TileAxis(a, out_shape[a], t, r) for (a, r), t in zip(axes_spec, tiles, strict=True)]
             slots = _slot_sizes(group, graph, axes, kv)
-            return axes, slots, sum(slots.values())
+            return axes, slots, _layout(group, slots)[1]
 
         # the largest row tile that fits (working sets shrink with the tile)
         lo, hi, found = 0, len(rows_opts) - 1, None
@@ -482,11 +533,7 @@ def plan_region(group: Group, graph: Graph, spec: Any, sram: int) -> dict[str, A
     if best is None:
         return None
     (cost, tiles), axes, slots, total, order, kv = best
-    offsets, offset = {}, 0
-    # statistics and attention state first: the GroupNorm statistics phase streams bands above them
-    for name, size in sorted(slots.items(), key=lambda item: not item[0].startswith("@")):
-        offsets[name] = offset
-        offset += size
+    offsets, _ = _layout(group, slots)
     return {
         "axes": [ax.__dict__ for ax in axes],
         "order": list(order),
@@ -588,7 +635,7 @@ def _too_small(group: Group, graph: Graph, spec: Any, sram: int) -> SramTooSmall
         axes.append(TileAxis(axis, out_shape[axis], min(smallest, out_shape[axis]), role))
     kv = min(engine[0], 16) if any(n.op == ATTENTION_OP for n in group.nodes) else None
     slots = _slot_sizes(group, graph, axes, kv)
-    need = sum(slots.values())
+    need = _layout(group, slots)[1]
     anchor = (group.anchors() or group.nodes)[0]
     weights = [a for a in anchor.var_args() if graph.is_weight(a)]
     weight_part = f", of which a {slots.get(weights[0], 0)}-byte weight tile" if weights else ""
@@ -679,8 +726,8 @@ class _Emitter:
                           bytes=_box_bytes(box, graph.dtype_of(name)))  # fmt: skip
                 resident[name] = (b, box)
                 bufs[name] = b
-            temps = []
-            for node in group.nodes:
+            last_use = _last_uses(group)
+            for position, node in enumerate(group.nodes):
                 box = boxes.nodes[node.name]
                 b = self.buf()
                 offset, size = slots[node.name]
@@ -696,12 +743,13 @@ class _Emitter:
                 if node.op == ATTENTION_OP:
                     self.emit(i="free", group=gid, buf=self._state_buf)
                 bufs[node.name] = b
-                temps.append(b)
+                for arg in set(node.var_args()):
+                    if arg in last_use and last_use[arg] == position and arg != group.last.name:
+                        self.emit(i="free", group=gid, buf=bufs[arg])
             self.emit(i="dma_out", group=gid, buf=bufs[group.last.name], tensor=group.last.name,
                       box=boxes.nodes[group.last.name], bytes=_box_bytes(boxes.nodes[group.last.name],
                                                                          group.last.dtype))  # fmt: skip
-            for b in temps:
-                self.emit(i="free", group=gid, buf=b)
+            self.emit(i="free", group=gid, buf=bufs[group.last.name])
             self.emit(i="tile_end", group=gid)
         for b, _ in resident.values():
             self.emit(i="free", group=gid, buf=b)
