@@ -301,9 +301,13 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
         elementwise
         or (norm_only and spatial)
         or (
+            # a prologue before the weighted op (GroupNorm -> SiLU) reads whole channels: it is recomputed
+            # for each column tile from the input band, which stays resident
             len(weighted) == 1
             and col not in reduced_after
-            and not any(n.op == "relax.nn.group_norm" for n in group.nodes)
+            and not any(
+                n.op == "relax.nn.group_norm" for n in group.nodes[group.nodes.index(weighted[0]) + 1 :]
+            )
         )
     ):
         axes.append((col, "cols"))
