@@ -45,10 +45,12 @@ lint: setup
 	$(PY) -m ruff check edgediff tests benchmarks scripts
 	$(PY) -m ruff format --check edgediff tests benchmarks scripts
 
-# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run.
+# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run. Then the
+# NPU tiling table: DRAM bytes per step untiled vs tiled for sd15-unet and the VAE decoder (analysis, ~2 min).
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
+	$(PY) benchmarks/tiling.py --l2-target arm-a78
 
 clean:
 	rm -rf demo-out .pytest_cache build

@@ -105,12 +105,22 @@ def _conv2d(x: np.ndarray, w: np.ndarray, attrs: dict[str, Any], pad: list[int])
     return out
 
 
-def group_norm_stats(x: np.ndarray, groups: int) -> np.ndarray:
-    """Per (batch, group): [count, mean, M2] of an NCHW tile (float64), to merge with :func:`merge_stats`."""
+def group_norm_stats(x: np.ndarray, groups: int, channels: range | None = None, total: int = 0) -> np.ndarray:
+    """Per (batch, group): [count, mean, M2] of an N, C, ... tile (float64), to merge with
+    :func:`merge_stats`; ``channels`` (absolute) and ``total`` when the tile holds some channels only."""
     n, c = x.shape[:2]
-    v = x.astype(np.float64).reshape(n, groups, -1)
-    mean = v.mean(axis=2)
-    return np.stack([np.full_like(mean, v.shape[2]), mean, ((v - mean[..., None]) ** 2).sum(axis=2)], axis=-1)
+    if channels is None or (channels.start == 0 and len(channels) == total):
+        v = x.astype(np.float64).reshape(n, groups, -1)
+        mean = v.mean(axis=2)
+        return np.stack([np.full_like(mean, v.shape[2]), mean, ((v - mean[..., None]) ** 2).sum(axis=2)], axis=-1)
+    per_group = total // groups
+    out = np.zeros((n, groups, 3))
+    for g in range(channels.start // per_group, (channels.stop - 1) // per_group + 1):
+        lo, hi = max(g * per_group, channels.start), min((g + 1) * per_group, channels.stop)
+        v = x[:, lo - channels.start : hi - channels.start].astype(np.float64).reshape(n, -1)
+        mean = v.mean(axis=1)
+        out[:, g] = np.stack([np.full_like(mean, v.shape[1]), mean, ((v - mean[:, None]) ** 2).sum(axis=1)], -1)
+    return out
 
 
 def merge_stats(a: np.ndarray, b: np.ndarray) -> np.ndarray:

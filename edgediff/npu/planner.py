@@ -592,9 +592,59 @@ def _orders(n: int) -> list[tuple[int, ...]]:
     return list(permutations(range(n))) or [()]
 
 
+def _stats_handoffs(groups: list[Group], graph: Graph, sram: int) -> tuple[dict[str, tuple[str, int, int]], int]:
+    """GroupNorms whose input is an NPU region's output: that region can accumulate the statistics while its
+    output tiles are on chip, instead of a statistics phase reading the input again. Each such hand-off
+    keeps a small buffer alive from the producer to the GroupNorm, at the top of the SRAM (lanes assigned
+    by lifetime). Returns {GroupNorm name: (producer's output, offset, bytes)} and the bytes reserved."""
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    producers = {g.last.name for g in groups if g.device == "npu"}
+    spans = []
+    for group in groups:
+        for node in group.nodes:
+            data = node.var_args()[0] if node.op == "relax.nn.group_norm" else None
+            if data in producers and len(graph.shape_of(data)) == 4 and group.device == "npu":
+                size = graph.shape_of(data)[0] * node.attrs["num_groups"] * _STATS_BYTES
+                # busy until the GroupNorm's region ends (it frees the buffer then)
+                spans.append((position[data], position[group.last.name], node.name, data, size))
+    if not spans:
+        return {}, 0
+    width = max(s[4] for s in spans)
+    lanes: list[int] = []  # end position of the hand-off occupying each lane
+    handoffs: dict[str, tuple[str, int, int]] = {}
+    for start, end, name, data, size in sorted(spans):
+        lane = next((i for i, busy in enumerate(lanes) if busy < start), None)
+        if lane is None:
+            lane = len(lanes)
+            lanes.append(end)
+        lanes[lane] = end
+        handoffs[name] = (data, lane, size)
+    reserve = len(lanes) * width
+    return {k: (d, sram - reserve + lane * width, size) for k, (d, lane, size) in handoffs.items()}, reserve
+
+
 def plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int) -> list[Group]:
     """Plan every NPU region; a chain that does not fit (or moves more bytes than its parts) is cut at its
     anchors. Raises :class:`SramTooSmallError` naming the op when one op alone cannot be tiled into SRAM."""
+    handoffs, reserve = _stats_handoffs(groups, graph, sram)
+    planned = _plan_groups(groups, graph, spec, sram - reserve, reserve)
+    by_last = {g.last.name: g for g in planned if g.device == "npu"}
+    for group in planned:
+        first = group.nodes[0]
+        if group.device != "npu" or first.name not in handoffs or not group.plan.get("stats_phase"):
+            continue
+        data, offset, size = handoffs[first.name]
+        producer = by_last.get(data)
+        if producer is None or producer.id >= group.id:
+            continue
+        # the producer accumulates the statistics; the GroupNorm's own statistics phase is dropped
+        producer.plan.setdefault("stats_out", []).append({"gn": first.name, "offset": offset, "bytes": size})
+        group.plan["stats_in"] = {"offset": offset, "bytes": size}
+        group.plan["stats_phase"] = False
+    return planned
+
+
+def _plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int, reserved: int = 0) -> list[Group]:
     result: list[Group] = []
     for group in groups:
         if group.device == "host":
@@ -614,10 +664,10 @@ def plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int) -> list
             elif plan is None:
                 # plan the parts separately, each failing part reporting itself
                 for part in parts:
-                    result.extend(plan_groups([part], graph, spec, sram))
+                    result.extend(_plan_groups([part], graph, spec, sram, reserved))
                 continue
         if plan is None:
-            raise _too_small(group, graph, spec, sram)
+            raise _too_small(group, graph, spec, sram, reserved)
         group.plan = plan
         result.append(group)
     for index, group in enumerate(result):
@@ -625,7 +675,7 @@ def plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int) -> list
     return result
 
 
-def _too_small(group: Group, graph: Graph, spec: Any, sram: int) -> SramTooSmallError:
+def _too_small(group: Group, graph: Graph, spec: Any, sram: int, reserved: int = 0) -> SramTooSmallError:
     axes_spec = _tile_axes(group, graph)
     out_shape = group.last.shape or []
     engine = spec.npu.tensor_engine if spec.npu is not None else (16, 16)
@@ -645,8 +695,9 @@ def _too_small(group: Group, graph: Graph, spec: Any, sram: int) -> SramTooSmall
     weight_part = f", of which a {slots.get(weights[0], 0)}-byte weight tile" if weights else ""
     layer = f" (layer {anchor.layer})" if anchor.layer else ""
     return SramTooSmallError(
-        f"SRAM of {sram} bytes on target {spec.name} is too small for op {anchor.op} '{anchor.name}'{layer}: "
-        f"its smallest tile needs {need} bytes{weight_part}"
+        f"SRAM of {sram + reserved} bytes on target {spec.name} is too small for op {anchor.op} '{anchor.name}'"
+        f"{layer}: its smallest tile needs {need} bytes{weight_part}"
+        + (f" ({reserved} bytes of the SRAM hold GroupNorm statistics between regions)" if reserved else "")
     )
 
 
@@ -675,6 +726,7 @@ class _Emitter:
         self.sram = sram
         self.instructions: list[dict[str, Any]] = []
         self.next_buf = 0
+        self.handoff: dict[str, int] = {}  # GroupNorm -> statistics buffer its input's producer filled
 
     def emit(self, **fields: Any) -> None:
         self.instructions.append(fields)
@@ -700,12 +752,21 @@ class _Emitter:
         kv_streamed = set(kv_inputs) if kv and kv < nk else set()
         stats_buf = None
         gn = next((n for n in group.nodes if n.op == "relax.nn.group_norm"), None)
-        if gn is not None:
+        if gn is not None and "stats_in" in plan:
+            stats_buf = self.handoff.pop(gn.name)  # accumulated by the region that produced the input
+        elif gn is not None:
             stats_buf = self.buf()
             offset, size = slots["@stats"]
             self.emit(i="alloc", group=gid, buf=stats_buf, offset=offset, bytes=size, what="stats")
             if plan["stats_phase"]:
                 self._stats_phase(group, gn, stats_buf, slots)
+        stats_out = []
+        for out in plan.get("stats_out", []):
+            b = self.buf()
+            self.emit(i="alloc", group=gid, buf=b, offset=out["offset"], bytes=out["bytes"],
+                      what=f"statistics for GroupNorm '{out['gn']}'")  # fmt: skip
+            self.handoff[out["gn"]] = b
+            stats_out.append((out["gn"], b))
         order = plan["order"]
         counts = [ax.count for ax in axes]
         for ordered in product(*[range(counts[o]) for o in order]):
@@ -753,6 +814,9 @@ class _Emitter:
             self.emit(i="dma_out", group=gid, buf=bufs[group.last.name], tensor=group.last.name,
                       box=boxes.nodes[group.last.name], bytes=_box_bytes(boxes.nodes[group.last.name],
                                                                          group.last.dtype))  # fmt: skip
+            for gn_name, b in stats_out:  # statistics of the output tile while it is on chip
+                self.emit(i="gn_stats", group=gid, node=gn_name, src=bufs[group.last.name], stats=b,
+                          flops=3 * math.prod(box_shape(boxes.nodes[group.last.name])))  # fmt: skip
             self.emit(i="free", group=gid, buf=bufs[group.last.name])
             self.emit(i="tile_end", group=gid)
         for b, _ in resident.values():

@@ -195,7 +195,9 @@ class Simulator:
             elif kind == "gn_stats":
                 if compute:
                     node = self.graph.by_name[inst["node"]]
-                    part = kernels.group_norm_stats(self.live[inst["src"]].array, node.attrs["num_groups"])
+                    src = self.live[inst["src"]]
+                    total = self.graph.shape_of(node.var_args()[0])[1]
+                    part = kernels.group_norm_stats(src.array, node.attrs["num_groups"], range(*src.box[1]), total)
                     buf = self.live[inst["stats"]]
                     buf.array = part if buf.array is None else kernels.merge_stats(buf.array, part)
                 tile_flops += inst.get("flops", 0)
