@@ -125,6 +125,14 @@ def form_groups(graph: Graph, spec: Any, *, chain: bool = True) -> list[Group]:
                 candidates[0].nodes.append(node)
                 owner[node.name] = candidates[0]
                 continue
+            view = _unit_view_of_last(node, groups, owner, graph) if chain else None
+            if view is not None:
+                # an elementwise epilogue behind a reshape that only adds or drops unit axes ((N, C) ->
+                # (1, N, C)): the reshape joins the region as a re-labelling of the tile, so the epilogue's
+                # input never goes to DRAM
+                groups[-1].nodes += [view, node]
+                owner[view.name] = owner[node.name] = groups[-1]
+                continue
             group = Group(len(groups), [node], "npu")
         groups.append(group)
         owner[node.name] = group
@@ -135,6 +143,33 @@ def form_groups(graph: Graph, spec: Any, *, chain: bool = True) -> list[Group]:
     for index, group in enumerate(result):
         group.id = index
     return result
+
+
+def unit_reshape(src: list[int] | None, dst: list[int] | None) -> bool:
+    """Whether a reshape from ``src`` to ``dst`` only inserts or removes axes of size 1."""
+    if src is None or dst is None:
+        return False
+    return [d for d in src if d != 1] == [d for d in dst if d != 1]
+
+
+def _unit_view_of_last(node: Node, groups: list[Group], owner: dict[str, Group], graph: Graph) -> Node | None:
+    if node.op not in ELEMENTWISE_OPS or not groups or groups[-1].device != "npu":
+        return None
+    group = groups[-1]
+    if any(n.op in ROWWISE_OPS or n.op == "relax.nn.group_norm" or n.op in ALIAS_OPS for n in group.nodes):
+        return None
+    for arg in node.var_args():
+        view = graph.by_name.get(arg)
+        if (
+            view is not None
+            and view.op in ("relax.reshape", "relax.expand_dims", "relax.squeeze")
+            and view.var_args()[0] == group.last.name
+            and unit_reshape(group.last.shape, view.shape)
+            and view.shape == node.shape
+            and arg not in owner
+        ):
+            return view
+    return None
 
 
 def _split_escapes(group: Group, graph: Graph) -> list[Group]:
@@ -148,10 +183,11 @@ def _split_escapes(group: Group, graph: Graph) -> list[Group]:
 
 
 def split_at_anchors(group: Group) -> list[Group]:
-    """A chain cut before each anchor after the first: the fallback when the chain does not pay or fit."""
+    """A chain cut before each anchor after the first (and before a re-labelling reshape): the fallback when
+    the chain does not pay or fit."""
     parts: list[list[Node]] = [[]]
     for node in group.nodes:
-        if node.op in ANCHORS and parts[-1] and any(n.op in ANCHORS for n in parts[-1]):
+        if parts[-1] and (node.op in ALIAS_OPS or node.op in ANCHORS and any(n.op in ANCHORS for n in parts[-1])):
             parts.append([])
         parts[-1].append(node)
     return [Group(group.id, p, group.device) for p in parts]
@@ -220,6 +256,9 @@ def arg_boxes(node: Node, out_box: Box, graph: Graph) -> list[Box | None]:
             fw = node.shape[3] // shape[3]
             box = [list(out_box[0]), list(out_box[1]), [out_box[2][0] // fh, -(-out_box[2][1] // fh)],
                    [out_box[3][0] // fw, -(-out_box[3][1] // fw)]]  # fmt: skip
+        elif op in ALIAS_OPS and unit_reshape(shape, node.shape):
+            kept = iter([r for r, d in zip(out_box, node.shape, strict=True) if d != 1])
+            box = [list(next(kept)) if d != 1 else [0, 1] for d in shape]
         elif op == ATTENTION_OP:
             box = [list(out_box[0])] + [list(r) for r in full[1:]]
             if index == 0:
@@ -267,9 +306,9 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
     """The output axes a region may be cut along (batch, rows, cols), per the ops it contains."""
     out = group.last.shape or []
     rank = len(out)
-    if rank == 0 or any(n.op not in ANCHORS | ELEMENTWISE_OPS | ROWWISE_OPS for n in group.nodes):
+    if rank == 0 or any(n.op not in ANCHORS | ELEMENTWISE_OPS | ROWWISE_OPS | ALIAS_OPS for n in group.nodes):
         return []
-    if any(len(n.shape or []) != rank for n in group.nodes):
+    if any(len(n.shape or []) != rank and not unit_reshape(n.shape, out) for n in group.nodes):
         return []
     # NCHW maps (and GroupNorm's N, C, H*W view): rows are H, columns are channels
     spatial = rank in (3, 4) and any(
@@ -293,10 +332,10 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
         axes.append((row, "rows"))
     col = 1 if spatial else rank - 1
     # output channels / columns: the weight is cut into column tiles (one weighted op, no GroupNorm)
-    elementwise = all(n.op in ELEMENTWISE_OPS for n in group.nodes)
+    elementwise = all(n.op in ELEMENTWISE_OPS | ALIAS_OPS for n in group.nodes)
     # GroupNorm normalises each channel with its group's statistics (from the statistics phase): channel
     # tiles are exact when no conv follows in the region
-    norm_only = all(n.op in ELEMENTWISE_OPS or n.op == "relax.nn.group_norm" for n in group.nodes)
+    norm_only = all(n.op in ELEMENTWISE_OPS | ALIAS_OPS or n.op == "relax.nn.group_norm" for n in group.nodes)
     if col != row and (
         elementwise
         or (norm_only and spatial)

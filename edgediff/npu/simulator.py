@@ -255,6 +255,10 @@ class Simulator:
         out_box = inst["box"]
         if node.op == ATTENTION_OP:
             return kernels.attention_finish(self.live[inst["state"]].array, node.dtype)
+        if node.op in VIEW_OPS:  # a reshape inside a region re-labels the tile's axes
+            arg = self.live[inst["args"][0]]
+            need = arg_boxes(node, out_box, self.graph)[0]
+            return arg.array[_relative(need, arg.box)].reshape(kernels.box_shape(out_box))
         needs = arg_boxes(node, out_box, self.graph)
         args, boxes = [], []
         for arg, need, buf_id in zip(node.args, needs, inst["args"], strict=True):
