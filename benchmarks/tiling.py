@@ -59,6 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgediff.npu import memory_budget, plan_model
+    from edgediff.npu.planner import SramTooSmallError
     from edgediff.npu.report import render_text
     from edgediff.precision.assignment import format_bytes
     from edgediff.targets import load_target
@@ -76,7 +77,11 @@ def main() -> None:
             plans.append((cpu, memory_budget(cpu, "l2"), "l2"))
         for index, (spec, sram, level) in enumerate(plans):
             start = time.perf_counter()
-            plan = plan_model(mod, spec, sram)
+            try:
+                plan = plan_model(mod, spec, sram)
+            except SramTooSmallError as err:
+                print(f"\n== {model}, {spec.name} ({level} {format_bytes(sram)}): {err}")
+                continue
             planned = time.perf_counter() - start
             if index == 0 or args.blocks:
                 print(f"\n== {model} @ latent {args.latent}, {spec.name} ({level} {format_bytes(sram)}); "

@@ -453,14 +453,15 @@ def _last_uses(group: Group) -> dict[str, int]:
     return last
 
 
-def _layout(group: Group, slots: dict[str, int]) -> tuple[dict[str, int], int]:
+def _layout(group: Group, slots: dict[str, int], kv_streamed: bool = True) -> tuple[dict[str, int], int]:
     """SRAM offsets for a tile's buffers, first fit by lifetime: an intermediate's space is reused once its
     last consumer in the region has run; inputs, statistics and resident tiles live through the region.
     Returns the offsets and the bytes spanned (the working set)."""
     n = len(group.nodes)
     last = _last_uses(group)
     attention = next((i for i, node in enumerate(group.nodes) if node.op == ATTENTION_OP), None)
-    streamed = set(_kv_inputs(group))
+    # keys and values streamed in blocks live during the attention step only; whole, they stay resident
+    streamed = set(_kv_inputs(group)) if kv_streamed else set()
     spans: list[tuple[str, int, int]] = []
     for name in slots:
         if name in last:
@@ -490,6 +491,12 @@ def _layout(group: Group, slots: dict[str, int]) -> tuple[dict[str, int], int]:
         offsets[name] = offset
         placed.append((offset, offset + size, start, end))
     return offsets, max((e for _, e, _, _ in placed), default=0)
+
+
+def _streams(group: Group, graph: Graph, kv: int | None) -> bool:
+    """Whether a region's attention streams keys and values in blocks (shorter than the key length)."""
+    names = _kv_inputs(group)
+    return bool(names) and kv is not None and kv < graph.shape_of(names[0])[-1]
 
 
 def _kv_inputs(group: Group) -> list[str]:
@@ -554,7 +561,7 @@ def plan_region(group: Group, graph: Graph, spec: Any, sram: int) -> dict[str, A
             tiles = [rows if i == row_index else t for i, t in enumerate(fixed)]
             axes = [TileAxis(a, out_shape[a], t, r) for (a, r), t in zip(axes_spec, tiles, strict=True)]
             slots = _slot_sizes(group, graph, axes, kv)
-            return axes, slots, _layout(group, slots)[1]
+            return axes, slots, _layout(group, slots, _streams(group, graph, kv))[1]
 
         # the largest row tile that fits (working sets shrink with the tile)
         lo, hi, found = 0, len(rows_opts) - 1, None
@@ -576,7 +583,7 @@ def plan_region(group: Group, graph: Graph, spec: Any, sram: int) -> dict[str, A
     if best is None:
         return None
     (cost, tiles), axes, slots, total, order, kv = best
-    offsets, _ = _layout(group, slots)
+    offsets, _ = _layout(group, slots, _streams(group, graph, kv))
     return {
         "axes": [ax.__dict__ for ax in axes],
         "order": list(order),
@@ -728,7 +735,7 @@ def _too_small(group: Group, graph: Graph, spec: Any, sram: int, reserved: int =
         axes.append(TileAxis(axis, out_shape[axis], min(smallest, out_shape[axis]), role))
     kv = min(engine[0], 16) if any(n.op == ATTENTION_OP for n in group.nodes) else None
     slots = _slot_sizes(group, graph, axes, kv)
-    need = _layout(group, slots)[1]
+    need = _layout(group, slots, _streams(group, graph, kv))[1]
     anchor = (group.anchors() or group.nodes)[0]
     weights = [a for a in anchor.var_args() if graph.is_weight(a)]
     weight_part = f", of which a {slots.get(weights[0], 0)}-byte weight tile" if weights else ""

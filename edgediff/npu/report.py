@@ -150,7 +150,7 @@ def render_text(analysis: TilingAnalysis) -> str:
             lines.append("-" * len(header))
         lines.append(
             f"{r.block:<{width}}  {r.op_by_op / 1e6:>11.1f} {r.fused / 1e6:>9.1f} {r.tiled / 1e6:>9.1f} "
-            f"{r.op_by_op / max(1, r.tiled):>5.1f}x {r.floor / 1e6:>9.1f} {format_bytes(r.sram_peak):>10} "
+            f"{_ratio(r.op_by_op, r.tiled):>6} {r.floor / 1e6:>9.1f} {format_bytes(r.sram_peak):>10} "
             f"{r.seconds * 1e3:>8.3f} {r.tiles:>6}"
         )
     overflow = sorted(
@@ -167,6 +167,11 @@ def render_text(analysis: TilingAnalysis) -> str:
                 f"{format_bytes(x['working_set'])}"
             )
     return "\n".join(lines) + "\n"
+
+
+def _ratio(untiled: int, tiled: int) -> str:
+    # a region spanning two blocks is counted in the block of its last op: no ratio for a block without one
+    return f"{untiled / tiled:.1f}x" if tiled else "-"
 
 
 def render_plot(analysis: TilingAnalysis) -> np.ndarray:

@@ -188,6 +188,15 @@ def test_halving_sram_in_a_user_yaml_shrinks_tiles(prepared, tmp_path):
     assert any(elements(small[n]) < elements(big[n]) for n in shared)
 
 
+@pytest.mark.parametrize("sram", [24 * 1024, 40 * 1024, 48 * 1024, 96 * 1024, 256 * 1024])
+def test_every_simulated_tile_fits_across_sram_sizes(prepared, sram):
+    # the simulator checks every buffer against the SRAM and the live buffers; counting only
+    for name in ("tiny-sd15-unet", "attention"):
+        _, program = _plan(prepared(name), sram)
+        result = Simulator(program).run()
+        assert 0 < result.sram_peak <= sram
+
+
 def test_sram_too_small_for_one_op_names_it(prepared):
     p = prepared("tiny-sd15-unet")
     pattern = r"SRAM of 4096 bytes .* too small for op relax\.\S+ '\w+' \(layer unet_\w+\): its smallest tile needs \d+ bytes"
