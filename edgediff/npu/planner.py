@@ -333,9 +333,12 @@ def _tile_axes(group: Group, graph: Graph) -> list[tuple[int, str]]:
     col = 1 if spatial else rank - 1
     # output channels / columns: the weight is cut into column tiles (one weighted op, no GroupNorm)
     elementwise = all(n.op in ELEMENTWISE_OPS | ALIAS_OPS for n in group.nodes)
-    # GroupNorm normalises each channel with its group's statistics (from the statistics phase): channel
-    # tiles are exact when no conv follows in the region
-    norm_only = all(n.op in ELEMENTWISE_OPS | ALIAS_OPS or n.op == "relax.nn.group_norm" for n in group.nodes)
+    # GroupNorm normalises each channel with its group's statistics (from the statistics phase) and
+    # upsampling copies each channel: channel tiles are exact when no conv follows in the region
+    norm_only = all(
+        n.op in ELEMENTWISE_OPS | ALIAS_OPS or n.op in ("relax.nn.group_norm", "relax.image.resize2d")
+        for n in group.nodes
+    )
     if col != row and (
         elementwise
         or (norm_only and spatial)
