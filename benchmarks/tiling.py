@@ -49,12 +49,16 @@ def op_level_module(model: str, latent: int, target: Any) -> Any:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["sd15-unet", "sd-vae-decoder"])
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--target", default="ane-like")
     parser.add_argument("--sram", nargs="+", type=parse_bytes, default=None, help="SRAM sizes to plan for")
-    parser.add_argument("--l2-target", default=None, help="also plan this CPU target with its L2 as scratchpad")
+    parser.add_argument(
+        "--l2-target", default=None, help="also plan this CPU target with its L2 as scratchpad"
+    )
     parser.add_argument("--blocks", action="store_true", help="the per-block table for every SRAM size")
     args = parser.parse_args()
 
@@ -90,9 +94,13 @@ def main() -> None:
             t = plan.analysis.total()
             largest = max((g.plan["working_set"] for g in plan.groups if g.plan), default=0)
             summary.append((model, f"{spec.name} {level}", sram, t, largest))
-    print("\n== summary (DRAM bytes per call; ratio = op-by-op / tiled; floor = each weight once + model I/O)")
-    header = (f"{'model':<15} {'target':<14} {'SRAM':>9} {'op-by-op':>9} {'fused':>9} {'tiled':>9} {'ratio':>6} "
-              f"{'floor':>9} {'tiled/floor':>11} {'SRAM peak':>9} {'max tile':>9} {'est. ms':>8}")  # fmt: skip
+    print(
+        "\n== summary (DRAM bytes per call; ratio = op-by-op / tiled; floor = each weight once + model I/O)"
+    )
+    header = (
+        f"{'model':<15} {'target':<14} {'SRAM':>9} {'op-by-op':>9} {'fused':>9} {'tiled':>9} {'ratio':>6} "
+        f"{'floor':>9} {'tiled/floor':>11} {'SRAM peak':>9} {'max tile':>9} {'est. ms':>8}"
+    )
     print(header)
     print("-" * len(header))
     for model, where, sram, t, largest in summary:

@@ -79,7 +79,8 @@ def _target_notes(spec: Any) -> list[str]:
     if spec.kind == "npu":
         host_triple = spec.tvm_target.get("mtriple", "host") if isinstance(spec.tvm_target, dict) else "host"
         notes.append(
-            "NPU program (SRAM tiles, DMA) in npu_program.json when the npu-tiling pass runs; it is simulated "
+            "NPU program (SRAM tiles, DMA) in npu_program.json when the npu-tiling pass runs; it is "
+            "simulated "
             "(edgediff.npu.simulator), and every kernel is also built for the NPU's host CPU "
             f"({host_triple}), which is what model.so runs"
         )

@@ -77,7 +77,7 @@ _BLOCK_RE = re.compile(
 
 @dataclass
 class Node:
-    """One op call ``name = op(*args, **attrs)``; args are ``{"var": name}``, ``{"const": value, "dtype": d}``,
+    """One op call ``name = op(*args, **attrs)``; args are ``{"var": name}``, ``{"const": v, "dtype": d}``,
     ``{"shape": [...]}``, ``{"tuple": [args]}`` or ``{"value": v}``."""
 
     name: str

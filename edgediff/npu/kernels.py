@@ -112,14 +112,18 @@ def group_norm_stats(x: np.ndarray, groups: int, channels: range | None = None, 
     if channels is None or (channels.start == 0 and len(channels) == total):
         v = x.astype(np.float64).reshape(n, groups, -1)
         mean = v.mean(axis=2)
-        return np.stack([np.full_like(mean, v.shape[2]), mean, ((v - mean[..., None]) ** 2).sum(axis=2)], axis=-1)
+        return np.stack(
+            [np.full_like(mean, v.shape[2]), mean, ((v - mean[..., None]) ** 2).sum(axis=2)], axis=-1
+        )
     per_group = total // groups
     out = np.zeros((n, groups, 3))
     for g in range(channels.start // per_group, (channels.stop - 1) // per_group + 1):
         lo, hi = max(g * per_group, channels.start), min((g + 1) * per_group, channels.stop)
         v = x[:, lo - channels.start : hi - channels.start].astype(np.float64).reshape(n, -1)
         mean = v.mean(axis=1)
-        out[:, g] = np.stack([np.full_like(mean, v.shape[1]), mean, ((v - mean[:, None]) ** 2).sum(axis=1)], -1)
+        out[:, g] = np.stack(
+            [np.full_like(mean, v.shape[1]), mean, ((v - mean[:, None]) ** 2).sum(axis=1)], -1
+        )
     return out
 
 
@@ -179,10 +183,12 @@ def _resize_nearest(
 def attention_block(
     q: np.ndarray, kt: np.ndarray, v: np.ndarray, state: list[np.ndarray] | None, attrs: dict[str, Any]
 ) -> list[np.ndarray]:
-    """One key/value block of flash attention: update the running max, denominator and output (online softmax).
+    """One key/value block of flash attention: update the running max, denominator and output (online
+    softmax).
 
-    ``q`` [B, Nq, d], ``kt`` [B, d, Nk], ``v`` [B, Nk, dv]; ``state`` = [m, l, acc] or None for the first block.
-    Scores are rounded to ``score_dtype`` and probabilities to ``prob_dtype`` as the untiled graph rounds them.
+    ``q`` [B, Nq, d], ``kt`` [B, d, Nk], ``v`` [B, Nk, dv]; ``state`` = [m, l, acc] or None for the first
+    block. Scores are rounded to ``score_dtype`` and probabilities to ``prob_dtype`` as the untiled graph
+    rounds them.
     """
     s = np.matmul(_f32(q), _f32(kt))
     if attrs.get("score_dtype"):

@@ -2,7 +2,8 @@
 
 A UNet on a phone is bound by DRAM traffic: its high-resolution feature maps and attention scores are far
 larger than the NPU's SRAM, so op-by-op execution sends every intermediate out to DRAM and back. The planner
-(after EdgeFusion's model-level tiling) works in four steps on the op-level :class:`~edgediff.npu.graph.Graph`:
+(after EdgeFusion's model-level tiling) works in four steps on the op-level
+:class:`~edgediff.npu.graph.Graph`:
 
 1. partition: each op goes to the NPU (in the target's op list and dtypes) or the host CPU (BYOC-style);
    reshapes, permutes, slices and concats are DMA descriptors (views), never kernels;
@@ -11,9 +12,9 @@ larger than the NPU's SRAM, so op-by-op execution sends every intermediate out t
    3x3 conv adds a halo row above and below), LayerNorm -> Linear;
 3. tiles: each region's output is cut into tiles over batch/heads, rows (H of NCHW maps, tokens) and output
    channels, the largest whose whole working set (inputs with halo, weight tile, intermediates, outputs,
-   accumulators) fits the SRAM, choosing among the feasible shapes the one the cost model says moves the fewest
-   DRAM bytes (loop order included: a weight tile or an input band stays resident while the other streams).
-   GroupNorm gets a statistics phase first; attention is tiled over query and key blocks with online softmax;
+   accumulators) fits the SRAM, choosing among the feasible shapes the one the cost model says moves the
+   fewest DRAM bytes (loop order included: a weight tile or an input band stays resident while the other
+   streams). GroupNorm gets a statistics phase first; attention is tiled over query and key blocks with online softmax;
 4. program: DMA-in / compute / DMA-out instructions with SRAM offsets, which :mod:`edgediff.npu.simulator`
    executes (with numpy kernels, or counting only) and checks against the SRAM size.
 """
@@ -38,7 +39,7 @@ _STATS_BYTES = 12  # count, mean, M2 per (batch, group) in float32
 
 
 class SramTooSmallError(PassError):
-    """The target's SRAM cannot hold even the smallest tile of one op (names the op and the bytes it needs)."""
+    """The target's SRAM cannot hold even the smallest tile of one op (names the op and the bytes needed)."""
 
 
 # --- partition ------------------------------------------------------------------------------------------
@@ -187,7 +188,9 @@ def split_at_anchors(group: Group) -> list[Group]:
     the chain does not pay or fit."""
     parts: list[list[Node]] = [[]]
     for node in group.nodes:
-        if parts[-1] and (node.op in ALIAS_OPS or node.op in ANCHORS and any(n.op in ANCHORS for n in parts[-1])):
+        if parts[-1] and (
+            node.op in ALIAS_OPS or node.op in ANCHORS and any(n.op in ANCHORS for n in parts[-1])
+        ):
             parts.append([])
         parts[-1].append(node)
     return [Group(group.id, p, group.device) for p in parts]
@@ -224,8 +227,8 @@ def arg_boxes(node: Node, out_box: Box, graph: Graph) -> list[Box | None]:
                 dh = node.attrs.get("dilation", [1, 1])[0]
                 kh = graph.shape_of(args[1])[2]
                 lo, hi = out_box[2]
-                box = [list(out_box[0]), [0, shape[1]], [lo * sh - top, (hi - 1) * sh - top + dh * (kh - 1) + 1],
-                       [0, shape[3]]]  # fmt: skip
+                rows = [lo * sh - top, (hi - 1) * sh - top + dh * (kh - 1) + 1]
+                box = [list(out_box[0]), [0, shape[1]], rows, [0, shape[3]]]
             else:
                 box = [list(out_box[1])] + full[1:] if len(shape) == 4 else [list(out_box[1])]
         elif op == "relax.matmul":
@@ -445,7 +448,7 @@ def _slot_sizes(group: Group, graph: Graph, axes: list[TileAxis], kv: int | None
 
 
 def _last_uses(group: Group) -> dict[str, int]:
-    """For each node of a region, the position of its last consumer inside the region (its own for the last)."""
+    """Each region node's position of its last consumer inside the region (the end for the last node)."""
     position = {n.name: i for i, n in enumerate(group.nodes)}
     last = {n.name: i for i, n in enumerate(group.nodes)}
     for i, node in enumerate(group.nodes):
@@ -471,7 +474,9 @@ def _layout(group: Group, slots: dict[str, int], kv_streamed: bool = True) -> tu
             i = next(k for k, node in enumerate(group.nodes) if node.name == name)
             spans.append((name, i, last[name]))
         elif name in ("@state", "@scores") or (name in streamed and attention is not None):
-            spans.append((name, attention if attention is not None else 0, attention if attention is not None else 0))
+            spans.append(
+                (name, attention if attention is not None else 0, attention if attention is not None else 0)
+            )
         else:  # region inputs and statistics: the whole region
             spans.append((name, -1, n))
     # statistics first (the statistics phase streams bands above them), then by start, larger first
@@ -641,7 +646,9 @@ def _orders(n: int) -> list[tuple[int, ...]]:
     return list(permutations(range(n))) or [()]
 
 
-def _stats_handoffs(groups: list[Group], graph: Graph, sram: int) -> tuple[dict[str, tuple[str, int, int]], int]:
+def _stats_handoffs(
+    groups: list[Group], graph: Graph, sram: int
+) -> tuple[dict[str, tuple[str, int, int]], int]:
     """GroupNorms whose input is an NPU region's output: that region can accumulate the statistics while its
     output tiles are on chip, instead of a statistics phase reading the input again. Each such hand-off
     keeps a small buffer alive from the producer to the GroupNorm, at the top of the SRAM (lanes assigned
@@ -744,13 +751,14 @@ def _too_small(group: Group, graph: Graph, spec: Any, sram: int, reserved: int =
     weight_part = f", of which a {slots.get(weights[0], 0)}-byte weight tile" if weights else ""
     layer = f" (layer {anchor.layer})" if anchor.layer else ""
     return SramTooSmallError(
-        f"SRAM of {sram + reserved} bytes on target {spec.name} is too small for op {anchor.op} '{anchor.name}'"
+        f"SRAM of {sram + reserved} bytes on target {spec.name} is too small for op {anchor.op} "
+        f"'{anchor.name}'"
         f"{layer}: its smallest tile needs {need} bytes{weight_part}"
         + (f" ({reserved} bytes of the SRAM hold GroupNorm statistics between regions)" if reserved else "")
     )
 
 
-# --- program emission ----------------------------------------------------------------------------------------
+# --- program emission ------------------------------------------------------------
 
 
 def _flops(node: Node, out_box: Box, graph: Graph, kv: int | None = None) -> int:
@@ -959,11 +967,12 @@ def build_program(graph: Graph, groups: list[Group], spec: Any, sram: int) -> di
     }
 
 
-# --- untiled baselines and the memory analysis -----------------------------------------------------------------
+# --- untiled baselines and the memory analysis ----------------------------------------
 
 
 def op_by_op_bytes(graph: Graph) -> dict[str, int]:
-    """DRAM bytes per block when every op reads its inputs from and writes its output to DRAM (aliases free)."""
+    """DRAM bytes per block when every op reads its inputs from and writes its output to DRAM (aliases are
+    free)."""
     per_block: dict[str, int] = {}
     for node in graph.nodes:
         if node.weight or node.op in ALIAS_OPS:

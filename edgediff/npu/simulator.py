@@ -124,7 +124,8 @@ class Simulator:
         for buf_id, buf in self.live.items():
             if offset < buf.offset + buf.bytes and buf.offset < end:
                 raise SramOverflowError(
-                    f"{what} of group {inst.get('group')} ({self._op(inst)}) at SRAM [{offset}, {end}) overlaps "
+                    f"{what} of group {inst.get('group')} ({self._op(inst)}) at SRAM [{offset}, {end}) "
+                    "overlaps "
                     f"live buffer {buf_id} at [{buf.offset}, {buf.offset + buf.bytes})"
                 )
         self.high_water = max(self.high_water, end)
@@ -197,7 +198,9 @@ class Simulator:
                     node = self.graph.by_name[inst["node"]]
                     src = self.live[inst["src"]]
                     total = self.graph.shape_of(node.var_args()[0])[1]
-                    part = kernels.group_norm_stats(src.array, node.attrs["num_groups"], range(*src.box[1]), total)
+                    part = kernels.group_norm_stats(
+                        src.array, node.attrs["num_groups"], range(*src.box[1]), total
+                    )
                     buf = self.live[inst["stats"]]
                     buf.array = part if buf.array is None else kernels.merge_stats(buf.array, part)
                 tile_flops += inst.get("flops", 0)

@@ -37,7 +37,7 @@ PASS_ORDER: tuple[str, ...] = (
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
     "npu-op-coverage",
-    # reads the op-level graph (conv2d, softmax, ...), so before legalize; changes nothing, plans the NPU program
+    # reads the op-level graph (conv2d, softmax, ...), so before legalize; plans the NPU program only
     "npu-tiling",
     # before legalize: it rewrites relax.nn.conv2d calls
     "winograd-conv2d",

@@ -149,7 +149,9 @@ def test_simulator_refuses_a_tile_outside_the_sram(prepared):
     _, program = _plan(p, SRAM["tiny-dit"])
     program = copy.deepcopy(program)
     program["sram_bytes"] = SRAM["tiny-dit"] // 4  # the same program on a smaller SRAM
-    with pytest.raises(SramOverflowError, match=rf"needs SRAM bytes \[\d+, \d+\), beyond the {program['sram_bytes']}-byte"):
+    with pytest.raises(
+        SramOverflowError, match=rf"needs SRAM bytes \[\d+, \d+\), beyond the {program['sram_bytes']}-byte"
+    ):
         Simulator(program).run()
     _, program = _plan(p, SRAM["tiny-dit"])
     first = next(i for i in program["instructions"] if i["i"] == "dma_in")
@@ -199,7 +201,10 @@ def test_every_simulated_tile_fits_across_sram_sizes(prepared, sram):
 
 def test_sram_too_small_for_one_op_names_it(prepared):
     p = prepared("tiny-sd15-unet")
-    pattern = r"SRAM of 4096 bytes .* too small for op relax\.\S+ '\w+' \(layer unet_\w+\): its smallest tile needs \d+ bytes"
+    pattern = (
+        r"SRAM of 4096 bytes .* too small for op relax\.\S+ '\w+' \(layer unet_\w+\): "
+        r"its smallest tile needs \d+ bytes"
+    )
     with pytest.raises(SramTooSmallError, match=pattern):
         _plan(p, 4096)
 
