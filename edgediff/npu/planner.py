@@ -14,7 +14,8 @@ larger than the NPU's SRAM, so op-by-op execution sends every intermediate out t
    channels, the largest whose whole working set (inputs with halo, weight tile, intermediates, outputs,
    accumulators) fits the SRAM, choosing among the feasible shapes the one the cost model says moves the
    fewest DRAM bytes (loop order included: a weight tile or an input band stays resident while the other
-   streams). GroupNorm gets a statistics phase first; attention is tiled over query and key blocks with online softmax;
+   streams). GroupNorm gets a statistics phase first (or its input's producer accumulates the statistics);
+   attention is tiled over query and key blocks with online softmax;
 4. program: DMA-in / compute / DMA-out instructions with SRAM offsets, which :mod:`edgediff.npu.simulator`
    executes (with numpy kernels, or counting only) and checks against the SRAM size.
 """
