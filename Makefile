@@ -50,7 +50,7 @@ lint: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
-	$(PY) benchmarks/tiling.py --l2-target arm-a78
+	$(PY) benchmarks/tiling.py --l2-target host
 
 clean:
 	rm -rf demo-out .pytest_cache build
