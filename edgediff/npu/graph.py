@@ -261,6 +261,8 @@ def from_relax(mod: Any, *, fuse_attention: bool = True) -> Graph:
             elif isinstance(value, tvm.ir.TupleGetItem):
                 args = [_arg(value.tuple_value, names)]
                 node = Node("", "tuple_get", args, {"index": value.index}, shape, dtype)
+            elif isinstance(value, tvm.ir.Constant):  # a constant bound to a variable
+                node = Node("", "const", [_arg(value, names)], {}, shape, dtype, weight=True)
             elif isinstance(value, relax.Var):  # an alias binding
                 node = Node("", "relax.reshape", [_arg(value, names), {"shape": shape}], {}, shape, dtype)
             else:
@@ -282,7 +284,7 @@ def from_relax(mod: Any, *, fuse_attention: bool = True) -> Graph:
 def _mark_weights(graph: Graph) -> None:
     for node in graph.nodes:
         args = node.var_args()
-        node.weight = bool(args) and all(graph.is_weight(a) for a in args)
+        node.weight = node.op == "const" or (bool(args) and all(graph.is_weight(a) for a in args))
 
 
 # Ops allowed on the path from q @ k^T to softmax and from softmax to the P @ v matmul (casts, the 1/sqrt(d)

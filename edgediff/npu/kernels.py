@@ -75,6 +75,13 @@ _BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "relax.maximum": np.maximum,
     "relax.minimum": np.minimum,
     "relax.equal": np.equal,
+    "relax.not_equal": np.not_equal,
+    "relax.less": np.less,
+    "relax.less_equal": np.less_equal,
+    "relax.greater": np.greater,
+    "relax.greater_equal": np.greater_equal,
+    "relax.logical_and": np.logical_and,
+    "relax.logical_or": np.logical_or,
 }
 
 
@@ -266,6 +273,8 @@ def evaluate(
         out = attention_finish(attention_block(args[0], args[1], args[2], None, attrs), dtype)
     elif op in _VIEWS:
         out = _VIEWS[op](args, attrs, shape)
+    elif op == "const":
+        out = args[0]
     elif op == "relax.arange":
         out = np.arange(args[0], args[1], args[2])
     elif op == "relax.take":

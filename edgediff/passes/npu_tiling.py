@@ -6,6 +6,7 @@ from typing import Any
 
 import tvm
 
+from edgediff.errors import EdgediffError, first_line
 from edgediff.npu import memory_budget, plan_model
 from edgediff.passes.registry import register_pass
 
@@ -37,7 +38,13 @@ class NPUTiling:
         self.outputs: dict[str, Any] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        plan = plan_model(mod, self.spec, self.sram, chain=self.chain)
+        try:
+            plan = plan_model(mod, self.spec, self.sram, chain=self.chain)
+        except EdgediffError:
+            raise  # an SRAM too small for some op: the user's spec must change
+        except Exception as err:  # a graph construct the planner does not know: build without a program
+            self.report = {"summary": f"skipped, no NPU program: {first_line(err)}"}
+            return mod
         on_npu = [g for g in plan.groups if g.device == "npu"]
         host_ops = sorted({n.op for g in plan.groups if g.device == "host" for n in g.nodes})
         self.report = {
