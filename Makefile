@@ -45,11 +45,13 @@ lint: setup
 	$(PY) -m ruff check edgediff tests benchmarks scripts
 	$(PY) -m ruff format --check edgediff tests benchmarks scripts
 
-# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run.
+# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run. Then the
+# NPU tiling table: DRAM bytes per step untiled vs tiled for sd15-unet and the VAE decoder (analysis, ~2 min).
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
 	$(PY) benchmarks/memory_cap.py --quick   # peak RSS against --max-memory, tiled decode error
+	$(PY) benchmarks/tiling.py --l2-target host
 
 clean:
 	rm -rf demo-out .pytest_cache build

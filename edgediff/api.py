@@ -81,9 +81,10 @@ def _target_notes(spec: Any) -> list[str]:
     if spec.kind == "npu":
         host_triple = spec.tvm_target.get("mtriple", "host") if isinstance(spec.tvm_target, dict) else "host"
         notes.append(
-            "NPU program not generated yet: every kernel is built for the NPU's host CPU "
-            f"({host_triple})"
-            "; the npu-op-coverage report lists the ops the NPU would take"
+            "NPU program (SRAM tiles, DMA) in npu_program.json when the npu-tiling pass runs; it is "
+            "simulated "
+            "(edgediff.npu.simulator), and every kernel is also built for the NPU's host CPU "
+            f"({host_triple}), which is what model.so runs"
         )
     if spec.features.get("texture_memory"):
         notes.append(
@@ -238,6 +239,11 @@ def compile_model(
                 from edgediff.precision.report import write_report
 
                 manifest["precision"] = write_report(staging, plan)
+            tiling = next((r.outputs["npu_tiling"] for r in pass_results if "npu_tiling" in r.outputs), None)
+            if tiling is not None:  # the NPU program, its per-block DRAM table and plot
+                from edgediff.npu.report import write_report as write_tiling_report
+
+                manifest["npu"] = write_tiling_report(staging, tiling.analysis, tiling.program)
             write_manifest(staging, manifest)
             bar.advance()
         failed = False

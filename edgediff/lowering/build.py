@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgediff.errors import BuildError, CrossCompilerNotFoundError, first_line
+from edgediff.errors import BuildError, CrossCompilerNotFoundError, EdgediffError, first_line
 from edgediff.passes import instantiate
 
 
@@ -43,6 +43,8 @@ def run_passes(
             start = time.perf_counter()
             try:
                 mod = pass_(mod)
+            except EdgediffError:
+                raise  # already names what is at fault (e.g. an SRAM too small for one op)
             except Exception as err:
                 raise BuildError(f"pass '{name}' failed for target {spec.name}: {first_line(err)}") from err
             results.append(

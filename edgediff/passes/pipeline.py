@@ -24,6 +24,7 @@ from edgediff.passes import (  # noqa: F401
     lift_weight_transforms,
     mixed_precision,
     npu_op_coverage,
+    npu_tiling,
     pack_matmul_weights,
     winograd_conv2d,
 )
@@ -37,6 +38,8 @@ PASS_ORDER: tuple[str, ...] = (
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
     "npu-op-coverage",
+    # reads the op-level graph (conv2d, softmax, ...), so before legalize; plans the NPU program only
+    "npu-tiling",
     # before legalize: it rewrites relax.nn.conv2d calls
     "winograd-conv2d",
     # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
@@ -63,7 +66,7 @@ def default_pipeline(spec: Any) -> list[str]:
     if not spec.supports_dtype("float32"):
         names.append("cast-to-fp16")
     if spec.kind == "npu":
-        names.append("npu-op-coverage")
+        names += ["npu-op-coverage", "npu-tiling"]
     if spec.kind == "cpu":
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")

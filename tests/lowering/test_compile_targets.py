@@ -58,7 +58,10 @@ def test_ane_like_build_is_fp16_and_reports_npu_coverage(compiled):
     assert passes["cast-to-fp16"]["casts_added"] > 0
     coverage = passes["npu-op-coverage"]
     assert coverage["npu_ops"].get("relax.nn.conv2d", 0) > 0
-    assert any("NPU program not generated yet" in note for note in artifact.manifest["notes"])
+    assert any("npu_program.json" in note for note in artifact.manifest["notes"])
+    npu = artifact.manifest["npu"]
+    assert (artifact.path / npu["program"]).is_file() and (artifact.path / npu["plot"]).is_file()
+    assert 0 < npu["total"]["sram_peak"] <= npu["sram_bytes"]
     assert elf_machine(artifact.library_path) == AARCH64
 
 
