@@ -18,6 +18,7 @@ from edgediff.passes import (  # noqa: F401
     cast_to_fp16,
     decompose_for_inference,
     fuse_attention,
+    fuse_linear_attention,
     fuse_norm_activation,
     fuse_ops,
     legalize_ops,
@@ -38,6 +39,8 @@ PASS_ORDER: tuple[str, ...] = (
     "npu-op-coverage",
     # before legalize: it rewrites relax.nn.conv2d calls
     "winograd-conv2d",
+    # SANA's ReLU linear attention -> one O(N d^2) kernel; before legalize, like fuse-attention
+    "fuse-linear-attention",
     # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
     "fuse-attention",
     # before legalize: moves reshapes out of Linear epilogues so that fuse-ops fuses them into the matmul
@@ -64,6 +67,7 @@ def default_pipeline(spec: Any) -> list[str]:
     if spec.kind == "cpu":
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")
+        names.append("fuse-linear-attention")
         names.append("fuse-attention")
     names += ["fuse-norm-activation", "legalize", "lift-weight-transforms", "fuse-ops", "schedule"]
     return names
