@@ -25,6 +25,7 @@ from edgediff.passes import (  # noqa: F401
     lift_weight_transforms,
     mixed_precision,
     npu_op_coverage,
+    rewrite_linear_attention,
     winograd_conv2d,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
@@ -39,6 +40,9 @@ PASS_ORDER: tuple[str, ...] = (
     "npu-op-coverage",
     # before legalize: it rewrites relax.nn.conv2d calls
     "winograd-conv2d",
+    # only with compile_model(linear_attention=...): softmax attention -> feature map + linear kernel, before
+    # fuse-attention takes the softmax sites it leaves
+    "rewrite-linear-attention",
     # SANA's ReLU linear attention -> one O(N d^2) kernel; before legalize, like fuse-attention
     "fuse-linear-attention",
     # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
