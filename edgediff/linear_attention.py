@@ -121,6 +121,45 @@ def resolve_linear_attention(request: Any) -> LinearAttentionConfig | None:
     return config
 
 
+def linear_attention_from_options(
+    feature_map: str | None,
+    *,
+    max_error: float | None = None,
+    cross_max_error: float | None = None,
+    fine_tuned: bool = False,
+    features: int | None = None,
+) -> dict[str, Any] | None:
+    """The ``linear_attention`` argument of the command line's flags (None when no feature map is given)."""
+    if feature_map is None:
+        if max_error is not None or cross_max_error is not None or fine_tuned or features is not None:
+            raise InputError("--linear-attention-* options need --linear-attention MAP")
+        return None
+    request: dict[str, Any] = {"feature_map": feature_map, "fine_tuned": fine_tuned}
+    if max_error is not None or cross_max_error is not None:
+        bounds = dict.fromkeys(KINDS, max_error) if max_error is not None else {}
+        if cross_max_error is not None:
+            bounds["cross"] = cross_max_error
+        request["max_error"] = {kind: bound for kind, bound in bounds.items() if bound is not None}
+    if features is not None:
+        request["features"] = features
+    return request
+
+
+def format_layer_table(layers: Sequence[Mapping[str, Any]]) -> str:
+    """The per-layer report of ``rewrite-linear-attention`` as a text table."""
+    lines = [
+        f"  {'layer':<64} {'kind':<5} {'N':>6} {'M':>6} {'error':>9} {'saving ms':>10}  decision",
+    ]
+    for layer in layers:
+        error = "-" if layer["error"] is None else f"{layer['error']:.3g}"
+        decision = "rewritten" if layer["rewritten"] else f"kept: {layer['reason']}"
+        lines.append(
+            f"  {layer['name'][-64:]:<64} {layer['kind']:<5} {layer['n']:>6} {layer['m']:>6} {error:>9} "
+            f"{layer['saving_ms']:>10.3f}  {decision}"
+        )
+    return "\n".join(lines)
+
+
 # --- the feature maps (numpy reference) ------------------------------------------------------------------
 
 
@@ -144,8 +183,9 @@ def favor_projection(d: int, m: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = []
     for _ in range(-(-m // d)):
-        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-        blocks.append(q.T)
+        q, r = np.linalg.qr(rng.standard_normal((d, d)))
+        # signs from R's diagonal make Q uniformly (Haar) distributed; without them directions are biased
+        blocks.append((q * np.sign(np.diag(r))).T)
     directions = np.concatenate(blocks)[:m]
     norms = np.linalg.norm(rng.standard_normal((m, d)), axis=1)
     return (directions * norms[:, None]).T
