@@ -32,23 +32,29 @@ class LinearAttentionEmitter:
         self.kernels: dict[tuple, tuple[tvm.ir.GlobalVar, Any]] = {}
 
     def call(
-        self, phi_q: Any, phi_k: Any, v: Any, sizes: tuple[int, int, int, int, int], dtype: str, eps: float
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        sizes: tuple[int, int, int, int, int],
+        dtype: str,
+        eps: float,
+        taylor2: tuple[int, float, float, float] | None = None,
     ) -> tuple[Any, dict[str, int]]:
-        """``call_tir`` of the kernel on ``phi_q`` (batch, n, f), ``phi_k`` (batch, m, f) and ``v``
-        (batch, m, dv), ``sizes`` = (batch, n, m, f, dv); and the kernel's tiles."""
+        """``call_tir`` of the kernel on ``q`` (batch, n, f), ``k`` (batch, m, f), ``v`` (batch, m, dv), with
+        ``sizes`` = (batch, n, m, f, dv); with ``taylor2`` (see :func:`linear_attention_kernel`) q and k are
+        (batch, tokens, d) and the kernel makes the f features. Returns the call and the kernel's tiles."""
         bh, n, m, f, dv = sizes
-        key = (bh, n, m, f, dv, dtype, eps)
+        key = (bh, n, m, f, dv, dtype, eps, taylor2)
         if key not in self.kernels:
             tiles = choose_linear_attention_tiles(self.cost, dtype, bh, n, m, f, dv)
             kernel = linear_attention_kernel(
-                self.cost, batch=bh, n=n, m=m, f=f, dv=dv, dtype=dtype, eps=eps, tiles=tiles
+                self.cost, batch=bh, n=n, m=m, f=f, dv=dv, dtype=dtype, eps=eps, taylor2=taylor2, tiles=tiles
             )
             gvar = self.builder.add_func(kernel, f"linear_attention_{bh}x{n}x{m}x{f}x{dv}")
             self.kernels[key] = (gvar, tiles)
         gvar, tiles = self.kernels[key]
-        return relax.call_tir(gvar, [phi_q, phi_k, v], relax.TensorType((bh, n, dv), dtype)), dict(
-            tiles.__dict__
-        )
+        return relax.call_tir(gvar, [q, k, v], relax.TensorType((bh, n, dv), dtype)), dict(tiles.__dict__)
 
     def finish(self, mod: tvm.IRModule, updates: dict[Any, Any]) -> tvm.IRModule:
         """The module with the kernels added and ``updates`` (rewritten functions) applied."""

@@ -16,7 +16,6 @@ from edgediff.linear_attention import (
     LinearAttentionConfig,
     favor_projection,
     feature_dim,
-    taylor2_terms,
 )
 from edgediff.passes.fuse_attention import _attention_pattern, _scalar, attention_site
 from edgediff.passes.fuse_linear_attention import LinearAttentionEmitter
@@ -83,11 +82,9 @@ def _undo_prescale(x: Any, bindings: dict[Any, Any], dtype: str) -> Any:
     return x if scale == 1.0 else relax.op.multiply(x, relax.const(np.asarray(1.0 / scale, dtype), dtype))
 
 
-def _feature_map(
-    config: LinearAttentionConfig, x: Any, d: int, scale: float, dtype: str, lanes: int, query: bool
-):
+def _feature_map(config: LinearAttentionConfig, x: Any, d: int, scale: float, dtype: str, query: bool) -> Any:
     """``phi(x)`` for x (batch, tokens, d) as Relax ops (the numpy reference is
-    :func:`edgediff.linear_attention.feature_map`)."""
+    :func:`edgediff.linear_attention.feature_map`); taylor2's are computed inside the kernel instead."""
     op = relax.op
     name = config.feature_map
 
@@ -99,15 +96,6 @@ def _feature_map(
     if name == "elu+1":
         return op.add(op.maximum(x, const(0.0)), op.exp(op.minimum(x, const(0.0))))
     xs = op.multiply(x, const(math.sqrt(scale))) if scale != 1.0 else x
-    if name == "taylor2":
-        i, j, c = taylor2_terms(d)
-        pad = padded_features(name, d, config.features, lanes) - len(c)
-        i, j, c = (np.pad(a, (0, pad)) for a in (i, j, c))  # index 0 times coefficient 0: zero features
-        aug = op.nn.pad(xs, [0, 0, 0, 0, 1, 0], pad_value=1.0)
-        products = op.multiply(
-            op.take(aug, const(i, "int32"), axis=2), op.take(aug, const(j, "int32"), axis=2)
-        )
-        return op.multiply(products, const(c))
     # favor+: exp(w^T x - |x|^2 / 2 - stabiliser); the stabiliser (per query row; per head for keys) and
     # 1/sqrt(m) are constant along each normalised sum, so they cancel, and keep exp below overflow
     w = favor_projection(d, config.features, config.seed)
@@ -216,12 +204,17 @@ class RewriteLinearAttention:
                 # torch's decomposition multiplies into both (relu would not mind, elu+1 would)
                 q, kt = (_undo_prescale(x, bindings, dtype) for x in (q, kt))
             k = relax.op.permute_dims(kt, [0, 2, 1])
-            phi_q = _feature_map(config, q, d, layer["scale"], dtype, lanes, query=True)
-            phi_k = _feature_map(config, k, d, layer["scale"], dtype, lanes, query=False)
             f = padded_features(config.feature_map, d, config.features, lanes)
-            call, layer["tiles"] = emitter.call(
-                phi_q, phi_k, v, (bh, n, m, f, d), dtype, FEATURE_EPS[config.feature_map]
-            )
+            taylor2 = None
+            if config.feature_map == "taylor2":
+                # sqrt(scale) per factor of x in a feature: exp(scale q.k) ~ 1 + s + s^2 / 2
+                root = math.sqrt(layer["scale"])
+                taylor2 = (d, root, root * root * math.sqrt(0.5), root * root)
+            else:
+                q = _feature_map(config, q, d, layer["scale"], dtype, query=True)
+                k = _feature_map(config, k, d, layer["scale"], dtype, query=False)
+            eps = FEATURE_EPS[config.feature_map]
+            call, layer["tiles"] = emitter.call(q, k, v, (bh, n, m, f, d), dtype, eps, taylor2)
             return call
 
         updates = {gvar: rewrite_call(pattern, rewrite, func) for gvar, func in functions}
