@@ -49,6 +49,8 @@ lint: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
+	# linear attention vs fused softmax at SD1.5's 64x64 level (N = 4096), each feature map
+	PYTHONPATH=. $(PY) benchmarks/linear_attention.py --tables attention
 
 clean:
 	rm -rf demo-out .pytest_cache build

@@ -45,8 +45,8 @@ def softmax_seconds(cost: CostModel, dtype: str, bh: int, n: int, m: int, d: int
 def linear_seconds(
     cost: CostModel, dtype: str, config: LinearAttentionConfig, bh: int, n: int, m: int, d: int, dv: int
 ) -> float:
-    """Roofline time of the rewrite: the feature maps (written to DRAM and read back by the kernel), then
-    the kernel's ``phi(k)^T [v, 1]`` and ``phi(q) kv`` products (its output row padded to whole vectors)."""
+    """Roofline time of the rewrite: the feature maps, then the kernel's ``phi(k)^T [v, 1]`` and
+    ``phi(q) kv`` products (its output row padded to whole vectors)."""
     itemsize = DTYPE_BITS[dtype] // 8
     lanes = cost.vector_lanes("float32")
     f = padded_features(config.feature_map, d, config.features, lanes)
@@ -58,7 +58,10 @@ def linear_seconds(
     }[config.feature_map]
     dvp = -(-(dv + 1) // lanes) * lanes
     flops = bh * ((n + m) * per_row + 2 * m * f * (dv + 1) + 2 * n * f * dvp)
-    traffic = bh * (n * d + m * d + m * dv + n * dv + 2 * (n + m) * f) * itemsize
+    # features through DRAM: the Relax maps write both and the kernel reads them; taylor2's kernel builds
+    # them itself and only stores the keys' (float32) in its scratch for the feature blocks to read
+    features = 2 * m * f * 4 if config.feature_map == "taylor2" else 2 * (n + m) * f * itemsize
+    traffic = bh * ((n * d + m * d + m * dv + n * dv) * itemsize + features)
     return cost.estimate_seconds(flops, traffic, "float32")
 
 
