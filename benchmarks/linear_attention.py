@@ -11,7 +11,9 @@ Two tables:
 2. ``model``: a UNet compiled twice, with the default pipeline and with
    ``linear_attention={"feature_map": MAP, "max_error": E}``; the pass's per-layer table (N, error,
    estimated saving, decision), the time per UNet call of each, and the relative error of the final latent
-   of a ``--steps`` DDIM run from the same noise and conditioning.
+   of a ``--steps`` DDIM run from the same noise and conditioning; next to it, the same error when the
+   softmax build's outputs are perturbed by ``--noise`` relative Gaussian noise (how much the trajectory
+   amplifies any small change).
 
     python benchmarks/linear_attention.py                              # both tables, tiny-sd15-unet
     python benchmarks/linear_attention.py --tables model --model sd15-unet --latent 64
@@ -111,6 +113,15 @@ def bench_model(args: argparse.Namespace, workdir: Path) -> None:
             return module(x, np.full(timestep.shape, t, dtype=timestep.dtype), *conditioning)
 
         finals[label] = sampler.sample(denoise, x_T, rng=np.random.default_rng(0))
+    # how much the trajectory itself amplifies small changes: the softmax build with every output
+    # multiplied by (1 + noise), noise ~ N(0, args.noise^2) per element
+    noise_rng = np.random.default_rng(1)
+
+    def noisy(x: np.ndarray, t: float) -> np.ndarray:
+        out = modules["softmax"](x, np.full(timestep.shape, t, dtype=timestep.dtype), *conditioning)
+        return out * (1 + args.noise * noise_rng.standard_normal(out.shape)).astype(np.float32)
+
+    perturbed = get_sampler("ddim", num_steps=args.steps).sample(noisy, x_T, rng=np.random.default_rng(0))
     # per-call times with the engines taking turns, so the machine's load hits both alike
     inputs = (sample, timestep, *conditioning)
     calls = {label: (lambda module=module: module(*inputs)) for label, module in modules.items()}
@@ -119,6 +130,10 @@ def bench_model(args: argparse.Namespace, workdir: Path) -> None:
     print(
         f"  {args.steps}-step DDIM, final latent: relative L2 error {err:.2e} "
         f"(max |diff| {np.abs(finals[args.feature_map] - finals['softmax']).max():.2e})"
+    )
+    print(
+        f"  reference: softmax with {args.noise:g} relative noise on every output: relative L2 error "
+        f"{relative_error(perturbed, finals['softmax']):.2e}"
     )
     for label in modules:
         print(f"  {label:<10} {call_s[label] * 1e3:9.1f} ms per UNet call, compile {compile_s[label]:.0f} s")
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-map", default="taylor2")
     parser.add_argument("--max-error", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--noise", type=float, default=1e-3, help="model table: the perturbation reference")
     args = parser.parse_args(argv)
     import torch
 
