@@ -52,6 +52,8 @@ bench: setup
 	$(PY) -m edgediff bench $(BENCH_ARGS)
 	$(PY) benchmarks/memory_cap.py --quick   # peak RSS against --max-memory, tiled decode error
 	$(PY) benchmarks/tiling.py --l2-target host
+	# linear attention vs fused softmax at SD1.5's 64x64 level (N = 4096), each feature map
+	PYTHONPATH=. $(PY) benchmarks/linear_attention.py --tables attention
 
 clean:
 	rm -rf demo-out .pytest_cache build

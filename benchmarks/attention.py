@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import _peak_rss_mb, _reset_peak_rss, machine_line, time_calls  # noqa: E402
+from edgediff.bench import _peak_rss_mb, _reset_peak_rss, machine_line, time_calls  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 40
 

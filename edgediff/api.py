@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgediff.linear_attention import calibrate_attention, resolve_linear_attention
 from edgediff.lowering.artifact import atomic_directory, file_record, write_manifest, write_weights
 from edgediff.lowering.build import build, device_sources, export_library, run_passes, weight_transform
 from edgediff.lowering.capture import capture
@@ -110,6 +111,7 @@ def compile_model(
     precision: Any = None,
     precision_budget: Mapping[str, Any] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    linear_attention: Any = None,
 ) -> Artifact:
     """Compile a diffusion model (or any ``nn.Module`` / ONNX file) for an edge target.
 
@@ -135,6 +137,11 @@ def compile_model(
         precision_budget: for ``"auto"``: ``{"bytes": 1e9 or "1GB", "latency_ms": ..., "sqnr_db": ...}``.
         pass_options: keyword arguments for individual passes by name, e.g.
             ``{"winograd-conv2d": {"variant": 4, "error_bound": 1e-4}}``.
+        linear_attention: off (None) by default. ``{"feature_map": "taylor2", "max_error": 0.01}`` rewrites
+            the softmax attention layers whose measured error is under the bound (per kind:
+            ``{"self": 0.01, "cross": 0.0}``) and that the cost model expects to be faster; a feature-map
+            name alone (``"relu"``) or ``fine_tuned=True`` is for weights fine-tuned with that map: every
+            layer is rewritten (see :mod:`edgediff.linear_attention`).
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
@@ -144,6 +151,9 @@ def compile_model(
     precision_request = resolve_request(precision, precision_budget, spec)
     if precision_request is not None:
         pass_names = resolve_pipeline(spec, [*pass_names, "mixed-precision"])
+    linear_config = resolve_linear_attention(linear_attention)
+    if linear_config is not None:
+        pass_names = resolve_pipeline(spec, [*pass_names, "rewrite-linear-attention"])
     start = time.perf_counter()
 
     bar = _Progress(progress, name or _display_name(model), spec.name)
@@ -166,6 +176,12 @@ def compile_model(
                 precision_request, captured, imported, spec, progress=lambda s: bar.stage(f"precision: {s}")
             )
             pass_options["mixed-precision"] = {"plan": plan, "weight_names": imported.weight_names}
+        if linear_config is not None:  # measured on the torch model too
+            records = None
+            if not linear_config.fine_tuned:
+                bar.stage("linear attention: calibration")
+                records = calibrate_attention(captured.torch_module, captured.example_inputs, linear_config)
+            pass_options["rewrite-linear-attention"] = {"config": linear_config, "calibration": records}
         # the Relax module now owns copies of the weights: let the torch graph go before the build
         captured.exported_program = captured.torch_module = None
         bar.advance()

@@ -19,6 +19,7 @@ from edgediff.runtime.run import add_generation_arguments, run_command
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from edgediff.api import compile_model
+    from edgediff.linear_attention import format_layer_table, linear_attention_from_options
     from edgediff.precision.plan import config_from_options
 
     passes = None
@@ -42,8 +43,18 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             min_sqnr_db=args.min_sqnr,
             pins=args.pin,
         ),
+        linear_attention=linear_attention_from_options(
+            args.linear_attention,
+            max_error=args.linear_attention_max_error,
+            cross_max_error=args.linear_attention_cross_max_error,
+            fine_tuned=args.linear_attention_fine_tuned,
+            features=args.linear_attention_features,
+        ),
     )
     print(artifact.describe())
+    for record in artifact.manifest["passes"]:
+        if record["name"] == "rewrite-linear-attention" and record["report"].get("layers"):
+            print(format_layer_table(record["report"]["layers"]))
     if artifact.manifest.get("precision"):
         record = artifact.manifest["precision"]
         print(f"  precision {record['report']} (table), {record['plot']} (plot)")
@@ -292,6 +303,30 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--pin", action="append", default=[], metavar="LAYER=FORMAT", help="fix a layer's format (glob ok)"
     )
+    compile_.add_argument(
+        "--linear-attention",
+        metavar="MAP",
+        help="rewrite softmax attention to linear attention with this feature map: relu, elu+1, taylor2, "
+        "favor+ (layers under --linear-attention-max-error that the cost model expects to be faster)",
+    )
+    compile_.add_argument(
+        "--linear-attention-max-error",
+        type=float,
+        metavar="E",
+        help="largest relative output error of a rewritten layer (self and cross attention)",
+    )
+    compile_.add_argument(
+        "--linear-attention-cross-max-error",
+        type=float,
+        metavar="E",
+        help="a separate bound for cross attention (0 leaves cross attention alone)",
+    )
+    compile_.add_argument(
+        "--linear-attention-fine-tuned",
+        action="store_true",
+        help="the weights were fine-tuned with this feature map: rewrite every layer, exact",
+    )
+    compile_.add_argument("--linear-attention-features", type=int, help="favor+: random features (256)")
     compile_.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     compile_.set_defaults(run=_cmd_compile)
 

@@ -126,7 +126,7 @@ class FuseAttention:
         builder = relax.BlockBuilder(mod.clone())
 
         def rewrite(orig: Any, matched: dict[Any, Any]) -> Any:
-            site = self._check(orig, matched, parts)
+            site = attention_site(orig, matched, parts)
             if site is None:
                 return orig
             bh, n, m, d, dtype = (site[k] for k in ("batch_heads", "n", "m", "head_dim", "dtype"))
@@ -171,45 +171,45 @@ class FuseAttention:
         }
         return mod
 
-    @staticmethod
-    def _check(orig: Any, matched: dict[Any, Any], parts: dict[str, Any]) -> dict[str, Any] | None:
-        """The site's shapes when the match is one this kernel computes exactly, else None."""
-        q, kt, v = (matched[parts[name]] for name in ("q", "kt", "v"))
-        shapes = [_static_shape(x) for x in (q, kt, v, orig)]
-        if any(s is None or len(s) != 3 for s in shapes):
+
+def attention_site(orig: Any, matched: dict[Any, Any], parts: dict[str, Any]) -> dict[str, Any] | None:
+    """The site's shapes when the match is one this kernel computes exactly, else None."""
+    q, kt, v = (matched[parts[name]] for name in ("q", "kt", "v"))
+    shapes = [_static_shape(x) for x in (q, kt, v, orig)]
+    if any(s is None or len(s) != 3 for s in shapes):
+        return None
+    (bh, n, d), (bh_k, d_k, m), (bh_v, m_v, d_v), out_shape = shapes
+    if bh_k != bh or bh_v != bh or d_k != d or m_v != m or d_v != d or out_shape != (bh, n, d):
+        return None
+    dtype = _dtype(q)
+    if dtype not in FUSABLE_DTYPES or _dtype(kt) != dtype or _dtype(v) != dtype or _dtype(orig) != dtype:
+        return None
+    probs = matched[parts["probs"]]
+    scores_shape = _static_shape(probs)
+    if scores_shape is None or scores_shape[-2:] != (n, m) or math.prod(scores_shape) != bh * n * m:
+        return None
+    if int(probs.attrs.axis) not in (-1, len(scores_shape) - 1):
+        return None
+    scale = 1.0
+    if parts["scale"] in matched and not matched[parts["scaled"]].same_as(matched[parts["scores"]]):
+        scale = _scalar(matched[parts["scale"]])
+        if scale is None:
             return None
-        (bh, n, d), (bh_k, d_k, m), (bh_v, m_v, d_v), out_shape = shapes
-        if bh_k != bh or bh_v != bh or d_k != d or m_v != m or d_v != d or out_shape != (bh, n, d):
+    if parts["safe"] in matched:
+        if _scalar(matched[parts["neg_inf"]]) != -math.inf or _scalar(matched[parts["zero"]]) != 0.0:
             return None
-        dtype = _dtype(q)
-        if dtype not in FUSABLE_DTYPES or _dtype(kt) != dtype or _dtype(v) != dtype or _dtype(orig) != dtype:
+        # the "any finite score" reduction must run along the softmax rows, not some other axis
+        row_any = matched[parts["row_any"]]
+        axes = [int(a) % len(scores_shape) for a in (row_any.attrs.axis or [])]
+        if axes != [len(scores_shape) - 1] or not row_any.attrs.keepdims:
             return None
-        probs = matched[parts["probs"]]
-        scores_shape = _static_shape(probs)
-        if scores_shape is None or scores_shape[-2:] != (n, m) or math.prod(scores_shape) != bh * n * m:
-            return None
-        if int(probs.attrs.axis) not in (-1, len(scores_shape) - 1):
-            return None
-        scale = 1.0
-        if parts["scale"] in matched and not matched[parts["scaled"]].same_as(matched[parts["scores"]]):
-            scale = _scalar(matched[parts["scale"]])
-            if scale is None:
-                return None
-        if parts["safe"] in matched:
-            if _scalar(matched[parts["neg_inf"]]) != -math.inf or _scalar(matched[parts["zero"]]) != 0.0:
-                return None
-            # the "any finite score" reduction must run along the softmax rows, not some other axis
-            row_any = matched[parts["row_any"]]
-            axes = [int(a) % len(scores_shape) for a in (row_any.attrs.axis or [])]
-            if axes != [len(scores_shape) - 1] or not row_any.attrs.keepdims:
-                return None
-        return {
-            "batch_heads": bh,
-            "n": n,
-            "m": m,
-            "head_dim": d,
-            "dtype": dtype,
-            "scale": scale,
-            "safe_softmax": parts["safe"] in matched,
-            "score_bytes": bh * n * m * DTYPE_BITS[dtype] // 8,
-        }
+    return {
+        "batch_heads": bh,
+        "n": n,
+        "m": m,
+        "head_dim": d,
+        "dtype": dtype,
+        "scale": scale,
+        "safe_softmax": parts["safe"] in matched,
+        "score_bytes": bh * n * m * DTYPE_BITS[dtype] // 8,
+    }

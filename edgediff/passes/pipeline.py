@@ -18,6 +18,7 @@ from edgediff.passes import (  # noqa: F401
     cast_to_fp16,
     decompose_for_inference,
     fuse_attention,
+    fuse_linear_attention,
     fuse_norm_activation,
     fuse_ops,
     legalize_ops,
@@ -26,6 +27,7 @@ from edgediff.passes import (  # noqa: F401
     npu_op_coverage,
     npu_tiling,
     pack_matmul_weights,
+    rewrite_linear_attention,
     winograd_conv2d,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
@@ -42,6 +44,11 @@ PASS_ORDER: tuple[str, ...] = (
     "npu-tiling",
     # before legalize: it rewrites relax.nn.conv2d calls
     "winograd-conv2d",
+    # only with compile_model(linear_attention=...): softmax attention -> feature map + linear kernel, before
+    # fuse-attention takes the softmax sites it leaves
+    "rewrite-linear-attention",
+    # SANA's ReLU linear attention -> one O(N d^2) kernel; before legalize, like fuse-attention
+    "fuse-linear-attention",
     # replaces softmax(q k^T) v by one scheduled kernel; before legalize, which would split it into kernels
     "fuse-attention",
     # before legalize: moves reshapes out of Linear epilogues so that fuse-ops fuses them into the matmul
@@ -70,6 +77,7 @@ def default_pipeline(spec: Any) -> list[str]:
     if spec.kind == "cpu":
         # per layer, only where the cost model expects a gain within the error bound (benchmarks/winograd.py)
         names.append("winograd-conv2d")
+        names.append("fuse-linear-attention")
         names.append("fuse-attention")
     names.append("fuse-norm-activation")
     if spec.kind == "cpu":
