@@ -13,9 +13,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgediff.errors import InputError
 from edgediff.lowering.artifact import atomic_directory, file_record, write_manifest, write_weights
 from edgediff.lowering.build import build, device_sources, export_library, run_passes, weight_transform
 from edgediff.lowering.capture import capture
+from edgediff.lowering.multires import (
+    LoweredEntry,
+    capture_resolutions,
+    decision_order,
+    entry_name,
+    format_resolution,
+    merge_entries,
+    parse_resolutions,
+    share_weights,
+    winograd_plan,
+)
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
 from edgediff.precision.plan import resolve_request
@@ -107,6 +119,7 @@ def compile_model(
     precision: Any = None,
     precision_budget: Mapping[str, Any] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
+    resolutions: Any = None,
 ) -> Artifact:
     """Compile a diffusion model (or any ``nn.Module`` / ONNX file) for an edge target.
 
@@ -132,11 +145,16 @@ def compile_model(
         precision_budget: for ``"auto"``: ``{"bytes": 1e9 or "1GB", "latency_ms": ..., "sqnr_db": ...}``.
         pass_options: keyword arguments for individual passes by name, e.g.
             ``{"winograd-conv2d": {"variant": 4, "error_bound": 1e-4}}``.
+        resolutions: image sizes ``(height, width)`` in pixels (or ``"768x512,512x512"``) for a zoo model
+            or diffusers folder: one artifact with an entry per resolution, each compiled for its own static
+            shapes, sharing one copy of the weights; the first is the default (``main``). The runtime picks
+            the entry from the latent's shape (see :mod:`edgediff.lowering.multires`).
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
     """
     spec = load_target(target)
+    resolution_list = None if resolutions is None else parse_resolutions(resolutions)
     pass_names = resolve_pipeline(spec, passes)
     precision_request = resolve_request(precision, precision_budget, spec)
     if precision_request is not None:
@@ -147,13 +165,30 @@ def compile_model(
     failed = True
     try:
         bar.stage("capture (torch.export)")
-        captured = capture(
-            model, example_inputs, input_names=input_names, name=name, batch=batch, latent_size=latent_size
-        )
+        if resolution_list is None:
+            captures = [
+                capture(
+                    model,
+                    example_inputs,
+                    input_names=input_names,
+                    name=name,
+                    batch=batch,
+                    latent_size=latent_size,
+                )
+            ]
+        else:
+            if latent_size is not None or example_inputs is not None:
+                raise InputError("give resolutions or latent_size / example_inputs, not both")
+            captures = capture_resolutions(
+                model, resolution_list, input_names=input_names, name=name, batch=batch
+            )
+        captured = captures[0]
         bar.advance()
 
         bar.stage("import (fx -> Relax)")
-        imported = import_to_relax(captured)
+        imported_all = [import_to_relax(one) for one in captures]
+        imported = imported_all[0]
+        share_weights(imported_all)  # one copy of each weight, whatever the number of resolutions
         plan = None
         pass_options = {name: dict(opts) for name, opts in (pass_options or {}).items()}
         if precision_request is not None:  # measured on the torch model, so before it is dropped
@@ -162,14 +197,41 @@ def compile_model(
             plan = plan_for_compile(
                 precision_request, captured, imported, spec, progress=lambda s: bar.stage(f"precision: {s}")
             )
-            pass_options["mixed-precision"] = {"plan": plan, "weight_names": imported.weight_names}
-        # the Relax module now owns copies of the weights: let the torch graph go before the build
-        captured.exported_program = captured.torch_module = None
+        # the Relax modules now own copies of the weights: let the torch graphs go before the build
+        for one in captures:
+            one.exported_program = one.torch_module = None
         bar.advance()
 
-        mod, pass_results = run_passes(
-            imported.mod, spec, pass_names, on_pass=lambda p: bar.stage(f"pass {p}"), options=pass_options
-        )
+        resolved = resolution_list or [None]
+        lowered: list[Any] = [None] * len(resolved)
+        entry_results: list[Any] = [None] * len(resolved)
+        transforms: list[Any] = []  # weight computations already run (see _stored_weights)
+        for index in decision_order(resolution_list) if resolution_list else [0]:
+            options = {name: dict(opts) for name, opts in pass_options.items()}
+            if plan is not None:
+                options["mixed-precision"] = {"plan": plan, "weight_names": imported_all[index].weight_names}
+            if resolution_list and len(resolution_list) > 1:
+                bar.stage(f"passes at {format_resolution(resolution_list[index])}")
+            mod, results = run_passes(
+                imported_all[index].mod,
+                spec,
+                pass_names,
+                on_pass=lambda p: bar.stage(f"pass {p}"),
+                options=options,
+            )
+            # the largest resolution decides per-layer Winograd variants for every entry (shared weights)
+            chosen = winograd_plan(results)
+            if chosen is not None and "plan" not in pass_options.get("winograd-conv2d", {}):
+                pass_options.setdefault("winograd-conv2d", {})["plan"] = chosen
+            bar.stage("precompute weight transforms")
+            arrays, names = _stored_weights(imported_all[index], plan, results, transforms)
+            entry_results[index] = results
+            lowered[index] = LoweredEntry(
+                entry_name(index, resolved[index] or (0, 0)), resolved[index] or (0, 0), mod, arrays, names
+            )
+        pass_results = entry_results[0]
+        mod, arrays, names = merge_entries(lowered)
+        del lowered, transforms
         bar.advance()
 
         bar.stage("build (TVM)")
@@ -186,15 +248,6 @@ def compile_model(
             bar.advance()
 
             bar.stage("write weights + manifest")
-            arrays, names = imported.weights, imported.weight_names
-            if plan is not None:  # the weight half of the mixed-precision rewrite
-                from edgediff.passes.mixed_precision import quantize_weights
-
-                arrays, names = quantize_weights(plan, arrays, names)
-            transform = weight_transform(pass_results)
-            if transform is not None:
-                bar.stage("precompute weight transforms")
-                arrays, names = transform.apply(arrays, names)
             weights = write_weights(staging, arrays, names)
             notes = _target_notes(spec) + ([library.note] if library.note else [])
             manifest = {
@@ -224,6 +277,11 @@ def compile_model(
                 "versions": _versions(captured.source),
                 "notes": notes,
             }
+            if resolution_list is not None:
+                manifest["resolutions"] = [
+                    _resolution_record(entry_name(i, res), res, imported_all[i], entry_results[i])
+                    for i, res in enumerate(resolution_list)
+                ]
             if plan is not None:
                 from edgediff.precision.report import write_report
 
@@ -234,6 +292,57 @@ def compile_model(
     finally:
         bar.close(failed=failed)
     return Artifact(destination)
+
+
+def _stored_weights(
+    imported: Any, plan: Any, results: list[Any], done: list[tuple[Any, list[str], list[Any], list[str]]]
+) -> tuple[list[Any], list[str]]:
+    """The weights one entry's ``main`` takes, as stored: quantized by the precision plan, then through the
+    compile-time weight transform. ``done`` holds the transforms earlier entries ran: an equal transform of
+    the same weights is not run again, so the entries share the very same arrays."""
+    import tvm_ffi
+
+    arrays, names = list(imported.weights), list(imported.weight_names)
+    for stage, inputs, outputs, output_names in done:
+        if stage == "quantize" and inputs == names:
+            arrays, names = outputs, output_names
+            break
+    else:
+        if plan is not None:  # the weight half of the mixed-precision rewrite
+            from edgediff.passes.mixed_precision import quantize_weights
+
+            quantized, quantized_names = quantize_weights(plan, arrays, names)
+            done.append(("quantize", names, list(quantized), list(quantized_names)))
+            arrays, names = list(quantized), list(quantized_names)
+    transform = weight_transform(results)
+    if transform is None:
+        return arrays, names
+    key = (transform.kept, transform.transform_inputs, names)
+    for stage, inputs, outputs, output_names in done:
+        if (
+            not isinstance(stage, str)
+            and (stage.kept, stage.transform_inputs, inputs) == key
+            and tvm_ffi.structural_equal(stage.module, transform.module)
+        ):
+            return outputs, output_names
+    transformed, transformed_names = transform.apply(arrays, names)
+    done.append((transform, names, list(transformed), list(transformed_names)))
+    return list(transformed), list(transformed_names)
+
+
+def _resolution_record(
+    function: str, resolution: tuple[int, int], imported: Any, results: list[Any]
+) -> dict[str, Any]:
+    """The manifest's record of one entry: its resolution, function, signature and pass summaries (the
+    default entry's full reports are the manifest's ``passes``)."""
+    return {
+        "function": function,
+        "height": resolution[0],
+        "width": resolution[1],
+        "inputs": [info.to_dict() for info in imported.inputs],
+        "outputs": [info.to_dict() for info in imported.outputs],
+        "passes": [{"name": r.name, "summary": r.report.get("summary", "")} for r in results],
+    }
 
 
 def _display_name(model: Any) -> str:
