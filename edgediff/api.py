@@ -382,6 +382,7 @@ def compile_pipeline(
     batch: int = 2,
     progress: bool = True,
     require_cross_compiler: bool = False,
+    resolutions: Any = None,
 ) -> Path:
     """Compile an artifact set: ``output_dir`` with ``denoiser/``, and ``decoder/``, ``text_encoder/`` and
     ``tokenizer/`` when given, which ``Pipeline.from_directory`` and ``edgediff generate`` run.
@@ -393,7 +394,9 @@ def compile_pipeline(
     the denoiser's latent size; the text encoder must make the denoiser's conditioning (one input of its
     width, as SD 1.x/2.x UNets take it) and the tokenizer must fit the text encoder, all checked before
     anything is compiled. ``batch`` is the denoiser's (2: one-call classifier-free guidance; the text
-    encoder runs once per prompt). The set is written atomically, like an artifact.
+    encoder runs once per prompt). ``resolutions`` (see :func:`compile_model`) apply to the denoiser and
+    the decoder alike, so that every latent the denoiser makes can be decoded. The set is written
+    atomically, like an artifact.
     """
     from edgediff import zoo
     from edgediff.errors import InputError
@@ -450,6 +453,8 @@ def compile_pipeline(
                     output_dir=staging / role,
                     progress=progress,
                     require_cross_compiler=require_cross_compiler,
+                    # the text encoder's output does not depend on the image size
+                    resolutions=resolutions if role != "text_encoder" else None,
                 )
         if tok is not None and tok.path is not None:
             (staging / "tokenizer").mkdir()

@@ -16,6 +16,11 @@ from edgediff.bench import add_arguments as add_bench_arguments
 from edgediff.errors import EdgediffError
 from edgediff.runtime.run import add_generation_arguments, run_command
 
+RESOLUTIONS_HELP = (
+    "image sizes HEIGHTxWIDTH in pixels, comma-separated (512x512,768x512): one artifact with an entry per "
+    "size sharing the weights; the first is the default"
+)
+
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from edgediff.api import compile_model
@@ -35,6 +40,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         require_cross_compiler=args.require_cross_compiler,
         batch=args.batch,
         latent_size=args.latent_size,
+        resolutions=args.resolutions,
         precision=config_from_options(
             args.precision,
             max_bytes=args.max_bytes,
@@ -64,6 +70,7 @@ def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
         batch=args.batch,
         progress=not args.quiet,
         require_cross_compiler=args.require_cross_compiler,
+        resolutions=args.resolutions,
     )
     for role in ("denoiser", "decoder", "text_encoder"):
         if (root / role).is_dir():
@@ -137,6 +144,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             callback=progress,
             decode=pipeline.decoder is not None,
+            height=args.height,
+            width=args.width,
         )
     finally:
         if bar is not None:
@@ -248,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("--batch", type=int, help="batch of a zoo/diffusers model (2 = one-call CFG)")
     compile_.add_argument("--latent-size", type=int, help="latent height/width of a zoo/diffusers model")
+    compile_.add_argument("--resolutions", help=RESOLUTIONS_HELP)
     compile_.add_argument(
         "--precision",
         help="auto (per-layer, measured) or one format for all layers: fp32, fp16, w8, int8 (= w8a8), "
@@ -273,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("-o", "--output", required=True, help="artifact set directory to write")
     pipe.add_argument("--batch", type=int, default=2, help="denoiser batch (2 = one-call CFG, default)")
     pipe.add_argument("--require-cross-compiler", action="store_true", help="as for compile")
+    pipe.add_argument("--resolutions", help=RESOLUTIONS_HELP + " (denoiser and decoder)")
     pipe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(run=_cmd_compile_pipeline)
 

@@ -120,6 +120,13 @@ def latent_of(zm: Any, resolution: Resolution) -> tuple[int, int]:
             f"{zm.name}: resolution {format_resolution(resolution)} is not a multiple of {step} "
             f"(VAE scale {scale}" + (f" x patch size {patch})" if patch > 1 else ")")
         )
+    if zm.family == "dit" and height != width:
+        # DiTTransformer2DModel unpatchifies with height = width = sqrt(tokens); its sin-cos position
+        # embedding is recomputed for any size, so square sizes other than the native one do work
+        raise InputError(
+            f"{zm.name}: DiT takes square resolutions only (diffusers' DiT unpatchifies to a square), "
+            f"got {format_resolution(resolution)}"
+        )
     return height // scale, width // scale
 
 
@@ -147,6 +154,8 @@ def capture_resolutions(
     from edgediff.lowering.capture import capture
 
     zm = resolve_zoo_model(model, batch=batch)
+    for resolution in resolutions:  # every size checked before the first (slow) capture
+        latent_of(zm, resolution)
     captured = []
     for resolution in resolutions:
         inputs = resolution_inputs(zm, resolution)

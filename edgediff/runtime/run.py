@@ -110,6 +110,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         latents=latents,
+        height=args.height,
+        width=args.width,
         **text,
     )
     if args.save_latents:
@@ -136,6 +138,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler")
+    parser.add_argument("--height", type=int, help="image height in pixels (a compiled resolution)")
+    parser.add_argument("--width", type=int, help="image width in pixels (a compiled resolution)")
     parser.add_argument("--save-latents", help="save the final latents (.npy)")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write when there is a decoder")
 
