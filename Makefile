@@ -45,10 +45,13 @@ lint: setup
 	$(PY) -m ruff check edgediff tests benchmarks scripts
 	$(PY) -m ruff format --check edgediff tests benchmarks scripts
 
-# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run.
+# Speed against PyTorch eager and onnxruntime, then one multi-resolution artifact against builds
+# specialised for each size (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run.
+BENCH_RESOLUTIONS ?= 256x256,384x256
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
+	$(PY) -m edgediff bench --resolutions $(BENCH_RESOLUTIONS) $(BENCH_ARGS)
 
 clean:
 	rm -rf demo-out .pytest_cache build

@@ -202,16 +202,16 @@ def compile_model(
             one.exported_program = one.torch_module = None
         bar.advance()
 
-        resolved = resolution_list or [None]
-        lowered: list[Any] = [None] * len(resolved)
-        entry_results: list[Any] = [None] * len(resolved)
-        transforms: list[Any] = []  # weight computations already run (see _stored_weights)
+        sizes: list[Any] = resolution_list or [None]  # None: the one shape of an ordinary build
+        lowered: list[Any] = [None] * len(sizes)
+        entry_results: list[Any] = [None] * len(sizes)
+        done: list[Any] = []  # weight computations already run (see _stored_weights)
         for index in decision_order(resolution_list) if resolution_list else [0]:
             options = {name: dict(opts) for name, opts in pass_options.items()}
             if plan is not None:
                 options["mixed-precision"] = {"plan": plan, "weight_names": imported_all[index].weight_names}
-            if resolution_list and len(resolution_list) > 1:
-                bar.stage(f"passes at {format_resolution(resolution_list[index])}")
+            if len(sizes) > 1:
+                bar.stage(f"passes at {format_resolution(sizes[index])}")
             mod, results = run_passes(
                 imported_all[index].mod,
                 spec,
@@ -219,19 +219,18 @@ def compile_model(
                 on_pass=lambda p: bar.stage(f"pass {p}"),
                 options=options,
             )
-            # the largest resolution decides per-layer Winograd variants for every entry (shared weights)
+            # the first run (the largest resolution) decides the per-layer Winograd variants of every
+            # entry, so that all of them store the same transformed weights
             chosen = winograd_plan(results)
             if chosen is not None and "plan" not in pass_options.get("winograd-conv2d", {}):
                 pass_options.setdefault("winograd-conv2d", {})["plan"] = chosen
             bar.stage("precompute weight transforms")
-            arrays, names = _stored_weights(imported_all[index], plan, results, transforms)
+            arrays, names = _stored_weights(imported_all[index], plan, results, done)
             entry_results[index] = results
-            lowered[index] = LoweredEntry(
-                entry_name(index, resolved[index] or (0, 0)), resolved[index] or (0, 0), mod, arrays, names
-            )
+            lowered[index] = LoweredEntry(entry_name(index, sizes[index]), sizes[index], mod, arrays, names)
         pass_results = entry_results[0]
         mod, arrays, names = merge_entries(lowered)
-        del lowered, transforms
+        del lowered, done
         bar.advance()
 
         bar.stage("build (TVM)")

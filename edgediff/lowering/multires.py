@@ -75,10 +75,10 @@ def format_resolution(resolution: Sequence[int]) -> str:
     return f"{resolution[0]}x{resolution[1]}"
 
 
-def entry_name(index: int, resolution: Resolution) -> str:
+def entry_name(index: int, resolution: Resolution | None) -> str:
     """The entry function of one resolution: the first (default) is ``main``, the others
     ``main_<height>x<width>``."""
-    return "main" if index == 0 else f"main_{format_resolution(resolution)}"
+    return "main" if index == 0 or resolution is None else f"main_{format_resolution(resolution)}"
 
 
 # --- capture ---------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class LoweredEntry:
     """One resolution after the passes: its module and the weights its ``main`` takes (arrays + names)."""
 
     function: str
-    resolution: Resolution
+    resolution: Resolution | None  # None: an ordinary single-shape build
     mod: Any
     weights: list[Any]
     weight_names: list[str]
