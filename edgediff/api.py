@@ -30,6 +30,7 @@ from edgediff.lowering.multires import (
 )
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
+from edgediff.passes.analysis import kernel_count
 from edgediff.precision.plan import resolve_request
 from edgediff.runtime.artifact import FORMAT_VERSION, Artifact
 from edgediff.targets import load_target
@@ -229,6 +230,7 @@ def compile_model(
             entry_results[index] = results
             lowered[index] = LoweredEntry(entry_name(index, sizes[index]), sizes[index], mod, arrays, names)
         pass_results = entry_results[0]
+        entry_kernels = [kernel_count(entry.mod) for entry in lowered]
         mod, arrays, names = merge_entries(lowered)
         del lowered, done
         bar.advance()
@@ -278,9 +280,14 @@ def compile_model(
             }
             if resolution_list is not None:
                 manifest["resolutions"] = [
-                    _resolution_record(entry_name(i, res), res, imported_all[i], entry_results[i])
+                    {
+                        **_resolution_record(entry_name(i, res), res, imported_all[i], entry_results[i]),
+                        "kernels": entry_kernels[i],
+                    }
                     for i, res in enumerate(resolution_list)
                 ]
+                # kernels equal at every size are in the library once
+                manifest["library"]["kernels"] = kernel_count(mod)
             if plan is not None:
                 from edgediff.precision.report import write_report
 

@@ -386,9 +386,15 @@ def _resolution_lines(manifest: dict[str, Any]) -> list[str]:
     if "resolutions" not in manifest:
         known = resolutions_text(entries)
         return [] if known == "unknown" else [f"  resolution {known} (height x width)"]
-    lines = [f"  resolutions {len(entries)} (height x width), default first, weights shared:"]
-    for entry in entries:
-        lines.append(f"    {entry.describe():<40} entry {entry.function}")
+    records = manifest["resolutions"]
+    merged = manifest["library"].get("kernels")
+    shared = ""
+    if merged is not None and all("kernels" in r for r in records):
+        shared = f"; {sum(r['kernels'] for r in records) - merged} kernels shared by entries"
+    lines = [f"  resolutions {len(entries)} (height x width), default first; weights stored once{shared}:"]
+    for entry, record in zip(entries, records, strict=True):
+        kernels = f", {record['kernels']} kernels" if "kernels" in record else ""
+        lines.append(f"    {entry.describe():<40} entry {entry.function}{kernels}")
     return lines
 
 
