@@ -81,6 +81,11 @@ def test_inspect_shows_resolutions(unet_multi: Artifact) -> None:
     text = unet_multi.describe()
     assert "resolutions 2" in text
     assert "192x128 (sample: float32[1, 4, 24, 16])" in text and "main_192x128" in text
+    manifest = unet_multi.manifest
+    per_entry = [r["kernels"] for r in manifest["resolutions"]]
+    # the time embedding and the text projections are the same at every size: kept once
+    assert max(per_entry) < manifest["library"]["kernels"] < sum(per_entry)
+    assert f"{sum(per_entry) - manifest['library']['kernels']} kernels shared by entries" in text
 
 
 def test_single_resolution_artifact_still_loads(compiled: Callable[..., Artifact]) -> None:
