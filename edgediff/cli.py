@@ -154,7 +154,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         np.save(args.save_latents, result.latents)
     if result.image is not None:
         write_png(args.output, result.image)
-        print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
+        print(f"wrote {args.output} ({result.image.shape[0]}x{result.image.shape[1]}, height x width)")
     else:
         print(
             f"no decoder/ in {args.artifacts}: latents only"

@@ -119,7 +119,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_latents}")
     if result.image is not None:
         write_png(args.output, result.image)
-        print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
+        print(f"wrote {args.output} ({result.image.shape[0]}x{result.image.shape[1]}, height x width)")
     else:
         print("no decoder/ in the artifact set: latents only")
     print(result.timings.summary())
