@@ -25,6 +25,7 @@ from edgediff.lowering.multires import (
     format_resolution,
     merge_entries,
     parse_resolutions,
+    plan_at,
     share_weights,
     winograd_plan,
 )
@@ -209,8 +210,12 @@ def compile_model(
         done: list[Any] = []  # weight computations already run (see _stored_weights)
         for index in decision_order(resolution_list) if resolution_list else [0]:
             options = {name: dict(opts) for name, opts in pass_options.items()}
-            if plan is not None:
-                options["mixed-precision"] = {"plan": plan, "weight_names": imported_all[index].weight_names}
+            if plan is not None:  # measured at the first size; its attention token counts scaled to this one
+                latents = [imported_all[i].inputs[0].shape[-2:] for i in (0, index)]
+                options["mixed-precision"] = {
+                    "plan": plan_at(plan, *latents),
+                    "weight_names": imported_all[index].weight_names,
+                }
             if len(sizes) > 1:
                 bar.stage(f"passes at {format_resolution(sizes[index])}")
             mod, results = run_passes(

@@ -25,6 +25,7 @@ is the pixel size divided by the model's VAE scale factor (8 for SD and DiT).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -202,6 +203,29 @@ def winograd_plan(results: list[Any]) -> list[str] | None:
         if result.name == "winograd-conv2d":
             return [layer["chosen"] for layer in result.report.get("layers", [])]
     return None
+
+
+def plan_at(plan: Any, calibrated: Sequence[int], latent: Sequence[int]) -> Any:
+    """A precision plan measured at the ``calibrated`` latent size (height, width), for ``latent``.
+
+    Formats and scales stay (the weights, hence their formats, are shared; activation ranges are taken as
+    the calibrated size's); only the attention layers' token counts, by which the mixed-precision rewrite
+    finds them, scale with the latent area: queries always, keys in self-attention (as many as queries)."""
+    from fractions import Fraction
+
+    ratio = Fraction(int(latent[0]) * int(latent[1]), int(calibrated[0]) * int(calibrated[1]))
+    if plan is None or ratio == 1:
+        return plan
+    layers = []
+    for layer in plan.layers:
+        if layer.kind == "attention" and layer.attention_shape:
+            heads, queries, keys, dim = layer.attention_shape
+            scaled = queries * ratio
+            if scaled.denominator == 1:  # else left as is: the rewrite then names the layer it cannot find
+                keys = int(scaled) if keys == queries else keys
+                layer = dataclasses.replace(layer, attention_shape=[heads, int(scaled), keys, dim])
+        layers.append(layer)
+    return dataclasses.replace(plan, layers=layers)
 
 
 @dataclass
