@@ -178,3 +178,24 @@ def test_manifest_is_json_with_resolutions(unet_multi: Artifact) -> None:
     manifest = json.loads((unet_multi.path / "manifest.json").read_text())
     assert [(r["height"], r["width"]) for r in manifest["resolutions"]] == UNET_SIZES
     assert manifest["model"]["meta"]["latent_size"] == 16
+
+
+def test_quantized_weights_shared(unet_multi: Artifact, host_int8, tmp_path) -> None:
+    """precision= with resolutions: the plan is measured at the first size and applied to every entry
+    (its attention layers found at each size's token counts); the int8 weights are stored once."""
+    artifact = compile_model(
+        "tiny-sd15-unet",
+        target=host_int8,
+        output_dir=tmp_path / "w8",
+        progress=False,
+        precision="w8",
+        resolutions=UNET_SIZES,
+    )
+    assert artifact.manifest["weights"]["bytes"] < unet_multi.manifest["weights"]["bytes"] / 3
+    module = artifact.load()
+    zm = zoo.build("tiny-sd15-unet")
+    for size in UNET_SIZES:
+        inputs = resolution_inputs(zm, size, seed=7)
+        with torch.no_grad():
+            expected = zm.module(*inputs).numpy()
+        assert np.abs(module(*inputs) - expected).max() < 0.05 * np.abs(expected).max()
