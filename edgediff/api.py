@@ -238,6 +238,8 @@ def compile_model(
         entry_kernels = [kernel_count(entry.mod) for entry in lowered]
         mod, arrays, names = merge_entries(lowered)
         del lowered, done
+        for one in imported_all:  # the stored weights are computed: the build runs without the originals
+            one.weights = []
         bar.advance()
 
         bar.stage("build (TVM)")
