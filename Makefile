@@ -45,14 +45,17 @@ lint: setup
 	$(PY) -m ruff check edgediff tests benchmarks scripts
 	$(PY) -m ruff format --check edgediff tests benchmarks scripts
 
-# Speed against PyTorch eager and onnxruntime (BENCHMARKS.md); BENCH_ARGS=--quick for a smoke run. Then the
-# NPU tiling table: DRAM bytes per step untiled vs tiled for sd15-unet and the VAE decoder (analysis, ~2 min).
+# What `make bench` prints (BENCHMARKS.md; BENCH_ARGS=--quick for a smoke run of the first two):
+# speed against PyTorch eager and onnxruntime; one multi-resolution artifact against builds specialised for
+# each size; peak RSS of memory-capped generation against the cap; the NPU tiling DRAM table (analysis,
+# ~2 min); linear attention against fused softmax at SD 1.5's 64x64 level (N = 4096), each feature map.
+BENCH_RESOLUTIONS ?= 256x256,384x256
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
-	$(PY) benchmarks/memory_cap.py --quick   # peak RSS against --max-memory, tiled decode error
+	$(PY) -m edgediff bench --resolutions $(BENCH_RESOLUTIONS) $(BENCH_ARGS)
+	$(PY) benchmarks/memory_cap.py --quick
 	$(PY) benchmarks/tiling.py --l2-target host
-	# linear attention vs fused softmax at SD1.5's 64x64 level (N = 4096), each feature map
 	PYTHONPATH=. $(PY) benchmarks/linear_attention.py --tables attention
 
 clean:

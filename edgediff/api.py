@@ -13,13 +13,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgediff.errors import InputError
 from edgediff.linear_attention import calibrate_attention, resolve_linear_attention
 from edgediff.lowering.artifact import atomic_directory, file_record, write_manifest, write_weights
 from edgediff.lowering.build import build, device_sources, export_library, run_passes, weight_transform
 from edgediff.lowering.capture import capture
 from edgediff.lowering.memory import memory_record
+from edgediff.lowering.multires import (
+    LoweredEntry,
+    capture_resolutions,
+    decision_order,
+    entry_name,
+    format_resolution,
+    merge_entries,
+    parse_resolutions,
+    plan_at,
+    share_weights,
+    winograd_plan,
+)
 from edgediff.lowering.relax_import import import_to_relax
 from edgediff.passes import resolve_pipeline
+from edgediff.passes.analysis import kernel_count
 from edgediff.passes.pack_matmul_weights import weight_layouts
 from edgediff.precision.plan import resolve_request
 from edgediff.runtime.artifact import FORMAT_VERSION, Artifact
@@ -112,6 +126,7 @@ def compile_model(
     precision_budget: Mapping[str, Any] | None = None,
     pass_options: Mapping[str, Mapping[str, Any]] | None = None,
     linear_attention: Any = None,
+    resolutions: Any = None,
 ) -> Artifact:
     """Compile a diffusion model (or any ``nn.Module`` / ONNX file) for an edge target.
 
@@ -142,11 +157,16 @@ def compile_model(
             ``{"self": 0.01, "cross": 0.0}``) and that the cost model expects to be faster; a feature-map
             name alone (``"relu"``) or ``fine_tuned=True`` is for weights fine-tuned with that map: every
             layer is rewritten (see :mod:`edgediff.linear_attention`).
+        resolutions: image sizes ``(height, width)`` in pixels (or ``"768x512,512x512"``) for a zoo model
+            or diffusers folder: one artifact with an entry per resolution, each compiled for its own static
+            shapes, sharing one copy of the weights; the first is the default (``main``). The runtime picks
+            the entry from the latent's shape (see :mod:`edgediff.lowering.multires`).
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
     """
     spec = load_target(target)
+    resolution_list = None if resolutions is None else parse_resolutions(resolutions)
     pass_names = resolve_pipeline(spec, passes)
     precision_request = resolve_request(precision, precision_budget, spec)
     if precision_request is not None:
@@ -160,13 +180,30 @@ def compile_model(
     failed = True
     try:
         bar.stage("capture (torch.export)")
-        captured = capture(
-            model, example_inputs, input_names=input_names, name=name, batch=batch, latent_size=latent_size
-        )
+        if resolution_list is None:
+            captures = [
+                capture(
+                    model,
+                    example_inputs,
+                    input_names=input_names,
+                    name=name,
+                    batch=batch,
+                    latent_size=latent_size,
+                )
+            ]
+        else:
+            if latent_size is not None or example_inputs is not None:
+                raise InputError("give resolutions or latent_size / example_inputs, not both")
+            captures = capture_resolutions(
+                model, resolution_list, input_names=input_names, name=name, batch=batch
+            )
+        captured = captures[0]
         bar.advance()
 
         bar.stage("import (fx -> Relax)")
-        imported = import_to_relax(captured)
+        imported_all = [import_to_relax(one) for one in captures]
+        imported = imported_all[0]
+        share_weights(imported_all)  # one copy of each weight, whatever the number of resolutions
         plan = None
         pass_options = {name: dict(opts) for name, opts in (pass_options or {}).items()}
         if precision_request is not None:  # measured on the torch model, so before it is dropped
@@ -175,20 +212,59 @@ def compile_model(
             plan = plan_for_compile(
                 precision_request, captured, imported, spec, progress=lambda s: bar.stage(f"precision: {s}")
             )
-            pass_options["mixed-precision"] = {"plan": plan, "weight_names": imported.weight_names}
         if linear_config is not None:  # measured on the torch model too
             records = None
             if not linear_config.fine_tuned:
+                if len(captures) > 1:
+                    raise InputError(
+                        "linear_attention with measured selection takes one resolution (calibration pairs"
+                        " the layers of one shape); give fine_tuned=True or compile each resolution apart"
+                    )
                 bar.stage("linear attention: calibration")
                 records = calibrate_attention(captured.torch_module, captured.example_inputs, linear_config)
             pass_options["rewrite-linear-attention"] = {"config": linear_config, "calibration": records}
-        # the Relax module now owns copies of the weights: let the torch graph go before the build
-        captured.exported_program = captured.torch_module = None
+        # the Relax modules now own copies of the weights: let the torch graphs go before the build
+        for one in captures:
+            one.exported_program = one.torch_module = None
         bar.advance()
 
-        mod, pass_results = run_passes(
-            imported.mod, spec, pass_names, on_pass=lambda p: bar.stage(f"pass {p}"), options=pass_options
-        )
+        sizes: list[Any] = resolution_list or [None]  # None: the one shape of an ordinary build
+        lowered: list[Any] = [None] * len(sizes)
+        entry_results: list[Any] = [None] * len(sizes)
+        done: list[Any] = []  # weight computations already run (see _stored_weights)
+        provenance: list[Any] = [None] * len(sizes)  # how each entry's stored weights were made
+        for index in decision_order(resolution_list) if resolution_list else [0]:
+            options = {name: dict(opts) for name, opts in pass_options.items()}
+            if plan is not None:  # measured at the first size; its attention token counts scaled to this one
+                latents = [imported_all[i].inputs[0].shape[-2:] for i in (0, index)]
+                options["mixed-precision"] = {
+                    "plan": plan_at(plan, *latents),
+                    "weight_names": imported_all[index].weight_names,
+                }
+            if len(sizes) > 1:
+                bar.stage(f"passes at {format_resolution(sizes[index])}")
+            mod, results = run_passes(
+                imported_all[index].mod,
+                spec,
+                pass_names,
+                on_pass=lambda p: bar.stage(f"pass {p}"),
+                options=options,
+            )
+            # the first run (the largest resolution) decides the per-layer Winograd variants of every
+            # entry, so that all of them store the same transformed weights
+            chosen = winograd_plan(results)
+            if chosen is not None and "plan" not in pass_options.get("winograd-conv2d", {}):
+                pass_options.setdefault("winograd-conv2d", {})["plan"] = chosen
+            bar.stage("precompute weight transforms")
+            arrays, names, provenance[index] = _stored_weights(imported_all[index], plan, results, done)
+            entry_results[index] = results
+            lowered[index] = LoweredEntry(entry_name(index, sizes[index]), sizes[index], mod, arrays, names)
+        pass_results = entry_results[0]
+        entry_kernels = [kernel_count(entry.mod) for entry in lowered]
+        mod, arrays, names = merge_entries(lowered)
+        del lowered, done
+        for one in imported_all:  # the stored weights are computed: the build runs without the originals
+            one.weights = []
         bar.advance()
 
         bar.stage("build (TVM)")
@@ -206,22 +282,8 @@ def compile_model(
             bar.advance()
 
             bar.stage("write weights + manifest")
-            arrays, names = imported.weights, imported.weight_names
-            if plan is not None:  # the weight half of the mixed-precision rewrite
-                from edgediff.passes.mixed_precision import quantize_weights
-
-                arrays, names = quantize_weights(plan, arrays, names)
-            layouts = weight_layouts(pass_results, names)
-            transform = weight_transform(pass_results)
-            chains = {}
-            if transform is not None:
-                bar.stage("precompute weight transforms")
-                chains = transform.kernel_chains(names)
-                arrays, names = transform.apply(arrays, names)
             weights = write_weights(staging, arrays, names)
-            weights["transforms"] = chains  # stored name -> kernels (the runtime's LoRA merge reads it)
-            if layouts:  # weights stored in a kernel's layout (what a LoRA merge must apply its delta in)
-                weights["layouts"] = layouts
+            weights.update(provenance[0])  # the entries share their weights, so the first one's say it all
             notes = _target_notes(spec) + ([library.note] if library.note else [])
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -251,6 +313,16 @@ def compile_model(
                 "versions": _versions(captured.source),
                 "notes": notes,
             }
+            if resolution_list is not None:
+                manifest["resolutions"] = [
+                    {
+                        **_resolution_record(entry_name(i, res), res, imported_all[i], entry_results[i]),
+                        "kernels": entry_kernels[i],
+                    }
+                    for i, res in enumerate(resolution_list)
+                ]
+                # kernels equal at every size are in the library once
+                manifest["library"]["kernels"] = kernel_count(mod)
             if plan is not None:
                 from edgediff.precision.report import write_report
 
@@ -266,6 +338,64 @@ def compile_model(
     finally:
         bar.close(failed=failed)
     return Artifact(destination)
+
+
+def _stored_weights(
+    imported: Any, plan: Any, results: list[Any], done: list[tuple[Any, list[str], list[Any], list[str]]]
+) -> tuple[list[Any], list[str], dict[str, Any]]:
+    """The weights one entry's ``main`` takes, as stored: quantized by the precision plan, then through the
+    compile-time weight transform; and the manifest's record of how they were made (``transforms``: stored
+    name -> kernels, ``layouts``: weights stored in a kernel's layout), which a LoRA merge reads. ``done``
+    holds the transforms earlier entries ran: an equal transform of the same weights is not run again, so
+    the entries share the very same arrays."""
+    import tvm_ffi
+
+    arrays, names = list(imported.weights), list(imported.weight_names)
+    for stage, inputs, outputs, output_names in done:
+        if stage == "quantize" and inputs == names:
+            arrays, names = outputs, output_names
+            break
+    else:
+        if plan is not None:  # the weight half of the mixed-precision rewrite
+            from edgediff.passes.mixed_precision import quantize_weights
+
+            quantized, quantized_names = quantize_weights(plan, arrays, names)
+            done.append(("quantize", names, list(quantized), list(quantized_names)))
+            arrays, names = list(quantized), list(quantized_names)
+    provenance: dict[str, Any] = {"transforms": {}}
+    layouts = weight_layouts(results, names)
+    if layouts:
+        provenance["layouts"] = layouts
+    transform = weight_transform(results)
+    if transform is None:
+        return arrays, names, provenance
+    provenance["transforms"] = transform.kernel_chains(names)
+    key = (transform.kept, transform.transform_inputs, names)
+    for stage, inputs, outputs, output_names in done:
+        if (
+            not isinstance(stage, str)
+            and (stage.kept, stage.transform_inputs, inputs) == key
+            and tvm_ffi.structural_equal(stage.module, transform.module)
+        ):
+            return outputs, output_names, provenance
+    transformed, transformed_names = transform.apply(arrays, names)
+    done.append((transform, names, list(transformed), list(transformed_names)))
+    return list(transformed), list(transformed_names), provenance
+
+
+def _resolution_record(
+    function: str, resolution: tuple[int, int], imported: Any, results: list[Any]
+) -> dict[str, Any]:
+    """The manifest's record of one entry: its resolution, function, signature and pass summaries (the
+    default entry's full reports are the manifest's ``passes``)."""
+    return {
+        "function": function,
+        "height": resolution[0],
+        "width": resolution[1],
+        "inputs": [info.to_dict() for info in imported.inputs],
+        "outputs": [info.to_dict() for info in imported.outputs],
+        "passes": [{"name": r.name, "summary": r.report.get("summary", "")} for r in results],
+    }
 
 
 def _display_name(model: Any) -> str:
@@ -306,6 +436,7 @@ def compile_pipeline(
     progress: bool = True,
     require_cross_compiler: bool = False,
     decoder_tile: int | None = None,
+    resolutions: Any = None,
 ) -> Path:
     """Compile an artifact set: ``output_dir`` with ``denoiser/``, and ``decoder/``, ``text_encoder/`` and
     ``tokenizer/`` when given, which ``Pipeline.from_directory`` and ``edgediff generate`` run.
@@ -318,8 +449,9 @@ def compile_pipeline(
     width, as SD 1.x/2.x UNets take it) and the tokenizer must fit the text encoder, all checked before
     anything is compiled. ``batch`` is the denoiser's (2: one-call classifier-free guidance; the text
     encoder runs once per prompt). ``decoder_tile`` (a latent size) also compiles the decoder for tiles of
-    that size into ``decoder_tile/``: a memory-capped run decodes in overlapping tiles with it. The set is
-    written atomically, like an artifact.
+    that size into ``decoder_tile/``: a memory-capped run decodes in overlapping tiles with it.
+    ``resolutions`` (see :func:`compile_model`) apply to the denoiser and the decoder alike, so that every
+    latent the denoiser makes can be decoded. The set is written atomically, like an artifact.
     """
     from edgediff import zoo
     from edgediff.errors import InputError
@@ -388,6 +520,9 @@ def compile_pipeline(
                     output_dir=staging / role,
                     progress=progress,
                     require_cross_compiler=require_cross_compiler,
+                    # the text encoder's output does not depend on the image size; the tile decoder's input
+                    # is one tile, whatever the image size
+                    resolutions=resolutions if role in ("denoiser", "decoder") else None,
                 )
         if tok is not None and tok.path is not None:
             (staging / "tokenizer").mkdir()

@@ -255,10 +255,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models, 3 runs: a smoke run")
     parser.add_argument("--profile", action="store_true", help="per-kernel profile of one edgediff call")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--resolutions",
+        help="HEIGHTxWIDTH,...: time one multi-resolution artifact against a build specialised for each "
+        "size instead (default model sd15-unet-half; --quick: tiny-sd15-unet)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Benchmark the chosen models and print the table (and the profile with ``--profile``)."""
+    if args.resolutions:
+        from edgediff.bench_resolutions import run as run_resolutions
+
+        return run_resolutions(args)
     if args.no_onnxruntime:
         args.engines = []
     if args.quick:

@@ -16,6 +16,11 @@ from edgediff.bench import add_arguments as add_bench_arguments
 from edgediff.errors import EdgediffError
 from edgediff.runtime.run import add_generation_arguments, run_command
 
+RESOLUTIONS_HELP = (
+    "image sizes HEIGHTxWIDTH in pixels, comma-separated (512x512,768x512): one artifact with an entry per "
+    "size sharing the weights; the first is the default"
+)
+
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from edgediff.api import compile_model
@@ -36,6 +41,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         require_cross_compiler=args.require_cross_compiler,
         batch=args.batch,
         latent_size=args.latent_size,
+        resolutions=args.resolutions,
         precision=config_from_options(
             args.precision,
             max_bytes=args.max_bytes,
@@ -76,6 +82,7 @@ def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         require_cross_compiler=args.require_cross_compiler,
         decoder_tile=args.decoder_tile,
+        resolutions=args.resolutions,
     )
     for role in ("denoiser", "decoder", "text_encoder", "decoder_tile"):
         if (root / role).is_dir():
@@ -149,6 +156,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             seed=args.seed,
             callback=progress,
             decode=pipeline.decoder is not None or pipeline.tile_decoder is not None,
+            height=args.height,
+            width=args.width,
         )
     finally:
         if bar is not None:
@@ -157,7 +166,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         np.save(args.save_latents, result.latents)
     if result.image is not None:
         write_png(args.output, result.image)
-        print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
+        print(f"wrote {args.output} ({result.image.shape[0]}x{result.image.shape[1]}, height x width)")
     else:
         print(
             f"no decoder/ in {args.artifacts}: latents only"
@@ -292,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("--batch", type=int, help="batch of a zoo/diffusers model (2 = one-call CFG)")
     compile_.add_argument("--latent-size", type=int, help="latent height/width of a zoo/diffusers model")
+    compile_.add_argument("--resolutions", help=RESOLUTIONS_HELP)
     compile_.add_argument(
         "--precision",
         help="auto (per-layer, measured) or one format for all layers: fp32, fp16, w8, int8 (= w8a8), "
@@ -348,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate --max-memory",
     )
     pipe.add_argument("--require-cross-compiler", action="store_true", help="as for compile")
+    pipe.add_argument("--resolutions", help=RESOLUTIONS_HELP + " (denoiser and decoder)")
     pipe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(run=_cmd_compile_pipeline)
 

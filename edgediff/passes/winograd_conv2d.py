@@ -588,8 +588,11 @@ class _Decider:
     nothing is rewritten), then :meth:`fit_budget` picks the variants under the weight budget for the
     whole model, and the second walk rewrites by that plan."""
 
-    def __init__(self, spec: Any, variant: str, error_bound: float, min_speedup: float) -> None:
+    def __init__(
+        self, spec: Any, variant: str, error_bound: float, min_speedup: float, forced: list[str] | None = None
+    ) -> None:
         self.cost = CostModel(spec)
+        self.forced = forced
         self.variant = variant
         self.error_bound = error_bound
         self.min_speedup = min_speedup
@@ -615,7 +618,17 @@ class _Decider:
         Greedy for the multiple-choice knapsack: every (layer, allowed variant) pair, best estimated
         seconds saved per extra byte first, upgrades its layer when it saves more than the layer's current
         choice and the extra bytes still fit; so F2 (1.8x the bytes) on many layers beats F6 (7.1x) on a
-        few when that saves more. Forced variants ignore the budget."""
+        few when that saves more. Forced variants and a forced plan ignore the budget."""
+        if self.forced is not None:
+            if len(self.forced) != len(self.layers):
+                raise PassError(
+                    f"winograd-conv2d: the plan names {len(self.forced)} layers, the model has "
+                    f"{len(self.layers)} eligible 3x3 convs"
+                )
+            for layer, variant in zip(self.layers, self.forced, strict=True):
+                layer.chosen = _variant_name(variant)
+            self.plan = [layer.chosen for layer in self.layers]
+            return
         if self.variant != "auto":
             self.plan = [layer.chosen for layer in self.layers]
             return
@@ -695,7 +708,9 @@ class WinogradConv2d:
     ``"direct"``, ``2``, ``4``, ``6`` forced on every eligible layer), ``error_bound`` (relative max error,
     default 1e-3), ``min_speedup`` (default 1.5: the weights of a rewritten layer grow alpha^2/9 times) and
     ``max_weight_growth`` (default 0.05: the transformed weights may add at most this fraction of the
-    model's weight bytes; within it, layers are taken by estimated time saved per extra byte).
+    model's weight bytes; within it, layers are taken by estimated time saved per extra byte). ``plan``
+    (one variant per eligible layer, in program order) replaces the choice: a multi-resolution build makes
+    it once and gives it to every resolution, so that all of them store the same transformed weights.
     """
 
     def __init__(
@@ -705,8 +720,10 @@ class WinogradConv2d:
         error_bound: float = DEFAULT_ERROR_BOUND,
         min_speedup: float = DEFAULT_MIN_SPEEDUP,
         max_weight_growth: float = DEFAULT_MAX_WEIGHT_GROWTH,
+        plan: list[str] | None = None,
     ) -> None:
         self.spec = spec
+        self.plan = list(plan) if plan is not None else None
         self.variant = _variant_name(variant)
         self.error_bound = float(error_bound)
         self.min_speedup = float(min_speedup)
@@ -714,7 +731,7 @@ class WinogradConv2d:
         self.report: dict[str, Any] = {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        decider = _Decider(self.spec, self.variant, self.error_bound, self.min_speedup)
+        decider = _Decider(self.spec, self.variant, self.error_bound, self.min_speedup, self.plan)
         _rewrite(mod, decider)  # measures every eligible layer, rewrites nothing
         model_bytes = _weight_bytes(mod)
         decider.fit_budget(self.max_weight_growth * model_bytes)
@@ -741,7 +758,7 @@ class WinogradConv2d:
                 if rewritten
                 else ""
             ),
-            "variant": self.variant,
+            "variant": self.variant if self.plan is None else "plan",
             "error_bound": self.error_bound,
             "min_speedup": self.min_speedup,
             "max_weight_growth": self.max_weight_growth,

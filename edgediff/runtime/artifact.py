@@ -18,6 +18,7 @@ import json
 import os
 import platform
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,48 @@ def load_weights(root: Path, manifest: dict[str, Any], *, verify: bool = True) -
     return arrays
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One entry function of an artifact: a multi-resolution artifact has one per compiled resolution
+    (``main`` is the first, the default), any other artifact just ``main``."""
+
+    function: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    resolution: tuple[int, int] | None  # (height, width) in pixels, when known
+
+    def describe(self) -> str:
+        size = f"{self.resolution[0]}x{self.resolution[1]}" if self.resolution else "?"
+        return f"{size} ({', '.join(info.describe() for info in self.inputs[:1])})"
+
+
+def manifest_entries(manifest: dict[str, Any]) -> list[Entry]:
+    """The entry functions of an artifact, default first. A single-resolution artifact's resolution comes
+    from its latent input and the model's VAE scale factor, when the model has one."""
+    records = manifest.get("resolutions")
+    if records:
+        return [
+            Entry(
+                r["function"],
+                [TensorInfo.from_dict(d) for d in r["inputs"]],
+                [TensorInfo.from_dict(d) for d in r["outputs"]],
+                (int(r["height"]), int(r["width"])),
+            )
+            for r in records
+        ]
+    inputs = [TensorInfo.from_dict(d) for d in manifest["inputs"]]
+    scale = (manifest["model"].get("meta") or {}).get("vae_scale_factor")
+    resolution = None
+    if scale and inputs and len(inputs[0].shape) == 4:
+        resolution = (int(inputs[0].shape[2]) * int(scale), int(inputs[0].shape[3]) * int(scale))
+    return [Entry("main", inputs, [TensorInfo.from_dict(d) for d in manifest["outputs"]], resolution)]
+
+
+def resolutions_text(entries: list[Entry]) -> str:
+    """``512x512, 768x512`` (height x width) of the entries whose resolution is known."""
+    return ", ".join(f"{e.resolution[0]}x{e.resolution[1]}" for e in entries if e.resolution) or "unknown"
+
+
 # library path -> sha256 of the library first loaded from it in this process
 _LOADED_LIBRARIES: dict[str, str] = {}
 
@@ -215,6 +258,8 @@ class CompiledModule:
         self._weights: list[Any] = []
         self._merged: dict[int, np.ndarray] = {}  # weights.bin index -> tensor with the LoRA merged
         self.lora: dict[str, Any] | None = None  # what set_lora merged (for reports)
+        self.entries = manifest_entries(self.manifest)
+        self._functions: dict[str, Any] = {}
         if not lazy:
             self.load()
 
@@ -234,6 +279,7 @@ class CompiledModule:
         library_path = _distinct_library_path(self._library_path, self.manifest["library"]["sha256"])
         self._vm = VirtualMachine(tvm.runtime.load_module(str(library_path)), self.device)
         self._main = self._vm["main"]
+        self._functions = {entry.function: self._vm[entry.function] for entry in self.entries}
         weights = iter_weights(self.path, self.manifest, verify=self._verify)
         self._weights = [
             tvm.runtime.tensor(self._merged.get(i, w), self.device) for i, w in enumerate(weights)
@@ -244,6 +290,7 @@ class CompiledModule:
         """Drop the weights and the library (the next call loads them again)."""
         self._weights = []
         self._main = self._vm = None
+        self._functions = {}
         import gc
 
         gc.collect()  # the VM and its tensors hold each other: free them now, not at the next collection
@@ -283,6 +330,47 @@ class CompiledModule:
     def name(self) -> str:
         return str(self.manifest["model"]["name"])
 
+    @property
+    def resolutions(self) -> list[tuple[int, int]]:
+        """The (height, width) pixel resolutions the artifact runs, default first (empty when unknown)."""
+        return [entry.resolution for entry in self.entries if entry.resolution is not None]
+
+    def entry_for(self, height: int | None = None, width: int | None = None) -> Entry:
+        """The entry compiled for ``height`` x ``width`` pixels (a missing one: the default's); an error
+        listing the compiled resolutions when there is none."""
+        default = self.entries[0]
+        if height is None and width is None:
+            return default
+        if default.resolution is None:
+            raise InputError(f"{self.name}: its resolution is not known, so height/width cannot choose one")
+        wanted = (height or default.resolution[0], width or default.resolution[1])
+        for entry in self.entries:
+            if entry.resolution == wanted:
+                return entry
+        raise InputError(
+            f"{self.name}: not compiled for {wanted[0]}x{wanted[1]} (height x width); compiled for "
+            f"{resolutions_text(self.entries)}: recompile with --resolutions to add it"
+        )
+
+    def entry_for_shape(self, shape: tuple[int, ...], index: int = 0) -> Entry | None:
+        """The entry whose input ``index`` has ``shape``, if any."""
+        return next((e for e in self.entries if tuple(e.inputs[index].shape) == tuple(shape)), None)
+
+    def _select(self, inputs: tuple[Any, ...]) -> Entry:
+        """The entry whose input shapes the call's inputs have (the only one, for most artifacts)."""
+        if len(self.entries) == 1:
+            return self.entries[0]
+        shapes = [tuple(v.shape) if hasattr(v, "shape") else np.shape(v) for v in inputs]
+        for entry in self.entries:
+            if [info.shape for info in entry.inputs] == shapes:
+                return entry
+        first = self.entries[0].inputs[0]
+        got = list(shapes[0]) if shapes else []
+        raise InputError(
+            f"{self.name}: inputs of shapes {[list(s) for s in shapes]} match no compiled resolution "
+            f"('{first.name}' {got}); compiled for " + ", ".join(entry.describe() for entry in self.entries)
+        )
+
     def _to_array(self, value: Any, info: TensorInfo) -> np.ndarray:
         if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
             value = value.detach().cpu().numpy()
@@ -308,12 +396,13 @@ class CompiledModule:
             )
         import tvm
 
+        entry = self._select(inputs)  # by the input shapes: one entry per compiled resolution
         self.load()
         args = [
             tvm.runtime.tensor(self._to_array(v, info), self.device)
-            for v, info in zip(inputs, self.inputs, strict=True)
+            for v, info in zip(inputs, entry.inputs, strict=True)
         ]
-        result = self._main(*args, *self._weights)
+        result = self._functions[entry.function](*args, *self._weights)
         if len(self.outputs) == 1:
             return result.numpy()
         return tuple(item.numpy() for item in result)
@@ -350,6 +439,7 @@ def describe_manifest(manifest: dict[str, Any], path: str | os.PathLike | None =
         f"  weights   {weights['file']}: {len(weights['tensors'])} tensors, {weights['bytes']:,} bytes",
         "  inputs    " + "; ".join(TensorInfo.from_dict(d).describe() for d in manifest["inputs"]),
         "  outputs   " + "; ".join(TensorInfo.from_dict(d).describe() for d in manifest["outputs"]),
+        *_resolution_lines(manifest),
         f"  runs here {'yes' if runs_here(manifest) else 'no (built for another machine)'}",
         f"  built     {manifest['created']} in {manifest['compile_seconds']:.1f} s with "
         + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
@@ -381,6 +471,25 @@ def _memory_and_lora_lines(manifest: dict[str, Any]) -> list[str]:
             f"({format_bytes(attention.get('unfused_score_bytes', 0))} of scores, in the workspace)"
         )
     lines.append(f"  lora      {mergeable_summary(manifest)}")
+    return lines
+
+
+def _resolution_lines(manifest: dict[str, Any]) -> list[str]:
+    """``edgediff inspect``'s resolution lines: each compiled resolution with its entry and latent input
+    for a multi-resolution artifact; the one resolution, when known, for any other."""
+    entries = manifest_entries(manifest)
+    if "resolutions" not in manifest:
+        known = resolutions_text(entries)
+        return [] if known == "unknown" else [f"  resolution {known} (height x width)"]
+    records = manifest["resolutions"]
+    merged = manifest["library"].get("kernels")
+    shared = ""
+    if merged is not None and all("kernels" in r for r in records):
+        shared = f"; {sum(r['kernels'] for r in records) - merged} kernels shared by entries"
+    lines = [f"  resolutions {len(entries)} (height x width), default first; weights stored once{shared}:"]
+    for entry, record in zip(entries, records, strict=True):
+        kernels = f", {record['kernels']} kernels" if "kernels" in record else ""
+        lines.append(f"    {entry.describe():<40} entry {entry.function}{kernels}")
     return lines
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgediff.errors import EdgediffError, InputError
-from edgediff.runtime.artifact import CompiledModule
+from edgediff.runtime.artifact import CompiledModule, resolutions_text
 from edgediff.runtime.image import to_uint8_image
 from edgediff.runtime.memory import (
     MemoryPlan,
@@ -119,13 +119,12 @@ class Pipeline:
             raise InputError(
                 f"{denoiser.path}: denoiser compiled for batch {self.batch}; use 1, or 2 for CFG"
             )
-        if decoder is not None:
+        if decoder is not None and decoder.entry_for_shape(self.latent_shape) is None:
             expected = tuple(decoder.inputs[0].shape)
-            if expected != self.latent_shape:
-                raise InputError(
-                    f"decoder {decoder.path} takes latents {list(expected)}, "
-                    f"the denoiser produces {list(self.latent_shape)}"
-                )
+            raise InputError(
+                f"decoder {decoder.path} takes latents {list(expected)}, "
+                f"the denoiser produces {list(self.latent_shape)}"
+            )
         if tile_decoder is not None:
             tile = tuple(tile_decoder.inputs[0].shape)
             if (
@@ -443,6 +442,30 @@ class Pipeline:
 
         return denoise
 
+    def latent_shape_for(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        latents: np.ndarray | None = None,
+        decode: bool = True,
+    ) -> tuple[int, ...]:
+        """The latent shape of one image at ``height`` x ``width`` pixels (default: the denoiser's first
+        resolution, or the given ``latents``' when the denoiser has an entry for them); an error naming
+        the compiled resolutions when the denoiser, or the decoder that is to decode, lacks it."""
+        if height is None and width is None and latents is not None:
+            entry = self.denoiser.entry_for_shape((self.batch, *np.shape(latents)[1:]))
+            if entry is None:
+                return self.latent_shape  # the caller reports the mismatch
+        else:
+            entry = self.denoiser.entry_for(height, width)
+        shape = (1, *entry.inputs[0].shape[1:])
+        if decode and self.decoder is not None and self.decoder.entry_for_shape(shape) is None:
+            raise InputError(
+                f"the decoder {self.decoder.path} is not compiled for {resolutions_text([entry])} "
+                f"(latents {list(shape)}); it is for {resolutions_text(self.decoder.entries)}"
+            )
+        return shape
+
     def generate(
         self,
         conditioning: Mapping[str, Any] | np.ndarray | None = None,
@@ -458,6 +481,8 @@ class Pipeline:
         sampler_options: Mapping[str, Any] | None = None,
         decode: bool = True,
         callback: Callable[[int, int], None] | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> Generation:
         """Generate one image.
 
@@ -468,6 +493,9 @@ class Pipeline:
 
         With a text encoder and tokenizer, ``prompt`` text replaces ``conditioning`` and ``negative_prompt``
         text replaces ``negative`` (default: the empty prompt, under guidance).
+
+        ``height`` and ``width`` (pixels) choose among the resolutions the artifacts were compiled for
+        (default: the first); given ``latents`` choose by their shape.
         """
         total_start = time.perf_counter()
         timings = Timings()
@@ -491,14 +519,13 @@ class Pipeline:
                 uncond = self._conditioning(negative, "negative conditioning")
 
         rng = np.random.default_rng(seed)
+        latent_shape = self.latent_shape_for(height, width, latents, decode)
         if latents is None:
-            latents = rng.standard_normal(self.latent_shape).astype(np.float32)
+            latents = rng.standard_normal(latent_shape).astype(np.float32)
         else:
             latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != self.latent_shape:
-                raise InputError(
-                    f"latents have shape {list(latents.shape)}, expected {list(self.latent_shape)}"
-                )
+            if latents.shape != latent_shape:
+                raise InputError(f"latents have shape {list(latents.shape)}, expected {list(latent_shape)}")
 
         if self.max_memory is not None:
             self.memory_plan = self.plan_memory()

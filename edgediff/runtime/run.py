@@ -109,6 +109,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         latents=latents,
+        height=args.height,
+        width=args.width,
         **text,
     )
     if args.save_latents:
@@ -116,7 +118,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"wrote {args.save_latents}")
     if result.image is not None:
         write_png(args.output, result.image)
-        print(f"wrote {args.output} ({result.image.shape[1]}x{result.image.shape[0]})")
+        print(f"wrote {args.output} ({result.image.shape[0]}x{result.image.shape[1]}, height x width)")
     else:
         print("no decoder/ in the artifact set: latents only")
     print(result.timings.summary())
@@ -164,6 +166,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (<= 1: no guidance)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise and the sampler")
+    parser.add_argument("--height", type=int, help="image height in pixels (a compiled resolution)")
+    parser.add_argument("--width", type=int, help="image width in pixels (a compiled resolution)")
     parser.add_argument("--save-latents", help="save the final latents (.npy)")
     parser.add_argument("--lora", help="LoRA .safetensors merged into the weights at load (no rebuild)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
