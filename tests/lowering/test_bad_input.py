@@ -196,7 +196,7 @@ def test_failed_compile_keeps_the_previous_artifact(small_artifact, monkeypatch)
     artifact, _, x = small_artifact
     before = (artifact.path / "manifest.json").read_text()
 
-    def broken_build(mod, spec):
+    def broken_build(mod, spec, **_options):
         raise BuildError("simulated failure")
 
     monkeypatch.setattr("edgediff.api.build", broken_build)
