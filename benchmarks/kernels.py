@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 import edgediff
+from edgediff.bench import time_calls
 
 
 class GEGLU(torch.nn.Module):
@@ -63,19 +62,6 @@ CASES: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
     "conv 3x3 1280 (1,1280,8,8)": (lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (1, 1280, 8, 8)),
     "conv 3x3 1280 (1,1280,4,4)": (lambda: torch.nn.Conv2d(1280, 1280, 3, padding=1), (1, 1280, 4, 4)),
 }
-
-
-def _seconds(fn: Callable[[], object], warmup: int, runs: int, cpu_time: bool) -> float:
-    """Median wall seconds of ``runs`` calls after ``warmup``, or (``cpu_time``) their least CPU time."""
-    for _ in range(warmup):
-        fn()
-    clock = time.process_time if cpu_time else time.perf_counter
-    times = []
-    for _ in range(runs):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times) if cpu_time else statistics.median(times)
 
 
 def main() -> None:
@@ -121,7 +107,7 @@ def _bench_case(name: str, args: argparse.Namespace) -> tuple[dict[str, float], 
     x = torch.randn(*shape) * 4
 
     def seconds(fn: Callable[[], object]) -> float:
-        return _seconds(fn, args.warmup, args.runs, args.cpu_time)
+        return time_calls(fn, args.runs, args.warmup, args.cpu_time)
 
     times = {}
     with tempfile.TemporaryDirectory() as tmp:

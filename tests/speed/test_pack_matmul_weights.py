@@ -10,9 +10,7 @@ import torch
 import edgediff
 from edgediff.runtime.artifact import load_weights
 from edgediff.runtime.layouts import from_stored_layout, to_stored_layout
-from tests.speed.test_fuse_norm_activation import Chains, _inputs
-
-TOLERANCE = 1e-4
+from tests.speed.test_fuse_norm_activation import Chains, _close, _inputs
 
 
 def _report(artifact: edgediff.Artifact, name: str) -> dict:
@@ -21,11 +19,6 @@ def _report(artifact: edgediff.Artifact, name: str) -> dict:
 
 def _stored(artifact: edgediff.Artifact) -> dict[str, list[int]]:
     return {t["name"].split(":")[0]: t["shape"] for t in artifact.manifest["weights"]["tensors"]}
-
-
-def _close(got: np.ndarray, expected: np.ndarray) -> None:
-    err = float(np.abs(got - expected).max())
-    assert err <= TOLERANCE * max(1.0, float(np.abs(expected).max())), err
 
 
 def test_packed_weights_match_torch_and_are_stored_packed(tmp_path):
