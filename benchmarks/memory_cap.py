@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 # As on a device: torch (which the TVM runtime imports when it is installed) cannot be imported.
-_CHILD = """
+_NO_TORCH = """
 import sys
 
 class _Absent:
@@ -33,7 +33,11 @@ class _Absent:
         return None
 
 sys.meta_path.insert(0, _Absent())
-import json
+"""
+
+_CHILD = (
+    _NO_TORCH
+    + """import json
 import numpy as np
 from edgediff.runtime.memory import current_rss
 from edgediff.runtime.pipeline import Pipeline
@@ -54,23 +58,17 @@ print(json.dumps({
     "seconds": result.timings.total,
 }))
 """
+)
 
-_PROBE = """
-import sys
-
-class _Absent:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
-            raise ModuleNotFoundError(name)
-        return None
-
-sys.meta_path.insert(0, _Absent())
-import json
+_PROBE = (
+    _NO_TORCH
+    + """import json
 from edgediff.runtime.pipeline import Pipeline
 
 plan = Pipeline.from_directory(sys.argv[1], max_memory="1TB").memory_plan
 print(json.dumps({"minimum": plan.minimum, "baseline": plan.baseline}))
 """
+)
 
 
 def build_set(root: Path, quick: bool, latent: int, tile: int) -> Path:
