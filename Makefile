@@ -36,7 +36,7 @@ device-tools: setup
 	$(PY) scripts/arm64_root.py build
 
 demo: setup cross-toolchain
-	$(PY) -m edgediff.demo --output demo-out
+	$(PY) -m edgediff.tools.demo --output demo-out
 
 test: setup cross-toolchain device-tools
 	$(PY) -m pytest -q tests

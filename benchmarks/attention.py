@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edgediff.bench import _peak_rss_mb, _reset_peak_rss, machine_line, time_calls  # noqa: E402
+from edgediff.tools.bench import machine_line, peak_rss_mb, reset_peak_rss, time_calls  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 40
 
@@ -77,10 +77,10 @@ def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[s
     inputs = tuple(torch.randn(1, HEADS, tokens, HEAD_DIM) for _ in range(3))
     model = _sdpa_module()
     peak: dict[str, float] = {}
-    _reset_peak_rss()
-    base_mb = _peak_rss_mb()
+    reset_peak_rss()
+    base_mb = peak_rss_mb()
     expected = _eager(model, inputs).numpy()
-    peak["eager SDPA"] = _peak_rss_mb() - base_mb
+    peak["eager SDPA"] = peak_rss_mb() - base_mb
     calls: dict[str, Callable[[], Any]] = {"eager SDPA": lambda: _eager(model, inputs)}
     report: dict = {}
     for label, on in (("edgediff unfused", False), ("edgediff fused", True)):
@@ -94,11 +94,11 @@ def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[s
         if on:
             report = next(p for p in artifact.manifest["passes"] if p["name"] == "fuse-attention")["report"]
         gc.collect()
-        _reset_peak_rss()
-        base_mb = _peak_rss_mb()
+        reset_peak_rss()
+        base_mb = peak_rss_mb()
         module = edgediff.load(artifact.path)  # its first call allocates the VM's memory pool
         err = float(np.abs(module(*inputs) - expected).max())
-        peak[label] = _peak_rss_mb() - base_mb
+        peak[label] = peak_rss_mb() - base_mb
         print(f"    {label}: max |err| vs eager {err:.1e}", flush=True)
         calls[label] = lambda module=module: module(*inputs)
     seconds = time_interleaved(calls, args.runs, args.warmup)
@@ -124,7 +124,7 @@ def _bench_exp(tokens: int, args: argparse.Namespace) -> None:
     """The fused kernel alone, with libm's exp and with the vectorized fast exp."""
     import tvm
 
-    from edgediff.lowering.schedules.attention import fused_attention_kernel
+    from edgediff.kernels.attention import fused_attention_kernel
     from edgediff.targets import CostModel, load_target
 
     spec = load_target("host")

@@ -1,9 +1,9 @@
-"""`make bench`: edgediff's host build against PyTorch eager and onnxruntime (the code is edgediff.bench, also
-reachable as `edgediff bench`)."""
+"""`make bench`: edgediff's host build against PyTorch eager and onnxruntime (the code is
+edgediff.tools.bench, also reachable as `edgediff bench`)."""
 
 import sys
 
-from edgediff.bench import main
+from edgediff.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

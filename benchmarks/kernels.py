@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 import edgediff
-from edgediff.bench import time_calls
+from edgediff.tools.bench import time_calls
 
 
 class GEGLU(torch.nn.Module):

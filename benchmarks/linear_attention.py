@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import HEAD_DIM, HEADS, time_interleaved  # noqa: E402
 
-from edgediff.bench import machine_line  # noqa: E402
+from edgediff.tools.bench import machine_line  # noqa: E402
 
 
 def _sdpa_module() -> Any:

@@ -36,10 +36,10 @@ def parse_bytes(text: str) -> int:
 def op_level_module(model: str, latent: int, target: Any) -> Any:
     """The model's Relax module as the NPU pipeline has it before ``npu-tiling`` (shapes; no build)."""
     from edgediff import zoo
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
     from edgediff.passes import default_pipeline
+    from edgediff.passes.runner import run_passes
 
     zm = zoo.build(model, latent_size=latent)
     imported = import_to_relax(capture(zm))

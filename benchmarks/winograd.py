@@ -64,7 +64,7 @@ def main() -> None:
     import tvm
 
     import edgediff
-    from edgediff.lowering.profile import profile_vm
+    from edgediff.backend.profile import profile_vm
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(args.channels, args.channels, 3, padding=1).eval()

@@ -13,13 +13,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgediff.backend.artifact import atomic_directory, file_record, write_manifest, write_weights
+from edgediff.backend.build import build, device_sources, export_library
+from edgediff.backend.memory import memory_record
 from edgediff.errors import InputError
-from edgediff.linear_attention import calibrate_attention, resolve_linear_attention
-from edgediff.lowering.artifact import atomic_directory, file_record, write_manifest, write_weights
-from edgediff.lowering.build import build, device_sources, export_library, run_passes, weight_transform
-from edgediff.lowering.capture import capture
-from edgediff.lowering.memory import memory_record
-from edgediff.lowering.multires import (
+from edgediff.frontend.capture import capture
+from edgediff.frontend.multires import (
     LoweredEntry,
     capture_resolutions,
     decision_order,
@@ -31,10 +30,12 @@ from edgediff.lowering.multires import (
     share_weights,
     winograd_plan,
 )
-from edgediff.lowering.relax_import import import_to_relax
+from edgediff.frontend.relax_import import import_to_relax
+from edgediff.linear_attention import calibrate_attention, resolve_linear_attention
 from edgediff.passes import resolve_pipeline
 from edgediff.passes.analysis import kernel_count
 from edgediff.passes.pack_matmul_weights import weight_layouts
+from edgediff.passes.runner import run_passes, weight_transform
 from edgediff.precision.plan import resolve_request
 from edgediff.runtime.artifact import FORMAT_VERSION, Artifact
 from edgediff.targets import load_target
@@ -160,7 +161,7 @@ def compile_model(
         resolutions: image sizes ``(height, width)`` in pixels (or ``"768x512,512x512"``) for a zoo model
             or diffusers folder: one artifact with an entry per resolution, each compiled for its own static
             shapes, sharing one copy of the weights; the first is the default (``main``). The runtime picks
-            the entry from the latent's shape (see :mod:`edgediff.lowering.multires`).
+            the entry from the latent's shape (see :mod:`edgediff.frontend.multires`).
 
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.

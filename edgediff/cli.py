@@ -12,9 +12,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from edgediff.bench import add_arguments as add_bench_arguments
 from edgediff.errors import EdgediffError
 from edgediff.runtime.run import add_generation_arguments, run_command
+from edgediff.tools.bench import add_arguments as add_bench_arguments
 
 RESOLUTIONS_HELP = (
     "image sizes HEIGHTxWIDTH in pixels, comma-separated (512x512,768x512): one artifact with an entry per "
@@ -184,7 +184,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from edgediff.bench import run
+    from edgediff.tools.bench import run
 
     return run(args)
 
@@ -229,7 +229,7 @@ def _inspect_set(root, args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    from edgediff.bundle import bundle_name, make_bundle
+    from edgediff.tools.bundle import bundle_name, make_bundle
 
     path = make_bundle(args.artifacts, args.output)
     name = bundle_name(path)

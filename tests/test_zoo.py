@@ -356,8 +356,8 @@ def test_unknown_name() -> None:
 
 @pytest.mark.parametrize("name", list(FULL_PARAMS))
 def test_full_size_param_counts(name: str) -> None:
-    spec = zoo._SPECS[name]
-    model = zoo._instantiate(spec.class_name, spec.config, meta=True)
+    spec = zoo.SPECS[name]
+    model = zoo.instantiate(spec.class_name, spec.config, meta=True)
     assert sum(p.numel() for p in model.parameters()) == FULL_PARAMS[name]
 
 
@@ -365,8 +365,8 @@ def test_full_size_wrappers_on_meta_device() -> None:
     """Wrapping needs no weights, so the full-size input signatures can be checked without building them."""
 
     def wrap_meta(name: str) -> zoo.ZooModel:
-        spec = zoo._SPECS[name]
-        return zoo.wrap(zoo._instantiate(spec.class_name, spec.config, meta=True), name=name)
+        spec = zoo.SPECS[name]
+        return zoo.wrap(zoo.instantiate(spec.class_name, spec.config, meta=True), name=name)
 
     sdxl = wrap_meta("sdxl-unet")
     shapes = [tuple(t.shape) for t in sdxl.example_inputs]

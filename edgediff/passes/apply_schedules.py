@@ -8,14 +8,14 @@ from typing import Any
 import tvm
 
 from edgediff.errors import first_line
-from edgediff.lowering.schedule import is_scheduled, schedule_rules
 from edgediff.passes.registry import register_pass
+from edgediff.schedules.rules import is_scheduled, schedule_rules
 
 
 @register_pass("schedule")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.ApplySchedules")
 class ApplySchedules:
-    """Schedule each TIR kernel with the first matching rule for the target (see ``lowering/schedule.py``).
+    """Schedule each TIR kernel with the first matching rule for the target (see ``schedules/rules.py``).
 
     Unscheduled TIR is a naive loop nest: correct, but single-threaded and unvectorised on CPUs, and
     not even launchable on GPUs, which need thread bindings.

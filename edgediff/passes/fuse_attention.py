@@ -9,7 +9,8 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from edgediff.lowering.schedules.attention import choose_attention_tiles, fused_attention_kernel
+from edgediff.kernels.attention import choose_attention_tiles, fused_attention_kernel
+from edgediff.passes.common import dtype_of, scalar_value, static_shape
 from edgediff.passes.registry import register_pass
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
@@ -17,7 +18,7 @@ from edgediff.targets.schema import DTYPE_BITS
 FUSABLE_DTYPES = ("float32", "float16")
 
 
-def _attention_pattern() -> tuple[Any, dict[str, Any]]:
+def attention_pattern() -> tuple[Any, dict[str, Any]]:
     """The dataflow pattern of attention as torch.export + run_decompositions + the Relax importer emit it.
 
     ``matmul(q, kt)`` (q and k already scaled), optionally times a constant scale, reshaped to
@@ -48,33 +49,13 @@ def _attention_pattern() -> tuple[Any, dict[str, Any]]:
     return out, parts
 
 
-def _static_shape(expr: Any) -> tuple[int, ...] | None:
-    ty = expr.ty if hasattr(expr, "ty") else expr.struct_info
-    shape = getattr(ty, "shape", None)
-    if shape is None or not hasattr(shape, "values"):
-        return None
-    if not all(isinstance(dim, tvm.tirx.IntImm) for dim in shape.values):
-        return None
-    return tuple(int(dim) for dim in shape.values)
-
-
-def _dtype(expr: Any) -> str:
-    ty = expr.ty if hasattr(expr, "ty") else expr.struct_info
-    return str(ty.dtype)
-
-
-def _scalar(const: Any) -> float | None:
-    value = const.value.numpy()
-    return float(value) if value.size == 1 else None
-
-
 def _score_shaped_vars(mod: tvm.IRModule, shapes: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """Which of the (N, M) ``shapes`` some Relax variable's last two dimensions still have."""
     found: set[tuple[int, int]] = set()
 
     def visit(expr: Any) -> None:
         if isinstance(expr, relax.Var):
-            dims = _static_shape(expr)
+            dims = static_shape(expr)
             if dims is not None and len(dims) >= 2 and dims[-2:] in shapes:
                 found.add(dims[-2:])
 
@@ -96,7 +77,7 @@ class FuseAttention:
     Unfused, every attention writes its ``heads x N x M`` score matrix to DRAM three times (scores,
     softmax, the safe-softmax ``where``) and reads it back as often: 512 MB per SD1.5 self attention at a
     64x64 latent (N = M = 4096), far beyond any cache, so the UNet's attention is bound by DRAM traffic
-    and its peak memory by the scores. The fused kernel (``lowering/schedules/attention.py``) streams key
+    and its peak memory by the scores. The fused kernel (``kernels/attention.py``) streams key
     blocks through L1 with an online softmax, tiles sized by the target's cost model.
 
     Semantics kept: the safe-softmax ``where`` (a row whose scores are all -inf gives zeros) is what the
@@ -118,7 +99,7 @@ class FuseAttention:
             }
             return mod
         cost = CostModel(self.spec)
-        pattern, parts = _attention_pattern()
+        pattern, parts = attention_pattern()
         sites: list[dict[str, Any]] = []
         kernels: dict[tuple, tuple[tvm.ir.GlobalVar, Any]] = {}  # site shape -> (kernel, its tiles)
         # the builder adds each kernel to (a copy of) the module and gives its GlobalVar the PrimFunc's type,
@@ -175,28 +156,29 @@ class FuseAttention:
 def attention_site(orig: Any, matched: dict[Any, Any], parts: dict[str, Any]) -> dict[str, Any] | None:
     """The site's shapes when the match is one this kernel computes exactly, else None."""
     q, kt, v = (matched[parts[name]] for name in ("q", "kt", "v"))
-    shapes = [_static_shape(x) for x in (q, kt, v, orig)]
+    shapes = [static_shape(x) for x in (q, kt, v, orig)]
     if any(s is None or len(s) != 3 for s in shapes):
         return None
     (bh, n, d), (bh_k, d_k, m), (bh_v, m_v, d_v), out_shape = shapes
     if bh_k != bh or bh_v != bh or d_k != d or m_v != m or d_v != d or out_shape != (bh, n, d):
         return None
-    dtype = _dtype(q)
-    if dtype not in FUSABLE_DTYPES or _dtype(kt) != dtype or _dtype(v) != dtype or _dtype(orig) != dtype:
+    dtype = dtype_of(q)
+    if dtype not in FUSABLE_DTYPES or any(dtype_of(x) != dtype for x in (kt, v, orig)):
         return None
     probs = matched[parts["probs"]]
-    scores_shape = _static_shape(probs)
+    scores_shape = static_shape(probs)
     if scores_shape is None or scores_shape[-2:] != (n, m) or math.prod(scores_shape) != bh * n * m:
         return None
     if int(probs.attrs.axis) not in (-1, len(scores_shape) - 1):
         return None
     scale = 1.0
     if parts["scale"] in matched and not matched[parts["scaled"]].same_as(matched[parts["scores"]]):
-        scale = _scalar(matched[parts["scale"]])
+        scale = scalar_value(matched[parts["scale"]])
         if scale is None:
             return None
     if parts["safe"] in matched:
-        if _scalar(matched[parts["neg_inf"]]) != -math.inf or _scalar(matched[parts["zero"]]) != 0.0:
+        neg_inf, zero = (scalar_value(matched[parts[name]]) for name in ("neg_inf", "zero"))
+        if neg_inf != -math.inf or zero != 0.0:
             return None
         # the "any finite score" reduction must run along the softmax rows, not some other axis
         row_any = matched[parts["row_any"]]

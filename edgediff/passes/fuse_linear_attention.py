@@ -8,11 +8,12 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from edgediff.lowering.schedules.linear_attention import (
+from edgediff.kernels.linear_attention import (
     choose_linear_attention_tiles,
     linear_attention_kernel,
 )
-from edgediff.passes.fuse_attention import FUSABLE_DTYPES, _dtype, _scalar, _static_shape
+from edgediff.passes.common import dtype_of, scalar_value, static_shape
+from edgediff.passes.fuse_attention import FUSABLE_DTYPES
 from edgediff.passes.registry import register_pass
 from edgediff.targets import CostModel
 
@@ -135,7 +136,7 @@ class FuseLinearAttention:
 
     SANA's processor already orders the products linearly, but as Relax ops it pads ``v``, runs two batched
     matmuls, slices the normaliser row out and divides: five kernels and the (BH, dv + 1, N) intermediate
-    in DRAM. The kernel (``lowering/schedules/linear_attention.py``) keeps ``K^T V`` and the normaliser in
+    in DRAM. The kernel (``kernels/linear_attention.py``) keeps ``K^T V`` and the normaliser in
     a float32 scratch and writes only the output; the normaliser is accumulated in float32 even in
     float16 builds (SANA's processor upcasts for the same reason). Exact up to summation order.
     CPU targets only, like ``fuse-attention``.
@@ -186,14 +187,14 @@ class FuseLinearAttention:
 def _check_sana(orig: Any, matched: dict[Any, Any], parts: dict[str, Any], eps_pattern: Any) -> dict | None:
     """The site's sizes when the match is SANA's linear attention exactly, else None."""
     q, k, v, padded = (matched[parts[name]] for name in ("q", "k", "v", "padded"))
-    shapes = [_static_shape(x) for x in (q, k, v, orig)]
+    shapes = [static_shape(x) for x in (q, k, v, orig)]
     if any(s is None or len(s) != 4 for s in shapes):
         return None
     (b, h, d, n), (b_k, h_k, m, d_k), (b_v, h_v, dv, m_v), out_shape = shapes
     if (b_k, h_k, d_k) != (b, h, d) or (b_v, h_v, m_v) != (b, h, m) or out_shape != (b, h, dv, n):
         return None
-    dtype = _dtype(v)
-    if dtype not in FUSABLE_DTYPES or _dtype(orig) != dtype:
+    dtype = dtype_of(v)
+    if dtype not in FUSABLE_DTYPES or dtype_of(orig) != dtype:
         return None
     # v padded by one row of ones at the end of the value-channel axis, nothing else
     pad_width = [int(x) for x in padded.attrs.pad_width]
@@ -208,7 +209,7 @@ def _check_sana(orig: Any, matched: dict[Any, Any], parts: dict[str, Any], eps_p
         return None
     if num[1] != 0 or num[2] not in (-1, dv) or den[1] not in (-1, dv) or den[2] < dv + 1:
         return None
-    eps = _scalar(matched[eps_pattern])
+    eps = scalar_value(matched[eps_pattern])
     if eps is None:
         return None
     return {

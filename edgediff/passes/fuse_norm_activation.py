@@ -11,11 +11,12 @@ from typing import Any
 import tvm
 from tvm import relax
 
+from edgediff.kernels.matmul import KERNEL_ATTR, geglu_te
 from edgediff.passes.analysis import relax_op_histogram
+from edgediff.passes.common import op_name, static_shape
 from edgediff.passes.registry import register_pass
 
 # PrimFunc attribute naming an edgediff kernel, so that later passes find the kernel (not its name hint).
-KERNEL_ATTR = "edgediff.kernel"
 
 # Elementwise ops that may follow a Linear: activations (unary) and bias / residual / scale / gate (binary).
 _UNARY = frozenset(
@@ -25,21 +26,6 @@ _BINARY = frozenset({"relax.add", "relax.subtract", "relax.multiply", "relax.div
 # Ops that only relabel a tensor's shape: operands are re-viewed from their source, so that no chain of
 # views is left for fuse-ops to turn into a copying kernel.
 _VIEWS = frozenset({"relax.reshape", "relax.expand_dims", "relax.squeeze"})
-
-
-def _op(expr: Any) -> str:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
-
-
-def _shape(expr: Any) -> list[int] | None:
-    """The static shape of a tensor expression, or None when it is not a tensor of known shape."""
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    dims = getattr(ty.shape, "values", None)
-    if dims is None or any(not isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return [int(d) for d in dims]
 
 
 @relax.expr_functor.mutator
@@ -68,7 +54,7 @@ class _SinkReshapes(relax.PyExprMutator):
             self._emit_geglu(binding)
             return
         value = self.visit_expr(binding.value)
-        op = _op(value)
+        op = op_name(value)
         if op == "relax.reshape" and value.args[0] in self.view_of:
             # a view of a view: one reshape of the source (two would be fused into a copying kernel)
             value = relax.op.reshape(self.view_of[value.args[0]], value.args[1])
@@ -92,8 +78,8 @@ class _SinkReshapes(relax.PyExprMutator):
             self.view_of[new_var] = new_inner
         elif op == "relax.matmul" or (op in _BINARY and any(a in self.linear for a in value.args)):
             self.linear.add(new_var)  # the matmul itself and its bias add, in the matmul's own shape
-        elif op == "relax.reshape" and value.args[0] in self.linear and _shape(value) is not None:
-            self.flat[new_var] = (value.args[0], _shape(value))
+        elif op == "relax.reshape" and value.args[0] in self.linear and static_shape(value) is not None:
+            self.flat[new_var] = (value.args[0], static_shape(value))
         if op in _VIEWS:
             self.view_of[new_var] = self.view_of.get(value.args[0], value.args[0])
 
@@ -104,7 +90,7 @@ class _SinkReshapes(relax.PyExprMutator):
             geglu_te, x, weight, bias, primfunc_name_hint="geglu", primfunc_attrs={KERNEL_ATTR: "geglu"}
         )
         flat = self.builder_.emit(fused, binding.var.name + "_flat")
-        value = relax.op.reshape(flat, _shape(binding.var))
+        value = relax.op.reshape(flat, static_shape(binding.var))
         if isinstance(binding.var, relax.DataflowVar):
             new_var = self.builder_.emit(value, binding.var.name)
         else:
@@ -116,7 +102,7 @@ class _SinkReshapes(relax.PyExprMutator):
 
     def _sink(self, op: str, call: relax.Call) -> tuple[relax.Expr, list[int], str] | None:
         """The epilogue op applied to the un-reshaped matmul output, the shape to reshape it to, its kind."""
-        out_shape = _shape(call)
+        out_shape = static_shape(call)
         if op in _UNARY:
             if call.args[0] not in self.flat:
                 return None
@@ -142,7 +128,7 @@ class _SinkReshapes(relax.PyExprMutator):
 
     def _operand(self, z: relax.Expr, inner: relax.Expr, shape: list[int]) -> relax.Expr | None:
         """``z`` (broadcast against ``shape``) as an operand of the same op in the matmul's shape."""
-        z_shape, inner_shape = _shape(z), _shape(inner)
+        z_shape, inner_shape = static_shape(z), static_shape(inner)
         if z_shape is None or inner_shape is None:
             return None
         if z_shape == shape:  # residual: the same view of the other tensor
@@ -158,52 +144,9 @@ class _SinkReshapes(relax.PyExprMutator):
     def _view(self, z: relax.Expr, shape: list[int]) -> relax.Expr:
         """``z`` reshaped to ``shape``, as one reshape of the tensor ``z`` is a view of (or that tensor)."""
         source = self.view_of.get(z, z)
-        if _shape(source) == shape:
+        if static_shape(source) == tuple(shape):
             return source
         return self.builder_.emit(relax.op.reshape(source, shape))
-
-
-def geglu_te(x: Any, weight: Any, bias: Any) -> Any:
-    """GEGLU of a Linear as one TE kernel: ``(x W_a + b_a) * gelu(x W_g + b_g)`` with ``W = [W_a | W_g]``.
-
-    The two halves' dot products are one reduction block over ``(row, half, column)``, so a register tile
-    holds both halves of its columns and the epilogue (bias, exact-erf GELU as Relax legalizes it, product)
-    runs on the accumulators: the ``2N``-wide Linear output is never written to memory. ``weight`` is
-    ``[K, 2N]``, or ``[2, N / P, K, P]`` in column panels of ``P`` (``pack-matmul-weights``).
-    """
-    from tvm import te, tirx
-
-    rows, depth = x.shape
-    if len(weight.shape) == 4:
-        panel = weight.shape[3]
-        n = weight.shape[1] * panel
-
-        def w(k: Any, h: Any, j: Any) -> Any:
-            return weight[h, j // panel, k, j % panel]
-    else:
-        n = weight.shape[1] // 2
-
-        def w(k: Any, h: Any, j: Any) -> Any:
-            return weight[k, h * n + j]
-
-    k = te.reduce_axis((0, depth), name="k")
-    halves = te.compute(
-        (rows, 2, n), lambda i, h, j: te.sum(x[i, k] * w(k, h, j), axis=k), name="geglu_matmul"
-    )
-
-    dtype = x.dtype
-
-    def gelu(v: Any) -> Any:
-        half = tirx.const(0.5, dtype)
-        return v * (half + tirx.erf(v * tirx.const(0.5**0.5, dtype)) * half)
-
-    # the unit axis z indexes the halves as z and z + 1 rather than 0 and 1: TVM's compute-at analysis
-    # needs the consumer's reads of the accumulators indexed by its own iter vars
-    return te.compute(
-        (rows, 1, n),
-        lambda i, z, j: (halves[i, z, j] + bias[j]) * gelu(halves[i, z + 1, j] + bias[n + j]),
-        name="geglu",
-    )
 
 
 def _find_geglu(func: relax.Function) -> dict[Any, tuple[Any, Any, Any]]:
@@ -222,11 +165,12 @@ def _find_geglu(func: relax.Function) -> dict[Any, tuple[Any, Any, Any]]:
 
     def single(var: Any, op: str) -> Any:
         value = values.get(var)
-        return value if uses[var] == 1 and (_op(value) == op or (op == "item" and _is_item(value))) else None
+        matches = op_name(value) == op or (op == "item" and _is_item(value))
+        return value if uses[var] == 1 and matches else None
 
     found: dict[Any, tuple[Any, Any, Any]] = {}
     for var, value in values.items():
-        if _op(value) != "relax.multiply" or _shape(var) is None or str(var.ty.dtype) != "float32":
+        if op_name(value) != "relax.multiply" or static_shape(var) is None or str(var.ty.dtype) != "float32":
             continue
         a, g = value.args
         gelu = single(g, "relax.nn.gelu")
@@ -237,20 +181,27 @@ def _find_geglu(func: relax.Function) -> dict[Any, tuple[Any, Any, Any]]:
         if not item_a.tuple_value.same_as(item_g.tuple_value) or uses[item_a.tuple_value] != 2:
             continue
         split = values.get(item_a.tuple_value)
-        if _op(split) != "relax.split" or len(split.attrs.indices_or_sections) != 1:
+        if op_name(split) != "relax.split" or len(split.attrs.indices_or_sections) != 1:
             continue
         src = split.args[0]
-        if _op(values.get(src)) == "relax.reshape" and uses[src] == 1:
+        if op_name(values.get(src)) == "relax.reshape" and uses[src] == 1:
             src = values[src].args[0]
         add = single(src, "relax.add")
-        shape = _shape(src)
-        if add is None or shape is None or int(split.attrs.axis) not in (-1, len(_shape(split.args[0])) - 1):
+        shape = static_shape(src)
+        if (
+            add is None
+            or shape is None
+            or int(split.attrs.axis) not in (-1, len(static_shape(split.args[0])) - 1)
+        ):
             continue
-        bias, mm_var = add.args if _op(values.get(add.args[1])) == "relax.matmul" else add.args[::-1]
+        bias, mm_var = add.args if op_name(values.get(add.args[1])) == "relax.matmul" else add.args[::-1]
         mm = single(mm_var, "relax.matmul")
-        if mm is None or len(shape) != 2 or _shape(bias) != [shape[1]] or shape[1] % 2:
+        if mm is None or len(shape) != 2 or static_shape(bias) != (shape[1],) or shape[1] % 2:
             continue
-        if int(split.attrs.indices_or_sections[0]) != shape[1] // 2 or len(_shape(mm.args[1]) or []) != 2:
+        if (
+            int(split.attrs.indices_or_sections[0]) != shape[1] // 2
+            or len(static_shape(mm.args[1]) or []) != 2
+        ):
             continue
         found[var] = (mm.args[0], mm.args[1], bias)
     return found
@@ -275,8 +226,8 @@ def _chain_census(mod: tvm.IRModule) -> Counter[str]:
                         uses.setdefault(arg, []).append(binding.value)
     found: Counter[str] = Counter()
     for var, call in producers.items():
-        op = _op(call)
-        consumers = {_op(c) for c in uses.get(var, [])}
+        op = op_name(call)
+        consumers = {op_name(c) for c in uses.get(var, [])}
         if op == "relax.nn.group_norm" and consumers & {"relax.nn.silu", "relax.sigmoid", "relax.nn.gelu"}:
             found["group_norm+activation"] += 1
         if op == "relax.nn.layer_norm" and consumers & _BINARY:
@@ -284,7 +235,8 @@ def _chain_census(mod: tvm.IRModule) -> Counter[str]:
         if op == "relax.add":  # add(add(conv2d, bias), residual or time embedding)
             inner = [producers.get(a) for a in call.args]
             if any(
-                _op(i) == "relax.add" and any(_op(producers.get(b)) == "relax.nn.conv2d" for b in i.args)
+                op_name(i) == "relax.add"
+                and any(op_name(producers.get(b)) == "relax.nn.conv2d" for b in i.args)
                 for i in inner
             ):
                 found["conv+bias+residual"] += 1
@@ -302,7 +254,7 @@ def _split_gelu_count(mod: tvm.IRModule) -> int:
                     value = binding.value
                     if isinstance(value, relax.TupleGetItem) and value.index == 1:
                         items[binding.var] = value
-                    elif _op(value) == "relax.nn.gelu" and value.args[0] in items:
+                    elif op_name(value) == "relax.nn.gelu" and value.args[0] in items:
                         count += 1
     return count
 
@@ -317,9 +269,9 @@ class FuseNormActivation:
     in the matmul's own shape and the reshape moved after it (see :class:`_SinkReshapes`), so ``fuse-ops``
     gives one kernel per Linear + epilogue instead of two, and the matmul output is written once. GEGLU's
     split is not elementwise, so no reshape move makes it fusible: it becomes one TE kernel
-    (:func:`geglu_te`, scheduled by the ``GegluMatmul`` rule). The other chains the issue names (GroupNorm +
-    SiLU, LayerNorm + adaLN modulate, conv + bias + residual add) are already single kernels after
-    ``fuse-ops``; the report counts them so that the claim is checked (tests assert their kernels).
+    (``kernels/matmul.py``, scheduled by the ``GegluMatmul`` rule). The other chains the issue names
+    (GroupNorm + SiLU, LayerNorm + adaLN modulate, conv + bias + residual add) are already single kernels
+    after ``fuse-ops``; the report counts them so that the claim is checked (tests assert their kernels).
     """
 
     def __init__(self, spec: Any) -> None:

@@ -56,7 +56,7 @@ class WeightTransform:
 
     def apply(self, weights: list[Any], weight_names: list[str]) -> tuple[list[Any], list[str]]:
         """Run the transform on the host and return the weights (and names) in the order ``main`` takes."""
-        from edgediff.lowering.build import build_for_host
+        from edgediff.backend.build import build_for_host
 
         executable = build_for_host(self.module)
         vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -74,7 +74,7 @@ def _as_tensor(value: Any) -> Any:
 class LiftWeightTransforms:
     """Compute every weight-only part of the model once, at compile time, and store its result.
 
-    Weights are parameters of ``main`` (kept out of the library, see ``lowering/relax_import.py``), so a
+    Weights are parameters of ``main`` (kept out of the library, see ``frontend/relax_import.py``), so a
     ``permute_dims`` of an ``nn.Linear`` weight, a bias reshape or a Winograd weight transform would run on
     every call: for SD1.5 that is hundreds of MB of transposes per denoising step. This is TVM's
     ``LiftTransformParams`` with one restriction: a weight whose lifted result would be wider than itself

@@ -32,6 +32,7 @@ from tvm import relax
 
 from edgediff.errors import PassError
 from edgediff.passes.analysis import relax_op_histogram
+from edgediff.passes.common import op_name
 from edgediff.passes.registry import register_pass
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.plan import LayerPlan, PrecisionPlan
@@ -145,10 +146,6 @@ def _float32(x: relax.Expr) -> relax.Expr:
     return x if _dtype(x) == "float32" else relax.op.astype(x, "float32")
 
 
-def _op(call: Any) -> str:
-    return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else ""
-
-
 class _Rewriter:
     """Rebuilds ``main`` binding by binding with a BlockBuilder, substituting the quantized layers."""
 
@@ -190,7 +187,7 @@ class _Rewriter:
     def _is_weight(self, expr: Any) -> bool:
         while isinstance(expr, relax.Var) and expr in self.values:
             value = self.values[expr]
-            if _op(value) not in _WEIGHT_VIEWS:
+            if op_name(value) not in _WEIGHT_VIEWS:
                 return False
             expr = value.args[0]
         return isinstance(expr, relax.Var) and expr in self.func.params[len(self.inputs) :]
@@ -205,11 +202,11 @@ class _Rewriter:
         self.origin = {var: (var, ()) for var in self.layers}
         for var, value in self.values.items():
             if (
-                _op(value) in ("relax.astype", "relax.permute_dims", "relax.broadcast_to")
+                op_name(value) in ("relax.astype", "relax.permute_dims", "relax.broadcast_to")
                 and value.args[0] in self.origin
             ):
                 weight, views = self.origin[value.args[0]]
-                self.origin[var] = (weight, (*views, _op(value)))
+                self.origin[var] = (weight, (*views, op_name(value)))
         views = {hash(value) for var, value in self.values.items() if var in self.origin}  # by node
         kinds: dict[relax.Var, set[str]] = {var: set() for var in self.layers}
         for var, (weight, path) in self.origin.items():
@@ -219,9 +216,9 @@ class _Rewriter:
                 if call is not None and hash(call) in views:
                     continue  # a further view: its own uses are what count
                 right = call is not None and call.args[-1].same_as(var) and not call.args[0].same_as(var)
-                if right and _op(call) == "relax.nn.conv2d" and not other:
+                if right and op_name(call) == "relax.nn.conv2d" and not other:
                     kinds[weight].add("conv")
-                elif right and _op(call) == "relax.matmul" and other == ["relax.permute_dims"]:
+                elif right and op_name(call) == "relax.matmul" and other == ["relax.permute_dims"]:
                     kinds[weight].add("linear")
                 else:
                     kinds[weight].add("generic")
@@ -248,7 +245,7 @@ class _Rewriter:
         found: dict[relax.Var, tuple[LayerPlan, str]] = {}
         position = 0
         for var, value in self.values.items():
-            if position == len(expected) or _op(value) != "relax.matmul":
+            if position == len(expected) or op_name(value) != "relax.matmul":
                 continue
             a, b = value.args
             if self._is_weight(a) or self._is_weight(b):
@@ -375,7 +372,7 @@ class _Rewriter:
                 dtype,
             )
 
-        return self._layer_op(bb, layer, fmt, x, stored, conv, out_dtype)
+        return self._layerop_name(bb, layer, fmt, x, stored, conv, out_dtype)
 
     def _linear(self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str) -> relax.Expr:
         layer = self.layers[var]
@@ -383,9 +380,9 @@ class _Rewriter:
         if var not in self.transposed:  # one transpose of the stored (int8 / float16) weight per block
             self.transposed[var] = bb.emit(relax.op.permute_dims(self.stored[var][0], [1, 0]))
         stored = [self.transposed[var], *self.stored[var][1:]]
-        return self._layer_op(bb, layer, get_format(layer.format), x, stored, relax.op.matmul, out_dtype)
+        return self._layerop_name(bb, layer, get_format(layer.format), x, stored, relax.op.matmul, out_dtype)
 
-    def _layer_op(self, bb, layer, fmt, x, stored, op, out_dtype: str) -> relax.Expr:
+    def _layerop_name(self, bb, layer, fmt, x, stored, op, out_dtype: str) -> relax.Expr:
         """The conv/matmul ``op`` of a layer at its format (stored = [weight, scale...])."""
         self._count(f"{layer.kind} {fmt.name}")
         if fmt.weight_bits == 16:
@@ -418,7 +415,7 @@ class _Rewriter:
         return origin[0] if origin and self.patterns[origin[0]] == pattern else None
 
     def _value(self, bb: relax.BlockBuilder, var: relax.Var, value: Any) -> Any:
-        op = _op(value)
+        op = op_name(value)
         out_dtype = _dtype(var)
         if op == "relax.nn.conv2d" and (weight := self._weight_of(value.args[1], "conv")) is not None:
             return self._conv(bb, value, weight, out_dtype)

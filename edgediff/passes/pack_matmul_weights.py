@@ -9,9 +9,10 @@ from typing import Any
 import tvm
 from tvm import relax
 
-from edgediff.lowering.schedules.common import choose_register_tile
-from edgediff.passes.fuse_norm_activation import KERNEL_ATTR, geglu_te
+from edgediff.kernels.matmul import KERNEL_ATTR, geglu_te, packed_matmul_te
+from edgediff.passes.common import op_name, static_shape
 from edgediff.passes.registry import register_pass
+from edgediff.schedules.common import choose_register_tile
 from edgediff.targets import CostModel
 
 # Ops that move a weight's elements without computing on them: a weight seen through them is still a
@@ -19,41 +20,14 @@ from edgediff.targets import CostModel
 _LAYOUT_OPS = frozenset({"relax.permute_dims", "relax.reshape"})
 
 
-def packed_matmul_te(a: Any, weight: Any, out_dtype: str) -> Any:
-    """``a @ W`` with ``W[k, j]`` stored as ``weight[j // P, k, j % P]`` (panels of ``P`` columns); both
-    operands are cast to ``out_dtype`` in the product, as Relax's matmul does it (int8 weights)."""
-    from tvm import te
-
-    panels, depth, panel = weight.shape
-    k = te.reduce_axis((0, depth), name="k")
-
-    def product(*idx: Any) -> Any:
-        w = weight[idx[-1] // panel, k, idx[-1] % panel]
-        return te.sum(a[(*idx[:-1], k)].astype(out_dtype) * w.astype(out_dtype), axis=k)
-
-    return te.compute((*a.shape[:-1], panels * panel), product, name="matmul")
-
-
 def _adds_unit_dims(value: Any) -> bool:
     """Whether ``value`` is a ``broadcast_to`` that only puts unit axes in front (a view, not a copy)."""
-    if _op(value) != "relax.broadcast_to":
+    if op_name(value) != "relax.broadcast_to":
         return False
-    src, out = _static_shape(value.args[0]), _static_shape(value)
+    src, out = static_shape(value.args[0]), static_shape(value)
     return (
         src is not None and out is not None and out[len(out) - len(src) :] == src and prod(out) == prod(src)
     )
-
-
-def _op(expr: Any) -> str:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else ""
-
-
-def _static_shape(expr: Any) -> list[int] | None:
-    ty = getattr(expr, "ty", None)
-    dims = getattr(getattr(ty, "shape", None), "values", None)
-    if dims is None or any(not isinstance(d, tvm.tirx.IntImm) for d in dims):
-        return None
-    return [int(d) for d in dims]
 
 
 @relax.expr_functor.mutator
@@ -73,7 +47,7 @@ class _Packer(relax.PyExprMutator):
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         value = binding.value
-        op = _op(value)
+        op = op_name(value)
         if (op in _LAYOUT_OPS or _adds_unit_dims(value)) and value.args[0] in self.weight_vars:
             root, transposed = self.weight_vars[value.args[0]]
             if op == "relax.permute_dims":
@@ -104,7 +78,7 @@ class _Packer(relax.PyExprMutator):
         self.layouts[self.weight_index[root]] = {"layout": "column_panels", "panel": panel, "groups": groups}
         self.layouts[self.weight_index[root]]["transposed"] = transposed
         weight = self.visit_expr(weight)
-        depth, columns = _static_shape(weight)[-2:]
+        depth, columns = static_shape(weight)[-2:]
         n = columns // groups
         split = self.builder_.emit(relax.op.reshape(weight, [depth, groups, n // panel, panel]))
         packed = self.builder_.emit(relax.op.permute_dims(split, [1, 2, 0, 3]))
@@ -114,7 +88,7 @@ class _Packer(relax.PyExprMutator):
 
     def _packed_matmul(self, call: relax.Call) -> relax.Expr | None:
         a, weight = call.args
-        a_shape, w_shape = _static_shape(a), _static_shape(weight)
+        a_shape, w_shape = static_shape(a), static_shape(weight)
         dtype = str(call.ty.dtype)
         if (
             a_shape is None
@@ -140,7 +114,7 @@ class _Packer(relax.PyExprMutator):
         if callee is None or callee.attrs is None or callee.attrs.get(KERNEL_ATTR) != "geglu":
             return None
         x, weight, bias = call.args[1].fields
-        w_shape = _static_shape(weight)
+        w_shape = static_shape(weight)
         if weight not in self.weight_vars or w_shape is None or len(w_shape) != 2:
             self.skipped["geglu (weight)"] += 1
             return None

@@ -17,13 +17,14 @@ from edgediff.linear_attention import (
     favor_projection,
     feature_dim,
 )
-from edgediff.passes.fuse_attention import _attention_pattern, _scalar, attention_site
+from edgediff.passes.common import scalar_value
+from edgediff.passes.fuse_attention import attention_pattern, attention_site
 from edgediff.passes.fuse_linear_attention import LinearAttentionEmitter
 from edgediff.passes.registry import register_pass
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 
-# FLOPs of one fast exp (lowering/fast_math.py: range reduction, a degree-6 polynomial, the exponent bits
+# FLOPs of one fast exp (backend/fast_math.py: range reduction, a degree-6 polynomial, the exponent bits
 # and two range selects) in the cost model's units
 EXP_FLOPS = 16
 
@@ -124,7 +125,7 @@ def _prescale(x: Any, bindings: dict[Any, Any]) -> float:
     if not isinstance(value, relax.Call) or getattr(value.op, "name", "") != "relax.multiply":
         return 1.0
     for factor in value.args:
-        scale = _scalar(factor) if isinstance(factor, tvm.ir.expr.Constant) else None
+        scale = scalar_value(factor) if isinstance(factor, tvm.ir.expr.Constant) else None
         if scale is not None:
             return scale if scale > 0 else 1.0
     return 1.0
@@ -168,7 +169,7 @@ class RewriteLinearAttention:
             raise PassError("rewrite-linear-attention needs calibration records (or fine_tuned=True)")
         cost = CostModel(self.spec)
         lanes = cost.vector_lanes("float32")
-        pattern, parts = _attention_pattern()
+        pattern, parts = attention_pattern()
 
         # first walk: the sites in program order, nothing changed
         found: list[dict[str, Any]] = []

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgediff.errors import ArtifactError, InputError
+from edgediff.runtime.arch import machine_arch, normalise_arch
 from edgediff.runtime.tensor_info import TensorInfo
 from edgediff.runtime.threads import use_target_cores
 
@@ -32,10 +33,9 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
 WEIGHT_ALIGNMENT = 64
+
+
 # Spellings of the same architecture in platform.machine() and LLVM triples.
-ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
-
-
 def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -79,12 +79,6 @@ def _check_file(root: Path, record: dict[str, Any], what: str, *, hash_it: bool)
     return path
 
 
-def normalise_arch(arch: str) -> str:
-    """One spelling per CPU architecture (``arm64`` -> ``aarch64``, ``amd64`` -> ``x86_64``)."""
-    arch = arch.lower()
-    return ARCH_ALIASES.get(arch, arch)
-
-
 def target_arch(manifest: dict[str, Any]) -> str | None:
     """The CPU architecture an artifact's code was built for, from its llvm target's ``mtriple``.
 
@@ -107,7 +101,7 @@ def runs_here(manifest: dict[str, Any]) -> bool:
     arch = target_arch(manifest)
     if arch is None:
         return bool(manifest.get("runs_on_host"))
-    return arch == normalise_arch(platform.machine())
+    return arch == machine_arch()
 
 
 def _check_tvm_version(root: Path, manifest: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from the compiled library, so merging is a matter of changing the tensors handed
   without it;
 - quantized layers (``precision=`` at compile time: int8 ``w8``/``w8a8``, int4 ``w4``): the stored integers
   are dequantized, the delta added, and the result quantized again with the layer's format by the same
-  numpy quantizer the compiler used (``edgediff/precision/quantizers.py``);
+  numpy quantizer the compiler used (``runtime/quantize.py``);
 - changing or removing a LoRA restores the touched tensors from ``weights.bin`` first (an exact reload, not
   a subtraction that would accumulate rounding and re-quantization error).
 """
@@ -432,7 +432,7 @@ def merged_tensors(targets: list[MergeTarget], scale: float, read: Any) -> dict[
 def _requantized(target: MergeTarget, delta: np.ndarray, read: Any) -> dict[int, np.ndarray]:
     """A quantized layer: dequantize the stored integers, add the delta, quantize again with the plan's
     format (the compiler's own numpy quantizer), and store both the integers and the scales."""
-    from edgediff.precision import quantizers as q
+    from edgediff.runtime import quantize as q
 
     fmt = q.get_format(str(target.format))
     shapes = q.stored_shapes(target.weight_shape, fmt)

@@ -69,7 +69,7 @@ class CostModel:
             raise TargetSpecError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
         return max(1, self.spec.compute.vector_bits // DTYPE_BITS[dtype])
 
-    # --- CPU kernel tiling (used by the schedule rules in edgediff/lowering/schedules/) -------------------
+    # --- CPU kernel tiling (used by the schedule rules in edgediff/schedules/) -------------------
 
     def vector_registers(self) -> int:
         """SIMD registers the ISA names: 32 on aarch64 (NEON/SVE) and AVX-512, 16 on AVX2/SSE and others.

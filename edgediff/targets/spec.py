@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from edgediff.errors import TargetSpecError
-from edgediff.runtime.artifact import normalise_arch
+from edgediff.runtime.arch import machine_arch, normalise_arch
 from edgediff.targets.schema import AUTO, validate
 
 if TYPE_CHECKING:
@@ -183,7 +182,7 @@ class TargetSpec:
         if target.kind.name != "llvm":
             return False
         triple = str(target.attrs.get("mtriple", ""))
-        return not triple or normalise_arch(triple.split("-")[0]) == normalise_arch(platform.machine())
+        return not triple or normalise_arch(triple.split("-")[0]) == machine_arch()
 
     def supports_dtype(self, dtype: str) -> bool:
         """Whether the device computes in ``dtype`` natively (e.g. ``"int8"``)."""

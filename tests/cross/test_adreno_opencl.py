@@ -142,9 +142,9 @@ def _random(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.
 def test_adreno_kernels_on_pocl_equal_the_host_build(name, compiled, pocl):
     import tvm
 
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
     from edgediff.targets import load_target
 
     cl, context, queue = pocl

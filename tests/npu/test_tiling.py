@@ -41,9 +41,9 @@ class Attention(torch.nn.Module):
 def _prepare(model: Any, inputs: Any = None) -> dict[str, Any]:
     """The op-level Relax module as the ane-like pipeline has it before npu-tiling, with its weights."""
     from edgediff import zoo
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
 
     spec = load_target("ane-like")
     if isinstance(model, str):
@@ -211,7 +211,7 @@ def test_sram_too_small_for_one_op_names_it(prepared):
 
 def test_npu_tiling_pass_report_and_overflow_error_through_compile(prepared):
     from edgediff.errors import EdgediffError
-    from edgediff.lowering.build import run_passes
+    from edgediff.passes.runner import run_passes
 
     p = prepared("tiny-dit")
     _, results = run_passes(p["mod"], p["spec"], ["npu-tiling"])

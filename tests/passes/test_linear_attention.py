@@ -165,7 +165,7 @@ def test_fp16_kernel_accumulates_in_fp32():
     """4096 keys, a normaliser (about 1.6e5) far beyond float16's 65504: the kernel sums in float32."""
     import tvm
 
-    from edgediff.lowering.schedules.linear_attention import linear_attention_kernel
+    from edgediff.kernels.linear_attention import linear_attention_kernel
     from edgediff.targets import CostModel, load_target
 
     spec = load_target("host")

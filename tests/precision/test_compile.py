@@ -227,9 +227,9 @@ def test_where_fuse_ops_puts_the_dequantization(fragile, fragile_artifacts, host
     """int8 weights go straight into the conv kernel, whose epilogue applies the scale (and bias); int4
     weights need a dequantize kernel of their own, because FuseOps never fuses ops *into* a conv/matmul's
     inputs (what the cost model charges w4 for)."""
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
 
     model, inputs, names = fragile
     imported = import_to_relax(capture(model, inputs, input_names=names))

@@ -61,7 +61,7 @@ def diffusers_pipeline(tokenizer_dir):
     """The same models in torch, driven by diffusers' own text-to-image pipeline."""
     scheduler = DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", steps_offset=1)
     pipe = StableDiffusionPipeline(
-        vae=zoo._instantiate("AutoencoderKL", zoo.TINY_VAE_CONFIG, seed=0),  # zoo.build's weights
+        vae=zoo.instantiate("AutoencoderKL", zoo.TINY_VAE_CONFIG, seed=0),  # zoo.build's weights
         text_encoder=zoo.build("tiny-clip-text").module.text_encoder,
         tokenizer=HFCLIPTokenizer.from_pretrained(tokenizer_dir),
         unet=zoo.build("tiny-sd15-unet").module.unet,

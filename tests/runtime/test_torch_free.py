@@ -23,7 +23,17 @@ RUNTIME_MODULES = (
     "edgediff.runtime.run",
 )
 # What a device does not have: the ML frameworks, and the compiler half of edgediff (which needs them).
-FOREIGN = ("torch", "diffusers", "transformers", "tqdm", "edgediff.api", "edgediff.lowering", "edgediff.zoo")
+FOREIGN = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "tqdm",
+    "edgediff.api",
+    "edgediff.frontend",
+    "edgediff.backend",
+    "edgediff.passes",
+    "edgediff.zoo",
+)
 
 # Makes the modules a device lacks unimportable, as on the device (torch is installed here).
 BLOCK_FOREIGN = """

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import edgediff
-from edgediff.lowering.fast_math import EXP_HI, EXP_LO, fast_math
+from edgediff.backend.fast_math import EXP_HI, EXP_LO, fast_math
 from edgediff.targets import CostModel, load_target
 
 LANES = 16
@@ -87,9 +87,9 @@ def test_switched_off_is_tvm_lowering():
 def _scheduled(model: torch.nn.Module, x: torch.Tensor):
     import tvm
 
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
 
     mod, _ = run_passes(
         import_to_relax(capture(model, (x,))).mod, load_target("host"), ["legalize", "fuse-ops", "schedule"]

@@ -114,7 +114,7 @@ def test_fully_masked_rows_give_zeros_like_safe_softmax():
     """A row whose scores are all -inf must give 0 (PyTorch's safe softmax), not NaN; others stay exact."""
     import tvm
 
-    from edgediff.lowering.schedules.attention import fused_attention_kernel
+    from edgediff.kernels.attention import fused_attention_kernel
 
     cost = CostModel(load_target("host"))
     bh, n, m, d = 2, 16, 24, 8
@@ -142,9 +142,9 @@ def test_fused_module_has_no_score_matrix():
     import tvm
     from tvm import relax
 
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
 
     torch.manual_seed(0)
     imported = import_to_relax(capture(SDAttention().eval(), (torch.randn(1, 64, 16),)))
@@ -191,7 +191,7 @@ def test_tiny_unet_matches_torch_with_and_without_fusion(compiled, zoo_model, tm
 
 
 def test_tiles_follow_the_target_spec():
-    from edgediff.lowering.schedules.attention import choose_attention_tiles
+    from edgediff.kernels.attention import choose_attention_tiles
 
     host, a78 = CostModel(load_target("host")), CostModel(load_target("arm-a78"))
     big = choose_attention_tiles(a78, "float32", 4096, 4096, 40)
@@ -231,7 +231,7 @@ def test_gpu_targets_skip_the_pass():
 def test_float16_inputs_accumulate_in_float32():
     import tvm
 
-    from edgediff.lowering.schedules.attention import fused_attention_kernel
+    from edgediff.kernels.attention import fused_attention_kernel
 
     cost = CostModel(load_target("host"))
     bh, n, m, d = 2, 32, 40, 16

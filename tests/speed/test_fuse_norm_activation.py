@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import edgediff
-from edgediff.lowering.build import run_passes
-from edgediff.lowering.capture import capture
-from edgediff.lowering.relax_import import import_to_relax
+from edgediff.frontend.capture import capture
+from edgediff.frontend.relax_import import import_to_relax
 from edgediff.passes.analysis import launch_count
+from edgediff.passes.runner import run_passes
 from edgediff.targets import load_target
 
 TOLERANCE = 1e-4

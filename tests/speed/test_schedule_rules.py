@@ -98,7 +98,7 @@ def test_arm_a78_build_uses_neon_tiles(compiled):
 
 
 def test_register_tiles_follow_the_target_spec():
-    from edgediff.lowering.schedules.common import choose_register_tile
+    from edgediff.schedules.common import choose_register_tile
 
     a78 = CostModel(load_target("arm-a78"))
     assert a78.vector_registers() == 32 and a78.accumulator_vectors() == 16
@@ -117,7 +117,7 @@ def test_register_tiles_follow_the_target_spec():
 def test_kernel_profile_times_every_kernel(compiled, zoo_model):
     import tvm
 
-    from edgediff.lowering.profile import profile_vm
+    from edgediff.backend.profile import profile_vm
 
     artifact = compiled("tiny-vae-decoder", "host")
     module = edgediff.load(artifact.path)
@@ -140,10 +140,10 @@ def test_loading_sets_tvm_threads_from_the_target(monkeypatch):
 
 
 def test_schedule_pass_leaves_its_input_module_unchanged():
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
-    from edgediff.lowering.schedule import is_scheduled
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
+    from edgediff.schedules.rules import is_scheduled
     from edgediff.targets import load_target
 
     spec = load_target("host")

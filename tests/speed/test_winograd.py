@@ -9,14 +9,8 @@ import pytest
 import torch
 
 import edgediff
-from edgediff.passes.winograd_conv2d import (
-    ConvShape,
-    direct_conv2d_numpy,
-    estimate_seconds,
-    measure_error,
-    winograd_conv2d_numpy,
-    winograd_matrices,
-)
+from edgediff.kernels.winograd import ConvShape, direct_conv2d_numpy, winograd_conv2d_numpy, winograd_matrices
+from edgediff.passes.winograd_conv2d import estimate_seconds, measure_error
 from edgediff.targets import CostModel, load_target
 
 TOLERANCE = 1e-4
@@ -177,10 +171,10 @@ def test_float16_variant_error_is_what_the_pass_measured(tmp_path):
 
 
 def _run_pass(model: torch.nn.Module, inputs: tuple, **options):
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
     from edgediff.passes.analysis import relax_op_histogram
+    from edgediff.passes.runner import run_passes
 
     imported = import_to_relax(capture(model, inputs))
     before = relax_op_histogram(imported.mod)
@@ -314,9 +308,9 @@ def test_weight_transform_reads_only_the_weight():
     and nothing else."""
     from tvm import relax
 
-    from edgediff.lowering.build import run_passes
-    from edgediff.lowering.capture import capture
-    from edgediff.lowering.relax_import import import_to_relax
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
 
     imported = import_to_relax(capture(TinyConvs().eval(), _inputs()))
     mod, _ = run_passes(

@@ -1,0 +1,75 @@
+"""Direct NCHW conv2d on CPUs: output-channel x output-width register tiles, vectorized along the width."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgediff.schedules.common import (
+    CostModelRule,
+    child_blocks,
+    choose_register_tile,
+    finish_reduction,
+    iter_kinds,
+    output_dtype,
+    parallelize_outer,
+    schedule_register_tiled,
+    try_inline_all,
+    vectorize_innermost,
+)
+
+
+class Conv2d(CostModelRule):
+    """Schedule a (fused) ``conv2d_nchw`` kernel: the padding stage, the convolution and its epilogue.
+
+    The convolution keeps ``rows`` output channels x ``col_vectors`` vectors of output pixels of one
+    output row in registers; each step of the (input channel, ky, kx) reduction loads one input vector and
+    broadcasts ``rows`` weights; the accumulators stay in registers over the whole reduction. The
+    (batch, channel block, output row, pixel block) loops are parallel over the cores. Elementwise
+    epilogues fused by ``fuse-ops`` (bias, residual add, time-embedding add, scaling) are inlined into the
+    accumulator write-back, so the output is written once.
+
+    Why NCHW and not NCHWc: weights are function parameters here (kept out of the library), so a layout
+    change of the weights would run on every call unless it is lifted to compile time; the width axis of
+    NCHW is contiguous in the input and the output, which is all a register tile needs.
+    """
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any | None:
+        opened = self.open_schedule(func, target)
+        if opened is None:
+            return None
+        sch, blocks = opened
+        convs = [
+            b
+            for b in blocks
+            if sch.get(b).name_hint.startswith("conv2d_nchw") and iter_kinds(sch, b) == "SSSSRRR"
+        ]
+        if len(convs) != 1:
+            return None
+        conv = convs[0]
+        loops = sch.get_loops(conv)
+        if len(loops) != 7 or any(sch.get(loop).extent.__class__.__name__ != "IntImm" for loop in loops):
+            return None
+        producers = list(sch.get_producers(conv))
+        pads = [b for b in producers if sch.get(b).name_hint.startswith("pad_temp")]
+
+        n, f, y, x, rc, ry, rx = loops
+        dtype = output_dtype(sch, conv)
+        lanes = self.cost.vector_lanes(dtype)
+        tile = choose_register_tile(self.cost, dtype, int(sch.get(f).extent), int(sch.get(x).extent))
+        tiled = schedule_register_tiled(
+            sch, conv, self.cost, tile, outer=[n, f, y, x], row=f, col=x, reductions=[rc, ry, rx]
+        )
+        done = {sch.get(b) for b in (conv, tiled.write_back, *pads)}
+        epilogue = [b for b in child_blocks(sch) if sch.get(b) not in done]
+        for block in try_inline_all(sch, epilogue) + pads:
+            self._schedule_rest(sch, block, lanes)
+        finish_reduction(sch, conv, tiled, lanes)
+        return sch
+
+    def _schedule_rest(self, sch: Any, block: Any, lanes: int) -> None:
+        loops = sch.get_loops(block)
+        work = 1
+        for loop in loops:
+            work *= int(sch.get(loop).extent)
+        parallelize_outer(sch, block, loops[:2], self.cost, work)
+        vectorize_innermost(sch, block, lanes)
