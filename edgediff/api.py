@@ -10,6 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from edgediff.backend.artifact import atomic_directory, file_record, write_manif
 from edgediff.backend.build import build, device_sources, export_library
 from edgediff.backend.memory import memory_record
 from edgediff.errors import InputError
-from edgediff.frontend.capture import capture
+from edgediff.frontend.capture import CapturedModel, capture
 from edgediff.frontend.multires import (
     LoweredEntry,
     capture_resolutions,
@@ -30,15 +31,15 @@ from edgediff.frontend.multires import (
     share_weights,
     winograd_plan,
 )
-from edgediff.frontend.relax_import import import_to_relax
-from edgediff.linear_attention import calibrate_attention, resolve_linear_attention
+from edgediff.frontend.relax_import import ImportedModel, import_to_relax
+from edgediff.linear_attention import LinearAttentionConfig, calibrate_attention, resolve_linear_attention
 from edgediff.passes import resolve_pipeline
 from edgediff.passes.analysis import kernel_count
 from edgediff.passes.pack_matmul_weights import weight_layouts
-from edgediff.passes.runner import run_passes, weight_transform
+from edgediff.passes.runner import PassResult, run_passes, weight_transform
 from edgediff.precision.plan import resolve_request
 from edgediff.runtime.artifact import FORMAT_VERSION, Artifact
-from edgediff.targets import load_target
+from edgediff.targets import TargetSpec, load_target
 
 STAGES = ("capture", "import", "passes", "build", "export", "write")
 DEVICE_SOURCE_SUFFIX = {"opencl": ".cl", "vulkan": ".spv.txt", "metal": ".metal"}
@@ -166,8 +167,88 @@ def compile_model(
     Returns:
         The written :class:`Artifact`; ``artifact.load()`` gives a callable for host-runnable targets.
     """
+    request = plan_request(
+        target, passes, precision, precision_budget, linear_attention, resolutions, pass_options
+    )
+    start = time.perf_counter()
+    bar = _Progress(progress, name or _display_name(model), request.spec.name)
+    failed = True
+    try:
+        bar.stage("capture (torch.export)")
+        captures = capture_stage(
+            model,
+            example_inputs,
+            request,
+            input_names=input_names,
+            name=name,
+            batch=batch,
+            latent_size=latent_size,
+        )
+        bar.advance()
+
+        bar.stage("import (fx -> Relax)")
+        imported = import_stage(captures)
+        plans = plan_stage(captures, imported, request, bar)
+        bar.advance()
+
+        lowered = passes_stage(imported, request, plans, bar)
+        bar.advance()
+
+        bar.stage("build (TVM)")
+        executable, build_stats = build_stage(lowered.mod, request.spec)
+        bar.advance()
+
+        destination = (
+            Path(output_dir)
+            if output_dir
+            else Path("edgediff-out") / f"{captures[0].name}-{request.spec.name}"
+        )
+        write_stage(
+            destination,
+            executable,
+            build_stats,
+            captures[0],
+            imported,
+            lowered,
+            plans,
+            request,
+            started=start,
+            require_cross_compiler=require_cross_compiler,
+            bar=bar,
+        )
+        failed = False
+    finally:
+        bar.close(failed=failed)
+    return Artifact(destination)
+
+
+# --- the stages of compile_model, in order ----------------------------------------------------------------
+
+
+@dataclass
+class CompileRequest:
+    """What the user asked for, resolved and checked before any work: the target, the passes in the
+    compiler's order, the precision and linear-attention requests, the resolutions."""
+
+    spec: TargetSpec
+    pass_names: list[str]
+    precision: Any  # edgediff.precision.plan.PrecisionRequest | None
+    linear_attention: LinearAttentionConfig | None
+    resolutions: list[tuple[int, int]] | None
+    pass_options: dict[str, dict[str, Any]]
+
+
+def plan_request(
+    target: Any,
+    passes: Iterable[str] | Mapping[str, bool] | None,
+    precision: Any,
+    precision_budget: Mapping[str, Any] | None,
+    linear_attention: Any,
+    resolutions: Any,
+    pass_options: Mapping[str, Mapping[str, Any]] | None,
+) -> CompileRequest:
+    """Resolve ``compile_model``'s options: every bad option fails here, before a model is captured."""
     spec = load_target(target)
-    resolution_list = None if resolutions is None else parse_resolutions(resolutions)
     pass_names = resolve_pipeline(spec, passes)
     precision_request = resolve_request(precision, precision_budget, spec)
     if precision_request is not None:
@@ -175,170 +256,235 @@ def compile_model(
     linear_config = resolve_linear_attention(linear_attention)
     if linear_config is not None:
         pass_names = resolve_pipeline(spec, [*pass_names, "rewrite-linear-attention"])
-    start = time.perf_counter()
+    return CompileRequest(
+        spec,
+        pass_names,
+        precision_request,
+        linear_config,
+        None if resolutions is None else parse_resolutions(resolutions),
+        {name: dict(opts) for name, opts in (pass_options or {}).items()},
+    )
 
-    bar = _Progress(progress, name or _display_name(model), spec.name)
-    failed = True
-    try:
-        bar.stage("capture (torch.export)")
-        if resolution_list is None:
-            captures = [
-                capture(
-                    model,
-                    example_inputs,
-                    input_names=input_names,
-                    name=name,
-                    batch=batch,
-                    latent_size=latent_size,
-                )
-            ]
-        else:
-            if latent_size is not None or example_inputs is not None:
-                raise InputError("give resolutions or latent_size / example_inputs, not both")
-            captures = capture_resolutions(
-                model, resolution_list, input_names=input_names, name=name, batch=batch
+
+def capture_stage(
+    model: Any,
+    example_inputs: Sequence[Any] | None,
+    request: CompileRequest,
+    *,
+    input_names: Sequence[str] | None,
+    name: str | None,
+    batch: int | None,
+    latent_size: int | None,
+) -> list[CapturedModel]:
+    """torch.export (or ONNX loading) of the model: one capture, or one per resolution."""
+    if request.resolutions is None:
+        return [
+            capture(
+                model,
+                example_inputs,
+                input_names=input_names,
+                name=name,
+                batch=batch,
+                latent_size=latent_size,
             )
-        captured = captures[0]
-        bar.advance()
+        ]
+    if latent_size is not None or example_inputs is not None:
+        raise InputError("give resolutions or latent_size / example_inputs, not both")
+    return capture_resolutions(model, request.resolutions, input_names=input_names, name=name, batch=batch)
 
-        bar.stage("import (fx -> Relax)")
-        imported_all = [import_to_relax(one) for one in captures]
-        imported = imported_all[0]
-        share_weights(imported_all)  # one copy of each weight, whatever the number of resolutions
-        plan = None
-        pass_options = {name: dict(opts) for name, opts in (pass_options or {}).items()}
-        if precision_request is not None:  # measured on the torch model, so before it is dropped
-            from edgediff.precision.planner import plan_for_compile
 
-            plan = plan_for_compile(
-                precision_request, captured, imported, spec, progress=lambda s: bar.stage(f"precision: {s}")
-            )
-        if linear_config is not None:  # measured on the torch model too
-            records = None
-            if not linear_config.fine_tuned:
-                if len(captures) > 1:
-                    raise InputError(
-                        "linear_attention with measured selection takes one resolution (calibration pairs"
-                        " the layers of one shape); give fine_tuned=True or compile each resolution apart"
-                    )
-                bar.stage("linear attention: calibration")
-                records = calibrate_attention(captured.torch_module, captured.example_inputs, linear_config)
-            pass_options["rewrite-linear-attention"] = {"config": linear_config, "calibration": records}
-        # the Relax modules now own copies of the weights: let the torch graphs go before the build
-        for one in captures:
-            one.exported_program = one.torch_module = None
-        bar.advance()
+def import_stage(captures: list[CapturedModel]) -> list[ImportedModel]:
+    """fx -> Relax for each capture; the entries then share one copy of each weight."""
+    imported = [import_to_relax(one) for one in captures]
+    share_weights(imported)
+    return imported
 
-        sizes: list[Any] = resolution_list or [None]  # None: the one shape of an ordinary build
-        lowered: list[Any] = [None] * len(sizes)
-        entry_results: list[Any] = [None] * len(sizes)
-        done: list[Any] = []  # weight computations already run (see _stored_weights)
-        provenance: list[Any] = [None] * len(sizes)  # how each entry's stored weights were made
-        for index in decision_order(resolution_list) if resolution_list else [0]:
-            options = {name: dict(opts) for name, opts in pass_options.items()}
-            if plan is not None:  # measured at the first size; its attention token counts scaled to this one
-                latents = [imported_all[i].inputs[0].shape[-2:] for i in (0, index)]
-                options["mixed-precision"] = {
-                    "plan": plan_at(plan, *latents),
-                    "weight_names": imported_all[index].weight_names,
-                }
-            if len(sizes) > 1:
-                bar.stage(f"passes at {format_resolution(sizes[index])}")
-            mod, results = run_passes(
-                imported_all[index].mod,
-                spec,
-                pass_names,
-                on_pass=lambda p: bar.stage(f"pass {p}"),
-                options=options,
-            )
-            # the first run (the largest resolution) decides the per-layer Winograd variants of every
-            # entry, so that all of them store the same transformed weights
-            chosen = winograd_plan(results)
-            if chosen is not None and "plan" not in pass_options.get("winograd-conv2d", {}):
-                pass_options.setdefault("winograd-conv2d", {})["plan"] = chosen
-            bar.stage("precompute weight transforms")
-            arrays, names, provenance[index] = _stored_weights(imported_all[index], plan, results, done)
-            entry_results[index] = results
-            lowered[index] = LoweredEntry(entry_name(index, sizes[index]), sizes[index], mod, arrays, names)
-        pass_results = entry_results[0]
-        entry_kernels = [kernel_count(entry.mod) for entry in lowered]
-        mod, arrays, names = merge_entries(lowered)
-        del lowered, done
-        for one in imported_all:  # the stored weights are computed: the build runs without the originals
-            one.weights = []
-        bar.advance()
 
-        bar.stage("build (TVM)")
-        build_stats: dict[str, Any] = {}
-        executable = build(mod, spec, stats=build_stats)
-        bar.advance()
+@dataclass
+class Plans:
+    """What is decided on the torch model before it is dropped: the precision plan and the options each
+    pass gets (the linear-attention calibration among them)."""
 
-        destination = (
-            Path(output_dir) if output_dir else Path("edgediff-out") / f"{captured.name}-{spec.name}"
+    precision: Any  # edgediff.precision.plan.PrecisionPlan | None
+    pass_options: dict[str, dict[str, Any]]
+
+
+def plan_stage(
+    captures: list[CapturedModel], imported: list[ImportedModel], request: CompileRequest, bar: _Progress
+) -> Plans:
+    """Measure what needs the torch model (precision plan, linear-attention errors), then let it go."""
+    captured = captures[0]
+    pass_options = {name: dict(opts) for name, opts in request.pass_options.items()}
+    plan = None
+    if request.precision is not None:
+        from edgediff.precision.planner import plan_for_compile
+
+        plan = plan_for_compile(
+            request.precision,
+            captured,
+            imported[0],
+            request.spec,
+            progress=lambda s: bar.stage(f"precision: {s}"),
         )
-        with atomic_directory(destination) as staging:
-            bar.stage("export library")
-            library = export_library(executable, spec, staging, require_compiler=require_cross_compiler)
-            device_code = _write_device_sources(executable, staging)
-            bar.advance()
+    config = request.linear_attention
+    if config is not None:
+        records = None
+        if not config.fine_tuned:
+            if len(captures) > 1:
+                raise InputError(
+                    "linear_attention with measured selection takes one resolution (calibration pairs"
+                    " the layers of one shape); give fine_tuned=True or compile each resolution apart"
+                )
+            bar.stage("linear attention: calibration")
+            records = calibrate_attention(captured.torch_module, captured.example_inputs, config)
+        pass_options["rewrite-linear-attention"] = {"config": config, "calibration": records}
+    # the Relax modules now own copies of the weights: let the torch graphs go before the build
+    for one in captures:
+        one.exported_program = one.torch_module = None
+    return Plans(plan, pass_options)
 
-            bar.stage("write weights + manifest")
-            weights = write_weights(staging, arrays, names)
-            weights.update(provenance[0])  # the entries share their weights, so the first one's say it all
-            notes = _target_notes(spec) + ([library.note] if library.note else [])
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "compile_seconds": round(time.perf_counter() - start, 3),
-                "model": {
-                    "name": captured.name,
-                    "family": captured.family,
-                    "source": captured.source,
-                    "meta": captured.meta,
-                },
-                "target": spec.to_dict(),
-                "runs_on_host": bool(spec.runs_on_host and library.format == "shared"),
-                "inputs": [info.to_dict() for info in imported.inputs],
-                "outputs": [info.to_dict() for info in imported.outputs],
-                "passes": [
-                    {"name": r.name, "seconds": round(r.seconds, 3), "report": r.report} for r in pass_results
-                ],
-                "library": {
-                    **file_record(staging, library.file),
-                    "format": library.format,
-                    "compiler": library.compiler,
-                },
-                "weights": weights,
-                "memory": memory_record(weights, build_stats, pass_results),
-                "device_code": device_code,
-                "versions": _versions(captured.source),
-                "notes": notes,
+
+@dataclass
+class Lowered:
+    """The pass pipeline's result: one module with every entry, its stored weights, and per entry the
+    pass results, kernel count and how the stored weights were made."""
+
+    mod: Any
+    arrays: list[Any]
+    names: list[str]
+    results: list[list[PassResult]]
+    kernels: list[int]
+    provenance: list[dict[str, Any]]
+
+
+def passes_stage(
+    imported: list[ImportedModel], request: CompileRequest, plans: Plans, bar: _Progress
+) -> Lowered:
+    """Run the pass pipeline on each entry (the largest resolution first, whose Winograd choices every entry
+    then takes), compute the stored weights, and merge the entries into one module."""
+    sizes: list[Any] = request.resolutions or [None]  # None: the one shape of an ordinary build
+    pass_options = plans.pass_options
+    entries: list[Any] = [None] * len(sizes)
+    results: list[Any] = [None] * len(sizes)
+    provenance: list[Any] = [None] * len(sizes)
+    done: list[Any] = []  # weight computations already run (see _stored_weights)
+    for index in decision_order(request.resolutions) if request.resolutions else [0]:
+        options = {name: dict(opts) for name, opts in pass_options.items()}
+        if plans.precision is not None:  # measured at the first size; attention token counts scaled
+            latents = [imported[i].inputs[0].shape[-2:] for i in (0, index)]
+            options["mixed-precision"] = {
+                "plan": plan_at(plans.precision, *latents),
+                "weight_names": imported[index].weight_names,
             }
-            if resolution_list is not None:
-                manifest["resolutions"] = [
-                    {
-                        **_resolution_record(entry_name(i, res), res, imported_all[i], entry_results[i]),
-                        "kernels": entry_kernels[i],
-                    }
-                    for i, res in enumerate(resolution_list)
-                ]
-                # kernels equal at every size are in the library once
-                manifest["library"]["kernels"] = kernel_count(mod)
-            if plan is not None:
-                from edgediff.precision.report import write_report
+        if len(sizes) > 1:
+            bar.stage(f"passes at {format_resolution(sizes[index])}")
+        mod, results[index] = run_passes(
+            imported[index].mod,
+            request.spec,
+            request.pass_names,
+            on_pass=lambda p: bar.stage(f"pass {p}"),
+            options=options,
+        )
+        # the first run (the largest resolution) decides the per-layer Winograd variants of every
+        # entry, so that all of them store the same transformed weights
+        chosen = winograd_plan(results[index])
+        if chosen is not None and "plan" not in pass_options.get("winograd-conv2d", {}):
+            pass_options.setdefault("winograd-conv2d", {})["plan"] = chosen
+        bar.stage("precompute weight transforms")
+        arrays, names, provenance[index] = _stored_weights(
+            imported[index], plans.precision, results[index], done
+        )
+        entries[index] = LoweredEntry(entry_name(index, sizes[index]), sizes[index], mod, arrays, names)
+    kernels = [kernel_count(entry.mod) for entry in entries]
+    mod, arrays, names = merge_entries(entries)
+    for one in imported:  # the stored weights are computed: the build runs without the originals
+        one.weights = []
+    return Lowered(mod, arrays, names, results, kernels, provenance)
 
-                manifest["precision"] = write_report(staging, plan)
-            tiling = next((r.outputs["npu_tiling"] for r in pass_results if "npu_tiling" in r.outputs), None)
-            if tiling is not None:  # the NPU program, its per-block DRAM table and plot
-                from edgediff.npu.report import write_report as write_tiling_report
 
-                manifest["npu"] = write_tiling_report(staging, tiling.analysis, tiling.program)
-            write_manifest(staging, manifest)
-            bar.advance()
-        failed = False
-    finally:
-        bar.close(failed=failed)
-    return Artifact(destination)
+def build_stage(mod: Any, spec: TargetSpec) -> tuple[Any, dict[str, Any]]:
+    """TVM build of the scheduled module; also returns the planned activation workspace."""
+    build_stats: dict[str, Any] = {}
+    return build(mod, spec, stats=build_stats), build_stats
+
+
+def write_stage(
+    destination: Path,
+    executable: Any,
+    build_stats: dict[str, Any],
+    captured: CapturedModel,
+    imported: list[ImportedModel],
+    lowered: Lowered,
+    plans: Plans,
+    request: CompileRequest,
+    *,
+    started: float,
+    require_cross_compiler: bool,
+    bar: _Progress,
+) -> None:
+    """Write the artifact atomically: library (cross-linked when needed), device code, weights, manifest and
+    the precision / NPU reports."""
+    spec = request.spec
+    pass_results = lowered.results[0]
+    with atomic_directory(destination) as staging:
+        bar.stage("export library")
+        library = export_library(executable, spec, staging, require_compiler=require_cross_compiler)
+        device_code = _write_device_sources(executable, staging)
+        bar.advance()
+
+        bar.stage("write weights + manifest")
+        weights = write_weights(staging, lowered.arrays, lowered.names)
+        weights.update(lowered.provenance[0])  # the entries share their weights: the first one's say it all
+        notes = _target_notes(spec) + ([library.note] if library.note else [])
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "compile_seconds": round(time.perf_counter() - started, 3),
+            "model": {
+                "name": captured.name,
+                "family": captured.family,
+                "source": captured.source,
+                "meta": captured.meta,
+            },
+            "target": spec.to_dict(),
+            "runs_on_host": bool(spec.runs_on_host and library.format == "shared"),
+            "inputs": [info.to_dict() for info in imported[0].inputs],
+            "outputs": [info.to_dict() for info in imported[0].outputs],
+            "passes": [
+                {"name": r.name, "seconds": round(r.seconds, 3), "report": r.report} for r in pass_results
+            ],
+            "library": {
+                **file_record(staging, library.file),
+                "format": library.format,
+                "compiler": library.compiler,
+            },
+            "weights": weights,
+            "memory": memory_record(weights, build_stats, pass_results),
+            "device_code": device_code,
+            "versions": _versions(captured.source),
+            "notes": notes,
+        }
+        if request.resolutions is not None:
+            manifest["resolutions"] = [
+                {
+                    **_resolution_record(entry_name(i, res), res, imported[i], lowered.results[i]),
+                    "kernels": lowered.kernels[i],
+                }
+                for i, res in enumerate(request.resolutions)
+            ]
+            # kernels equal at every size are in the library once
+            manifest["library"]["kernels"] = kernel_count(lowered.mod)
+        if plans.precision is not None:
+            from edgediff.precision.report import write_report
+
+            manifest["precision"] = write_report(staging, plans.precision)
+        tiling = next((r.outputs["npu_tiling"] for r in pass_results if "npu_tiling" in r.outputs), None)
+        if tiling is not None:  # the NPU program, its per-block DRAM table and plot
+            from edgediff.npu.report import write_report as write_tiling_report
+
+            manifest["npu"] = write_tiling_report(staging, tiling.analysis, tiling.program)
+        write_manifest(staging, manifest)
+        bar.advance()
 
 
 def _stored_weights(
