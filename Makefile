@@ -46,13 +46,16 @@ lint: setup
 	$(PY) -m ruff format --check edgediff tests benchmarks scripts
 
 # What `make bench` prints (BENCHMARKS.md; BENCH_ARGS=--quick for a smoke run of the first two):
-# speed against PyTorch eager and onnxruntime; one multi-resolution artifact against builds specialised for
+# speed against PyTorch eager and onnxruntime; every engine in turns (eager, edgediff fp32/w8/int8,
+# onnxruntime fp32/int8, OpenVINO fp32/default) with 20-step latent PSNR; one multi-resolution artifact against builds specialised for
 # each size; peak RSS of memory-capped generation against the cap; the NPU tiling DRAM table (analysis,
 # ~2 min); linear attention against fused softmax at SD 1.5's 64x64 level (N = 4096), each feature map.
 BENCH_RESOLUTIONS ?= 256x256,384x256
+BENCH_PEERS ?= onnxruntime onnxruntime-int8 openvino-fp32 openvino
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m edgediff bench $(BENCH_ARGS)
+	$(PY) -m edgediff bench --models sd15-unet --latent 32 --peers $(BENCH_PEERS) --precisions w8 int8 --runs 4 $(BENCH_ARGS)
 	$(PY) -m edgediff bench --resolutions $(BENCH_RESOLUTIONS) $(BENCH_ARGS)
 	$(PY) benchmarks/memory_cap.py --quick
 	$(PY) benchmarks/tiling.py --l2-target host

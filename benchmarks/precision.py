@@ -26,53 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+from edgediff.tools.bench.quality import host_int8, psnr, torch_denoiser, trajectory  # noqa: E402
 
 PLANS = ("fp32", "fp16", "w8", "int8", "w4", "edges", "auto")  # auto last: its budget is the edges size
-
-
-def host_int8() -> Any:
-    from edgediff.targets import load_target
-    from edgediff.targets.spec import TargetSpec
-
-    data = load_target("host").to_dict()
-    data.update(name="host-int8", dtypes=["float32", "float16", "int8"])
-    data["compute"]["peak_gflops"]["int8"] = 300
-    return TargetSpec.from_dict(data)
-
-
-def trajectory(denoise, zm: Any, sampling: tuple[str, int], seed: int) -> np.ndarray:
-    """Final latents of a ``sampling`` = (sampler, steps) run from seeded noise with the example conditioning
-    (no guidance)."""
-    from edgediff.runtime.samplers import get_sampler
-
-    name, steps = sampling
-    sampler = get_sampler(name, num_steps=steps, prediction_type=zm.meta.get("prediction_type") or "epsilon")
-    start, stop = zm.meta.get("noise_pred_channels") or (0, zm.example_inputs[0].shape[1])
-    x_T = np.random.default_rng(seed).standard_normal(tuple(zm.example_inputs[0].shape)).astype(np.float32)
-
-    def step(x: np.ndarray, t: float) -> np.ndarray:
-        timestep = np.full((x.shape[0],), t, np.float32)
-        return np.asarray(denoise(x, timestep))[:, start:stop]
-
-    return sampler.sample(step, x_T, rng=np.random.default_rng(seed))
-
-
-def torch_denoiser(zm: Any, fake: Any = None):
-    def denoise(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        timestep = torch.from_numpy(t)
-        if fake is not None:
-            fake.timesteps = timestep
-        with torch.no_grad():
-            return zm.module(torch.from_numpy(x), timestep, *zm.example_inputs[2:]).numpy()
-
-    return denoise
-
-
-def psnr(got: np.ndarray, want: np.ndarray) -> float:
-    peak = float(want.max() - want.min())
-    mse = float(np.mean((got.astype(np.float64) - want) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
 
 
 def request(plan: str, edges: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, dict[str, str]]:

@@ -63,8 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgediff.npu import memory_budget, plan_model
-    from edgediff.npu.planner import SramTooSmallError
-    from edgediff.npu.report import render_text
+    from edgediff.npu.tile_planner import SramTooSmallError
+    from edgediff.npu.tiling_report import render_text
     from edgediff.precision.assignment import format_bytes
     from edgediff.targets import load_target
 

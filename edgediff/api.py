@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgediff.backend.artifact import atomic_directory, file_record, write_manifest, write_weights
 from edgediff.backend.build import build, device_sources, export_library
-from edgediff.backend.memory import memory_record
+from edgediff.backend.workspace import memory_record
+from edgediff.backend.write_artifact import atomic_directory, file_record, write_manifest, write_weights
 from edgediff.errors import InputError
 from edgediff.frontend.capture import CapturedModel, capture
 from edgediff.frontend.multires import (
@@ -480,7 +480,7 @@ def write_stage(
             manifest["precision"] = write_report(staging, plans.precision)
         tiling = next((r.outputs["npu_tiling"] for r in pass_results if "npu_tiling" in r.outputs), None)
         if tiling is not None:  # the NPU program, its per-block DRAM table and plot
-            from edgediff.npu.report import write_report as write_tiling_report
+            from edgediff.npu.tiling_report import write_report as write_tiling_report
 
             manifest["npu"] = write_tiling_report(staging, tiling.analysis, tiling.program)
         write_manifest(staging, manifest)

@@ -12,7 +12,7 @@ from edgediff.errors import BuildError, CrossCompilerNotFoundError, first_line
 
 def _finalize_passes(target: Any, kind: str, stats: dict[str, Any] | None = None) -> Any:
     """The lowering after edgediff's passes: memory planning and VM codegen preparation of TVM's backend
-    (``stats`` receives the planned activation workspace, see ``backend/memory.py``)."""
+    (``stats`` receives the planned activation workspace, see ``backend/workspace.py``)."""
     import tvm
     from tvm import relax
 
@@ -22,7 +22,7 @@ def _finalize_passes(target: Any, kind: str, stats: dict[str, Any] | None = None
         backend = relax.backend.cpu_generic.pipeline  # its package does not re-export dataflow_lower_passes
     finalize = list(backend.finalize_passes(target))
     if stats is not None:
-        from edgediff.backend.memory import workspace_pass
+        from edgediff.backend.workspace import workspace_pass
 
         # right after LowerAllocTensor: every allocation is then one planned alloc_storage
         at = next((i for i, p in enumerate(finalize) if "LowerAllocTensor" in p.info.name), None)

@@ -24,7 +24,7 @@ of the linear form against the exact softmax on that call's own q, k, v.
 
 from __future__ import annotations
 
-from edgediff.linear_attention.calibration import (
+from edgediff.linear_attention.calibrate import (
     ERROR_QUERY_ROWS,
     calibrate_attention,
     linear_sdpa,

@@ -41,9 +41,9 @@ def memory_budget(spec: Any, level: str = "sram", sram_bytes: int | None = None)
 def plan_model(mod: Any, spec: Any, sram: int, *, chain: bool = True) -> TilingPlan:
     """Graph -> regions -> tiles -> program, then a counting simulation and the per-block analysis."""
     from edgediff.npu.graph import from_relax
-    from edgediff.npu.planner import build_program, form_groups, plan_groups
-    from edgediff.npu.report import analyse
     from edgediff.npu.simulator import Simulator
+    from edgediff.npu.tile_planner import build_program, form_groups, plan_groups
+    from edgediff.npu.tiling_report import analyse
 
     graph = from_relax(mod)
     groups = plan_groups(form_groups(graph, spec, chain=chain), graph, spec, sram)

@@ -253,7 +253,7 @@ class Simulator:
         )
 
     def _compute(self, node: Any, inst: dict[str, Any]) -> Any:
-        from edgediff.npu.planner import arg_boxes
+        from edgediff.npu.tile_planner import arg_boxes
 
         out_box = inst["box"]
         if node.op == ATTENTION_OP:

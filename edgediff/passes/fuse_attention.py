@@ -10,8 +10,8 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 from edgediff.kernels.attention import choose_attention_tiles, fused_attention_kernel
-from edgediff.passes.common import dtype_of, scalar_value, static_shape
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import dtype_of, scalar_value, static_shape
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 

@@ -12,9 +12,9 @@ from edgediff.kernels.linear_attention import (
     choose_linear_attention_tiles,
     linear_attention_kernel,
 )
-from edgediff.passes.common import dtype_of, scalar_value, static_shape
 from edgediff.passes.fuse_attention import FUSABLE_DTYPES
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import dtype_of, scalar_value, static_shape
 from edgediff.targets import CostModel
 
 

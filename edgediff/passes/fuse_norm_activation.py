@@ -13,8 +13,8 @@ from tvm import relax
 
 from edgediff.kernels.matmul import KERNEL_ATTR, geglu_te
 from edgediff.passes.analysis import relax_op_histogram
-from edgediff.passes.common import op_name, static_shape
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import op_name, static_shape
 
 # PrimFunc attribute naming an edgediff kernel, so that later passes find the kernel (not its name hint).
 

@@ -32,8 +32,8 @@ from tvm import relax
 
 from edgediff.errors import PassError
 from edgediff.passes.analysis import relax_op_histogram
-from edgediff.passes.common import op_name
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import op_name
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.plan import LayerPlan, PrecisionPlan
 from edgediff.precision.quantizers import (

@@ -10,8 +10,8 @@ import tvm
 from tvm import relax
 
 from edgediff.kernels.matmul import KERNEL_ATTR, geglu_te, packed_matmul_te
-from edgediff.passes.common import op_name, static_shape
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import op_name, static_shape
 from edgediff.schedules.common import choose_register_tile
 from edgediff.targets import CostModel
 

@@ -17,10 +17,10 @@ from edgediff.linear_attention import (
     favor_projection,
     feature_dim,
 )
-from edgediff.passes.common import scalar_value
 from edgediff.passes.fuse_attention import attention_pattern, attention_site
 from edgediff.passes.fuse_linear_attention import LinearAttentionEmitter
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import scalar_value
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 

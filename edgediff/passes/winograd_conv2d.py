@@ -48,8 +48,8 @@ from edgediff.kernels.winograd import (
     winograd_conv2d_numpy,
     winograd_matrices,
 )
-from edgediff.passes.common import static_shape
 from edgediff.passes.registry import register_pass
+from edgediff.passes.relax_utils import static_shape
 from edgediff.precision.assignment import format_bytes
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS

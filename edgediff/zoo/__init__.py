@@ -11,6 +11,7 @@ together with seeded example inputs, input/output names and the metadata a sampl
 latent shape, VAE scaling factor, ...).
 """
 
+from edgediff.zoo.builder import FAMILIES, ZooModel, build, instantiate, list_models, wrap
 from edgediff.zoo.configs import (
     CLIP_TEXT_L14_CONFIG,
     CLIP_TOKEN_IDS,
@@ -30,7 +31,6 @@ from edgediff.zoo.configs import (
     TINY_VAE_CONFIG,
 )
 from edgediff.zoo.local import load_local
-from edgediff.zoo.models import FAMILIES, ZooModel, build, instantiate, list_models, wrap
 
 __all__ = [
     "CLIP_TEXT_L14_CONFIG",

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from edgediff.errors import ModelNotFoundError
+from edgediff.zoo.builder import ZooModel, family_of, make_zoo_model, resolve_class_name
 from edgediff.zoo.configs import TRANSFORMERS_CLASSES, WRAPPABLE
-from edgediff.zoo.models import ZooModel, family_of, make_zoo_model, resolve_class_name
 
 
 def load_local(

@@ -14,8 +14,8 @@ import yaml
 
 from edgediff.npu import graph as npu_graph
 from edgediff.npu import plan_model
-from edgediff.npu.planner import SramTooSmallError, build_program, form_groups, plan_groups
 from edgediff.npu.simulator import Simulator, SramOverflowError, run_reference
+from edgediff.npu.tile_planner import SramTooSmallError, build_program, form_groups, plan_groups
 from edgediff.targets import load_target
 from edgediff.targets.spec import TargetSpec
 
@@ -108,7 +108,7 @@ def test_tiled_program_matches_untiled_model(prepared, name):
     assert _rel(result.output, p["torch"]) < 1e-2
     # fewer DRAM bytes than op-by-op execution of the same graph
     unfused = npu_graph.from_relax(p["mod"], fuse_attention=False)
-    from edgediff.npu.planner import op_by_op_bytes
+    from edgediff.npu.tile_planner import op_by_op_bytes
 
     assert result.dram_bytes < sum(op_by_op_bytes(unfused).values())
 

@@ -24,3 +24,44 @@ def test_bench_prints_the_table_with_ratios_and_error():
     assert abs(vs_eager - edgediff_s / eager) <= 0.01 * vs_eager + 0.01
     error = re.search(r"max \|err\| vs eager ([0-9.e+-]+)", result.stdout)
     assert error and float(error.group(1)) < 1e-4
+
+
+def test_time_alternating_gives_every_engine_one_call_per_round():
+    from edgediff.tools.bench.measure import time_alternating
+
+    order: list[str] = []
+    calls = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    times = time_alternating(calls, runs=3, warmup=1)
+    assert order == ["a", "b", "c"] * 4
+    assert {name: len(seconds) for name, seconds in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_engine_table_has_peers_precision_builds_and_latent_psnr():
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "edgediff", "bench", "--models", "tiny-dit", "--runs", "1", "--warmup", "0",
+            "--peers", "onnxruntime", "openvino-fp32", "--precisions", "w8", "--psnr-steps", "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("| tiny-dit |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[2]] = cells
+    assert set(rows) == {"eager", "edgediff", "edgediff w8", "onnxruntime", "openvino-fp32"}
+    seconds = {engine: float(cells[4]) for engine, cells in rows.items()}
+    for engine, cells in rows.items():
+        assert abs(float(cells[6]) - seconds["edgediff"] / seconds[engine]) <= 0.01 * float(cells[6]) + 0.01
+    assert rows["edgediff w8"][3] == "w8" and rows["openvino-fp32"][3] == "f32"
+    quality = {
+        engine: float("inf") if cells[7] == "exact" else float(cells[7])
+        for engine, cells in rows.items()
+        if engine != "eager"
+    }
+    # float engines reproduce float torch's trajectory closely; int8 weights cost visibly more, but not all
+    assert min(quality["edgediff"], quality["onnxruntime"], quality["openvino-fp32"]) > 60
+    assert 10 < quality["edgediff w8"] < quality["edgediff"]

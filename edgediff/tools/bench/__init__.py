@@ -10,9 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgediff.tools.bench import models, resolutions
+from edgediff.tools.bench import engines, models, resolutions
 from edgediff.tools.bench.measure import machine_line, peak_rss_mb, reset_peak_rss, time_calls
 from edgediff.tools.bench.models import DEFAULT_RUNS
+from edgediff.tools.bench.peers import PEERS
 
 __all__ = ["add_arguments", "machine_line", "main", "peak_rss_mb", "reset_peak_rss", "run", "time_calls"]
 
@@ -38,6 +39,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="per-kernel profile of one edgediff call")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     parser.add_argument(
+        "--peers",
+        nargs="+",
+        default=[],
+        choices=PEERS,
+        help="instead of the default table: every engine timed in turns, with these peer engines",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=[],
+        help="with the engine table: edgediff builds at these precisions too (w8, int8, fp16, ...)",
+    )
+    parser.add_argument(
+        "--psnr-steps",
+        type=int,
+        default=20,
+        help="engine table: steps of the DPM-Solver++ trajectory whose final latents give the PSNR (0: none)",
+    )
+    parser.add_argument(
         "--resolutions",
         help="HEIGHTxWIDTH,...: time one multi-resolution artifact against a build specialised for each "
         "size instead (default model sd15-unet-half; --quick: tiny-sd15-unet)",
@@ -46,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark ``args`` asks for and print its tables."""
-    return resolutions.run(args) if args.resolutions else models.run(args)
+    if args.resolutions:
+        return resolutions.run(args)
+    return engines.run(args) if args.peers or args.precisions else models.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

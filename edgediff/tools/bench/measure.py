@@ -55,3 +55,22 @@ def machine_line(threads: int) -> str:
         f"{platform.machine()}, {spec.compute.cores} cores ({threads} threads used), "
         f"{spec.compute.vector_bits}-bit vectors, LLVM mcpu {spec.tvm_target.get('mcpu', 'generic')}"
     )
+
+
+def time_alternating(
+    calls: dict[str, Callable[[], Any]], runs: int, warmup: int, cpu_time: bool = False
+) -> dict[str, list[float]]:
+    """Seconds of each of ``calls`` over ``runs`` rounds in which every engine makes one call in turn, after
+    ``warmup`` untimed rounds: a shared machine's drift then hits every engine alike. With ``cpu_time``
+    the process CPU time of each call (one thread: the cost on a quiet core)."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    clock = time.process_time if cpu_time else time.perf_counter
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = clock()
+            call()
+            times[name].append(clock() - start)
+    return times

@@ -189,10 +189,8 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Benchmark the chosen models and print the table (and the profile with ``--profile``)."""
-    if args.no_onnxruntime:
-        args.engines = []
+def model_runs(args: argparse.Namespace) -> tuple[list[tuple[str, int | None]], int]:
+    """The (model, latent) pairs ``args`` asks for and the thread count; sets up TVM's thread pool."""
     if args.quick:
         args.runs = min(args.runs, 3)
     runs: list[tuple[str, int | None]]
@@ -205,6 +203,14 @@ def run(args: argparse.Namespace) -> int:
     threads = os.cpu_count() if args.threads is None else args.threads
     # TVM's thread pool reads TVM_NUM_THREADS when it starts (default: one thread per core)
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    return runs, threads
+
+
+def run(args: argparse.Namespace) -> int:
+    """Benchmark the chosen models and print the table (and the profile with ``--profile``)."""
+    if args.no_onnxruntime:
+        args.engines = []
+    runs, threads = model_runs(args)
 
     timing = "least CPU time" if args.cpu_time else "median"
     print(

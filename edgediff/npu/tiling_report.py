@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from edgediff.npu.graph import Graph, nbytes
-from edgediff.npu.planner import Group, form_groups, fused_bytes, op_by_op_bytes, region_memory
 from edgediff.npu.simulator import SimulationResult
+from edgediff.npu.tile_planner import Group, form_groups, fused_bytes, op_by_op_bytes, region_memory
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.report import _text
 from edgediff.runtime.image import encode_png
