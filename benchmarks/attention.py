@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,13 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edgediff.tools.bench import machine_line, peak_rss_mb, reset_peak_rss, time_calls  # noqa: E402
+from edgediff.tools.bench.measure import (  # noqa: E402
+    machine_line,
+    median_alternating,
+    peak_rss_mb,
+    reset_peak_rss,
+    time_calls,
+)
 
 HEADS, HEAD_DIM = 8, 40
 
@@ -47,24 +51,6 @@ def _eager(model: Any, inputs: tuple[Any, ...]) -> Any:
 
     with torch.inference_mode():
         return model(*inputs)
-
-
-def time_interleaved(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each engine, the engines taking turns call by call.
-
-    Engines timed one after the other on a shared machine see different background loads; taking turns
-    gives each the same mix, so their ratio holds even when the absolute times drift.
-    """
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(runs):
-        for label, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
@@ -101,7 +87,7 @@ def bench_tokens(tokens: int, args: argparse.Namespace, workdir: Path) -> dict[s
         peak[label] = peak_rss_mb() - base_mb
         print(f"    {label}: max |err| vs eager {err:.1e}", flush=True)
         calls[label] = lambda module=module: module(*inputs)
-    seconds = time_interleaved(calls, args.runs, args.warmup)
+    seconds = median_alternating(calls, args.runs, args.warmup)
     print(f"  N = M = {tokens} ({HEADS} heads, head dim {HEAD_DIM}, batch 1, fp32)")
     for label, value in seconds.items():
         print(f"    {label:18s} {value * 1e3:9.2f} ms   peak +{peak[label]:7.0f} MB")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,21 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def interleaved_medians(calls: dict[str, Callable[[], Any]], runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each engine, timed round-robin (one call of each per round) so that a
-    load change on a shared machine hits every engine alike."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from edgediff.tools.bench.measure import median_alternating  # noqa: E402
 
 
 def main() -> None:
@@ -106,7 +91,7 @@ def main() -> None:
                 "profile": profile.table(top=5),
             }
             calls[variant] = lambda main=module._main, a=call_args: main(*a)
-        medians = interleaved_medians(calls, args.runs, args.warmup)
+        medians = median_alternating(calls, args.runs, args.warmup)
     print(
         f"conv2d {args.channels}->{args.channels} 3x3 stride 1 at {args.size}x{args.size}, batch 1, float32; "
         f"torch threads {torch.get_num_threads()}, TVM threads {threads}; median of {args.runs} interleaved "

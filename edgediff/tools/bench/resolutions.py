@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edgediff.tools.bench.measure import machine_line
+from edgediff.tools.bench.measure import machine_line, median_alternating
 
 HALF_SD15 = "sd15-unet-half"
 
@@ -72,20 +71,6 @@ def build_model(name: str) -> Any:
     return zoo.wrap(unet, name=HALF_SD15)
 
 
-def _alternate(calls: dict[str, Any], runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each call, the calls taking turns."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {key: [] for key in calls}
-    for _ in range(runs):
-        for key, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
-
-
 def bench_model(
     name: str, sizes: list[tuple[int, int]], args: argparse.Namespace, workdir: Path
 ) -> tuple[list[SizeRow], SizeRecord]:
@@ -124,7 +109,7 @@ def bench_model(
         single_module = single.load()
         row = SizeRow(name, size, latent_of(zm, size))
         row.max_abs_diff = float(np.abs(multi_module(*inputs) - single_module(*inputs)).max())
-        seconds = _alternate(
+        seconds = median_alternating(
             {"multi": partial(multi_module, *inputs), "specialised": partial(single_module, *inputs)},
             args.runs,
             args.warmup,
