@@ -58,10 +58,26 @@ def elf_machine(path: Path) -> int:
 AARCH64 = 183
 
 
+# What the `host` spec reads from this machine (vector width, cores), fixed for tests whose expectations
+# follow from the spec - tile and panel widths, cost-model estimates, plans - so that they hold on any
+# machine. The LLVM target stays this machine's, so the artifacts still run here (LLVM splits a 512-bit
+# vector into what the CPU has; only speed would differ).
+PINNED_HOST = {"vector_bits": 512, "cores": 2}
+
+
+def pinned_host(name: str = "host-pinned", **compute: int) -> TargetSpec:
+    """The host spec with :data:`PINNED_HOST` (or ``compute`` overrides) instead of this machine's values."""
+    data = load_target("host").to_dict()
+    data["name"] = name
+    data["compute"].update(PINNED_HOST, **compute)
+    return TargetSpec.from_dict(data)
+
+
 @pytest.fixture(scope="session")
 def host_int8() -> TargetSpec:
-    """This machine with int8 in its dtypes (x86 has VNNI / pmaddubsw): int8 artifacts that run here."""
-    data = load_target("host").to_dict()
+    """This machine with int8 in its dtypes (x86 has VNNI / pmaddubsw): int8 artifacts that run here, with
+    the machine-dependent spec values pinned (their plans must not depend on the machine)."""
+    data = pinned_host().to_dict()
     data["name"] = "host-int8"
     data["dtypes"] = ["float32", "float16", "int8"]
     data["compute"]["peak_gflops"]["int8"] = 300

@@ -10,6 +10,7 @@ import torch
 
 import edgediff
 from edgediff.targets import CostModel, load_target
+from tests.conftest import pinned_host
 
 TOLERANCE = 1e-4
 
@@ -193,7 +194,8 @@ def test_tiny_unet_matches_torch_with_and_without_fusion(compiled, zoo_model, tm
 def test_tiles_follow_the_target_spec():
     from edgediff.kernels.attention import choose_attention_tiles
 
-    host, a78 = CostModel(load_target("host")), CostModel(load_target("arm-a78"))
+    # the host spec at fixed widths (tests.conftest.pinned_host), not whatever CPU runs the test
+    avx512, a78 = CostModel(pinned_host(vector_bits=512)), CostModel(load_target("arm-a78"))
     big = choose_attention_tiles(a78, "float32", 4096, 4096, 40)
     assert big.width == 4  # 128-bit NEON, along the queries
     assert 4096 % big.block_k == 0 and 4096 % big.block_q == 0
@@ -203,9 +205,12 @@ def test_tiles_follow_the_target_spec():
     assert 2 * 40 * 4 * big.block_k <= a78.spec.memory.l1_bytes
     assert big.key_rows * big.query_vectors <= a78.accumulator_vectors()
     assert big.dim_rows * big.query_vectors <= a78.accumulator_vectors()
-    assert choose_attention_tiles(host, "float32", 4096, 4096, 40).width == 16  # AVX-512
-    # SD's 77 text tokens with head dim 160: blocks of 7 keys (a 7-row tile), not 11 (a 1-row tile)
-    text = choose_attention_tiles(host, "float32", 4096, 77, 160)
+    assert choose_attention_tiles(avx512, "float32", 4096, 4096, 40).width == 16
+    avx2 = CostModel(pinned_host(vector_bits=256))
+    assert choose_attention_tiles(avx2, "float32", 4096, 4096, 40).width == 8
+    # SD's 77 text tokens with head dim 160 on AVX-512 (16 accumulators): blocks of 7 keys (a 7-row
+    # tile), not 11 (a 1-row tile)
+    text = choose_attention_tiles(avx512, "float32", 4096, 77, 160)
     assert text.block_k == 7 and text.key_rows == 7
     odd = choose_attention_tiles(a78, "float32", 25, 7, 12)  # 25 queries: no vector divides them
     assert odd.width == 1 and 25 % odd.block_q == 0 and odd.block_k == 7

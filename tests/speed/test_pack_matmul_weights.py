@@ -10,6 +10,7 @@ import torch
 import edgediff
 from edgediff.runtime.artifact import load_weights
 from edgediff.runtime.layouts import from_stored_layout, to_stored_layout
+from tests.conftest import pinned_host
 from tests.speed.test_fuse_norm_activation import Chains, _close, _inputs
 
 
@@ -26,16 +27,23 @@ def test_packed_weights_match_torch_and_are_stored_packed(tmp_path):
     model, inputs = Chains().eval(), _inputs()
     with torch.no_grad():
         expected = model(*inputs).numpy()
-    on = edgediff.compile_model(model, inputs, output_dir=tmp_path / "on", progress=False)
+    # panel widths follow the spec's vector width: pinned (AVX-512 widths), not read from this CPU
+    spec = pinned_host()
+    on = edgediff.compile_model(model, inputs, spec, output_dir=tmp_path / "on", progress=False)
     off = edgediff.compile_model(
-        model, inputs, output_dir=tmp_path / "off", passes={"pack-matmul-weights": False}, progress=False
+        model,
+        inputs,
+        spec,
+        output_dir=tmp_path / "off",
+        passes={"pack-matmul-weights": False},
+        progress=False,
     )
     report = _report(on, "pack-matmul-weights")
     # up (16 -> 40) and GEGLU (16 -> 2 x 24); down, out and ff have 16 columns: one 16-wide panel, left
     assert report["packed"] == {"matmul": 1, "geglu": 1}, report
     assert sum(report["left_row_major"].values()) == 3, report
     stored, plain = _stored(on), _stored(off)
-    # host: 16 lanes; 40 and 24 columns take 8-wide vectors, one per tile row -> panels of 8
+    # 16 lanes; 40 and 24 columns take 8-wide vectors, one per tile row -> panels of 8
     assert stored["up.weight"] == [5, 16, 8] and plain["up.weight"] == [16, 40]
     assert stored["geglu.weight"] == [2, 3, 16, 8] and plain["geglu.weight"] == [16, 48]
     assert stored["down.weight"] == plain["down.weight"] == [40, 16]
