@@ -31,7 +31,7 @@ from edgediff.precision.sensitivity import FakeQuant
 # How far (relative to the tensor's largest magnitude) the artifact's quantizer input may be from torch's:
 # 2^-20, 16 float32 ulps of the largest element. The flips seen on tiny-dit plans were all within 2^-22
 # (reordered float32 sums, FMA contraction, the ~1e-7 relative error of the vectorized exp/erf of
-# lowering/fast_math.py); 2^-20 is far below one int8 step (1/127 of a row) and keeps the sites few.
+# backend/fast_math.py); 2^-20 is far below one int8 step (1/127 of a row) and keeps the sites few.
 MARGIN = 2.0**-20
 
 

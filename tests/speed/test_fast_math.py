@@ -1,4 +1,4 @@
-"""Fast exp/erf/tanh/sigmoid (edgediff/lowering/fast_math.py): accuracy over a wide range including -inf and
+"""Fast exp/erf/tanh/sigmoid (edgediff/backend/fast_math.py): accuracy over a wide range including -inf and
 overflow, no libm calls left in vectorized code, softmax computing exp once per element, GroupNorm statistics
 computed once per group, numerics against torch, and builds for arm-a78."""
 

@@ -1,4 +1,4 @@
-"""fuse-attention (edgediff/passes/fuse_attention.py) and its kernel (lowering/schedules/attention.py): same
+"""fuse-attention (edgediff/passes/fuse_attention.py) and its kernel (kernels/attention.py): same
 numbers as torch with the pass on and off, no N x M score tensor left in main, a per-site report, tiles from
 the target spec, and builds for arm-a78. Speed is measured by benchmarks/attention.py, not here."""
 

@@ -1,4 +1,4 @@
-"""CPU schedule rules (edgediff/lowering/schedules/): same numbers as the unscheduled kernels, every kernel
+"""CPU schedule rules (edgediff/schedules/): same numbers as the unscheduled kernels, every kernel
 taken by a rule, tiles sized from the target spec, and builds for arm-a78. No timing assertions: speed is
 measured by benchmarks/bench.py."""
 
