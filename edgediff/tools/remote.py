@@ -23,6 +23,7 @@ import argparse
 import statistics
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -201,6 +202,7 @@ class RemoteDevice:
     address: str  # HOST:PORT of the device's RPC server
     triple: str | None  # the device's LLVM triple, when its TVM has the compiler part (not the Android app)
     session_timeout: float = 0.0
+    modules: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # RemoteModules made on this device
 
     @property
     def arch(self) -> str | None:
@@ -215,11 +217,20 @@ class RemoteDevice:
         return self.session.cpu(0)
 
     def close(self) -> None:
-        """End the session (the server frees the device once the last remote handle is gone)."""
+        """End the session now (the tracker then hands the device out again), even while modules made on it
+        are still referenced: their device tensors are dropped first, while the connection is up."""
         import gc
 
-        self.session = None
-        gc.collect()  # remote tensors and modules hold the session: drop them now
+        for module in list(self.modules):
+            module.unload()
+        self.modules.clear()
+        if self.session is not None:
+            try:
+                self.session._sess["CloseRPCConnection"]()
+            except (RuntimeError, OSError, AttributeError):
+                pass  # already gone
+            self.session = None
+        gc.collect()
 
     def __enter__(self) -> RemoteDevice:
         return self
@@ -349,6 +360,7 @@ class RemoteModule(CompiledModule):
         self._cache = cache
         self.transfers = Transfers()
         self.library_cached = False  # whether the device already had the library
+        device.modules.add(self)
         self.load()
 
     def _check_arch(self) -> None:
@@ -387,6 +399,10 @@ class RemoteModule(CompiledModule):
         """Upload the library (unless cached on the device), load it and copy the weights up."""
         if self.loaded:
             return
+        if self.remote.session is None:
+            raise DeviceError(
+                f"{self.path}: the session on {self.remote.name} is closed; open the device again"
+            )
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -754,26 +770,47 @@ def pipeline_transfers(pipeline: Any) -> Transfers:
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-def add_remote_arguments(parser: argparse.ArgumentParser, *, keys: bool = False) -> None:
-    """``--rpc``, ``--key``, ``--timeout`` (for ``run``, ``bench`` and ``generate``)."""
-    parser.add_argument("--rpc", required=True, help="tracker HOST:PORT (or a device's server without --key)")
+def add_remote_arguments(
+    parser: argparse.ArgumentParser, *, keys: bool = False, required: bool = True
+) -> None:
+    """``--rpc``, ``--key``, ``--timeout``, ``--session-timeout`` (``run``, ``bench`` and ``generate``)."""
+    parser.add_argument(
+        "--rpc", required=required, help="tracker HOST:PORT (with --key), or one device's RPC server"
+    )
     if keys:
-        parser.add_argument(
-            "--key", action="append", required=True, help="device key at the tracker (repeatable)"
-        )
+        parser.add_argument("--key", action="append", help="device key at the tracker (repeatable)")
     else:
         parser.add_argument("--key", help="device key at the tracker")
     parser.add_argument(
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
-        help=f"seconds to wait for a free device (default {DEFAULT_TIMEOUT:g})",
+        help=f"--rpc: seconds to reach the tracker and wait for a free device (default {DEFAULT_TIMEOUT:g})",
     )
     parser.add_argument(
         "--session-timeout",
         type=float,
         default=0.0,
-        help="the device ends a session that runs longer than this many seconds (default: no limit)",
+        help="--rpc: the device ends a session running longer than this many seconds (default: no limit)",
+    )
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``bench``'s remote options; ``--runs``, ``--profile`` and ``--markdown`` are the host bench's."""
+    parser.add_argument(
+        "artifacts", nargs="+" if required else "*", help="--rpc: artifact directories to time on devices"
+    )
+    add_remote_arguments(parser, keys=True, required=required)
+    parser.add_argument("--number", type=int, default=3, help="--rpc: calls averaged per timed run")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``generate``'s remote options."""
+    add_remote_arguments(parser, required=required)
+    parser.add_argument(
+        "--resend-inputs",
+        action="store_true",
+        help="--rpc: send every input at every call (default: inputs that did not change stay on the device)",
     )
 
 
@@ -809,16 +846,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.artifacts or not args.key:
+        raise DeviceError("bench --rpc needs artifact directories and at least one --key")
     rows = bench_remote(
         args.artifacts,
         args.rpc,
         args.key,
         number=args.number,
-        repeat=args.repeat,
+        repeat=args.runs,
         timeout=args.timeout,
         session_timeout=args.session_timeout,
     )
-    print(f"time_evaluator on the device: median of {args.repeat} means of {args.number} calls")
+    print(f"time_evaluator on the device: median of {args.runs} means of {args.number} calls")
     table = format_remote_table(rows)
     print(table)
     if args.profile:
@@ -888,10 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(run=cmd_run)
 
     bench = commands.add_parser("bench", help="time artifacts on devices, in parallel, one table")
-    bench.add_argument("artifacts", nargs="+", help="artifact directories")
-    add_remote_arguments(bench, keys=True)
-    bench.add_argument("--number", type=int, default=3, help="calls averaged per figure")
-    bench.add_argument("--repeat", type=int, default=3, help="figures (the median is reported)")
+    add_bench_arguments(bench)
+    bench.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
     bench.add_argument("--profile", action="store_true", help="per-kernel profile (says why it cannot)")
     bench.add_argument("--markdown", help="also write the table to this file")
     bench.set_defaults(run=cmd_bench)
@@ -899,12 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sampler loop on the host, model calls on a device")
     generate.add_argument("artifacts", help="artifact set directory (denoiser/, decoder/, ...)")
     add_generation_arguments(generate)
-    add_remote_arguments(generate)
-    generate.add_argument(
-        "--resend-inputs",
-        action="store_true",
-        help="send every input on every call (default: unchanged inputs stay on the device)",
-    )
+    add_generate_arguments(generate)
     generate.set_defaults(run=cmd_generate)
     return parser
 
