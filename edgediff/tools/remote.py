@@ -20,6 +20,8 @@ Nothing here is a transport of its own: the tracker protocol (``tvm.rpc.base``),
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import struct
 import threading
@@ -203,6 +205,7 @@ class RemoteDevice:
     triple: str | None  # the device's LLVM triple, when its TVM has the compiler part (not the Android app)
     session_timeout: float = 0.0
     modules: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # RemoteModules made on this device
+    _profiler: Any = None
 
     @property
     def arch(self) -> str | None:
@@ -224,6 +227,7 @@ class RemoteDevice:
         for module in list(self.modules):
             module.unload()
         self.modules.clear()
+        self._profiler = None
         if self.session is not None:
             try:
                 self.session._sess["CloseRPCConnection"]()
@@ -231,6 +235,19 @@ class RemoteDevice:
                 pass  # already gone
             self.session = None
         gc.collect()
+
+    def profiler(self) -> Any:
+        """The device profiler's module on this device (built for its architecture and uploaded once)."""
+        if self._profiler is None:
+            if self.arch is None:
+                raise DeviceError(
+                    f"{self.name}: its architecture is unknown, so no profiler can be built for it"
+                )
+            library = build_profiler(self.arch)
+            with self.step("upload of the device profiler"):
+                self.session.upload(str(library), library.name)
+                self._profiler = self.session.load_module(library.name)
+        return self._profiler
 
     def __enter__(self) -> RemoteDevice:
         return self
@@ -511,20 +528,77 @@ class RemoteModule(CompiledModule):
             )
             return [float(x) for x in timer(function).results]
 
-    def profile(self, *inputs: Any) -> None:
-        """Per-kernel profile on the device: not possible over RPC with TVM 0.27 (see ``PROFILE_NOTE``)."""
-        raise DeviceError(f"{self.name} on {self.remote.name}: {PROFILE_NOTE}")
+    def profile(self, *inputs: Any, runs: int = 1) -> Any:
+        """Per-kernel times of ``runs`` calls, measured on the device (see ``device_profiler.cc``): a
+        :class:`~edgediff.backend.profile.KernelProfile`, the host bench's."""
+        import json
+
+        from edgediff.backend.profile import KernelProfile
+
+        profiler = self.remote.profiler()
+        function = self._set_inputs(inputs)
+        with self.remote.step(f"profile of {self.name}"):
+            self._vm.invoke_stateful(function)  # warm: the first call also starts the thread pool
+            profiler["edgediff_profile_attach"](self._vm.module)
+            try:
+                for _ in range(runs):
+                    self._vm.invoke_stateful(function)
+                report = json.loads(str(profiler["edgediff_profile_report"]()))
+            finally:
+                profiler["edgediff_profile_detach"](self._vm.module)
+        profile = KernelProfile(runs=runs)
+        for symbol, (seconds, calls) in report.items():
+            if not symbol.startswith("vm.builtin."):  # allocations and shape checks, not kernels
+                profile.seconds[symbol] += float(seconds)
+                profile.calls[symbol] += int(calls)
+        return profile
 
     def __repr__(self) -> str:
         return f"RemoteModule({self.name} @ {self.path} on {self.remote.name})"
 
 
-# The VM's only per-kernel hook is set_instrument(callback); over RPC the callback would be a host function,
-# and TVM's RPC refuses function arguments ("Cannot pass type ffi.Function as an argument to the remote").
-PROFILE_NOTE = (
-    "per-kernel profile is not available over RPC: TVM 0.27's VM profiles only through set_instrument, "
-    "whose host callback TVM's RPC cannot pass to the device; run `edgediff bench --profile` on the device"
-)
+PROFILER_SOURCE = Path(__file__).with_name("device_profiler.cc")
+# device architecture -> C++ compiler that builds the profiler for it (besides the host's own g++)
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++", "arm": "arm-linux-gnueabihf-g++"}
+
+
+def build_profiler(arch: str, output_dir: Path | None = None) -> Path:
+    """``device_profiler.cc`` compiled for ``arch`` (cached by source, tvm-ffi version and architecture)."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    import tvm_ffi
+
+    native = normalise_arch(platform.machine())
+    compiler = "g++" if arch == native else CROSS_COMPILERS.get(arch)
+    if compiler is None or shutil.which(compiler) is None:
+        raise DeviceError(
+            f"the device profiler for {arch} needs a C++ compiler for it ({compiler or 'none known'}), "
+            "not installed here (Debian: g++-aarch64-linux-gnu; `make cross-toolchain`)"
+        )
+    source = PROFILER_SOURCE.read_bytes()
+    tag = hashlib.sha256(source + tvm_ffi.__version__.encode() + arch.encode()).hexdigest()[:16]
+    folder = output_dir or Path(tempfile.gettempdir()) / "edgediff-profiler"
+    library = folder / f"device_profiler-{arch}-{tag}.so"
+    if library.is_file():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    include = Path(tvm_ffi.__file__).parent / "include"
+    dlpack = Path(tvm_ffi.__file__).parent / "3rdparty" / "dlpack" / "include"
+    partial = library.with_name(f".{library.name}.{os.getpid()}")
+    # no -ltvm_ffi: the RPC server process has libtvm_ffi loaded globally, and linking would need the
+    # device's copy of it here
+    command = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", f"-I{include}", f"-I{dlpack}"]
+    result = subprocess.run(
+        [*command, str(PROFILER_SOURCE), "-o", str(partial)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["?"])[-1]
+        raise DeviceError(f"building the device profiler for {arch} with {compiler} failed: {tail}")
+    os.replace(partial, library)
+    return library
 
 
 def example_inputs(module: CompiledModule, seed: int = 0) -> list[np.ndarray]:
@@ -595,6 +669,7 @@ class RemoteRow:
     seconds: list[float] = field(default_factory=list)
     library_cached: bool = False
     transfers: Transfers = field(default_factory=Transfers)
+    profile: Any = None  # KernelProfile measured on the device, with --profile
     error: str | None = None
 
     @property
@@ -611,13 +686,17 @@ def _latent(module: CompiledModule) -> int:
 
 
 def bench_on_device(
-    device: RemoteDevice, artifact: str | Path, *, number: int = 3, repeat: int = 3
+    device: RemoteDevice, artifact: str | Path, *, number: int = 3, repeat: int = 3, profile: bool = False
 ) -> RemoteRow:
-    """Time one artifact on ``device`` with seeded inputs (errors are raised, not recorded)."""
+    """Time one artifact on ``device`` with seeded inputs, and with ``profile`` its kernels one by one
+    (errors are raised, not recorded)."""
     module = RemoteModule(device, artifact)
     row = RemoteRow(str(artifact), module.name, _latent(module), module.manifest["target"]["name"])
     row.key, row.device, row.arch = device.key, device.address, device.arch or "?"
-    row.seconds = module.time_call(*example_inputs(module), number=number, repeat=repeat)
+    inputs = example_inputs(module)
+    row.seconds = module.time_call(*inputs, number=number, repeat=repeat)
+    if profile:
+        row.profile = module.profile(*inputs)
     row.library_cached, row.transfers = module.library_cached, module.transfers
     module.unload()
     return row
@@ -632,6 +711,7 @@ def bench_remote(
     repeat: int = 3,
     timeout: float = DEFAULT_TIMEOUT,
     session_timeout: float = 0.0,
+    profile: bool = False,
     on_event: Callable[[str, RemoteDevice, str], None] | None = None,
 ) -> list[RemoteRow]:
     """Time ``artifacts`` on the devices under ``keys`` at tracker ``rpc``, one job per device at a time, all
@@ -680,7 +760,9 @@ def bench_remote(
                 if on_event is not None:
                     on_event("start", device, artifact)
                 try:
-                    rows[artifact] = bench_on_device(device, artifact, number=number, repeat=repeat)
+                    rows[artifact] = bench_on_device(
+                        device, artifact, number=number, repeat=repeat, profile=profile
+                    )
                     rows[artifact].error = None
                 except EdgediffError as err:
                     rows[artifact] = RemoteRow(
@@ -856,12 +938,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeat=args.runs,
         timeout=args.timeout,
         session_timeout=args.session_timeout,
+        profile=args.profile,
     )
     print(f"time_evaluator on the device: median of {args.runs} means of {args.number} calls")
     table = format_remote_table(rows)
     print(table)
-    if args.profile:
-        print(f"note: {PROFILE_NOTE}")
+    for row in rows:
+        if row.profile is not None:
+            print(f"\n{row.model} ({row.target}) on {row.key} @ {row.device}: kernels timed on the device")
+            print(row.profile.table(top=25))
+            families = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in row.profile.by_family().items())
+            print(f"  by op family: {families}")
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     return 1 if any(r.error for r in rows) else 0
@@ -929,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time artifacts on devices, in parallel, one table")
     add_bench_arguments(bench)
     bench.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
-    bench.add_argument("--profile", action="store_true", help="per-kernel profile (says why it cannot)")
+    bench.add_argument("--profile", action="store_true", help="per-kernel profile measured on the device")
     bench.add_argument("--markdown", help="also write the table to this file")
     bench.set_defaults(run=cmd_bench)
 

@@ -125,12 +125,18 @@ def test_waiting_for_a_busy_device_times_out(farm):
         assert device.arch == "x86_64"
 
 
-def test_parallel_bench_over_the_two_servers(farm, compiled):
+def test_parallel_bench_over_the_two_servers_with_device_profiles(farm, compiled):
     artifacts = [compiled(MODEL, "host").path, compiled(MODEL, "arm-a78").path]
     # each job waits at the barrier until the other has started: a serial run breaks it
     barrier = threading.Barrier(2, timeout=120)
     rows = bench_remote(
-        artifacts, farm.tracker, ["x86", "arm64"], number=1, repeat=2, on_event=lambda *_: barrier.wait()
+        artifacts,
+        farm.tracker,
+        ["x86", "arm64"],
+        number=1,
+        repeat=2,
+        profile=True,
+        on_event=lambda *_: barrier.wait(),
     )
     assert [r.error for r in rows] == [None, None]
     assert [(r.target, r.key, r.arch) for r in rows] == [
@@ -140,6 +146,11 @@ def test_parallel_bench_over_the_two_servers(farm, compiled):
     assert all(len(r.seconds) == 2 and all(s > 0 for s in r.seconds) for r in rows)
     table = format_remote_table(rows)
     assert table.count("| tiny-sd15-unet | 16 |") == 2
+    for row in rows:  # kernels timed by the instrument the profiler library installed in the device's VM
+        kernels = row.profile.calls
+        assert row.profile.runs == 1 and row.profile.total > 0
+        assert any("conv2d" in name for name in kernels) and any("attention" in name for name in kernels)
+        assert not any(name.startswith("vm.builtin.") for name in kernels)
 
 
 def test_a_device_disconnecting_mid_run_fails_its_job_only(farm, compiled):
