@@ -970,6 +970,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.rpc, args.key, timeout=args.timeout, session_timeout=args.session_timeout
     ) as device:
         pipeline = remote_pipeline(device, args.artifacts, resident_inputs=not args.resend_inputs)
+        if getattr(args, "max_memory", None):
+            raise EdgediffError(
+                "--max-memory caps this process's memory; with --rpc the models live on the device"
+            )
+        if getattr(args, "lora", None):
+            print(pipeline.set_lora(args.lora, args.lora_scale))  # merged on the host, the tensors go up
         result = pipeline.generate(
             conditioning,
             negative=negative,
@@ -979,6 +985,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             steps=args.steps,
             guidance_scale=args.guidance,
             seed=args.seed,
+            height=args.height,
+            width=args.width,
         )
         t = pipeline_transfers(pipeline)
     if args.save_latents:
