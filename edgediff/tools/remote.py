@@ -5,7 +5,10 @@ Each device runs TVM's RPC server and registers with a tracker under a key (``py
 for a device, uploads the artifact's library (once per device: it is kept next to the server's session
 folders under its sha256 and reused by later sessions), copies the weights into device tensors once per
 session, and drives the Relax VM through the RPC-safe calls (``set_input`` / ``invoke_stateful`` /
-``get_outputs``). Times are TVM's ``time_evaluator`` run on the device, so no network time is in them.
+``get_outputs``). Times are TVM's ``time_evaluator`` run on the device, so no network time is in them;
+per-kernel times come from a small library (``device_profiler.cc``) that installs the VM's instrument on
+the device, since TVM's RPC cannot pass a host callback there. :func:`time_kernels` times single kernels
+the same way (for calibrating the cost model on a device).
 
 Nothing here is a transport of its own: the tracker protocol (``tvm.rpc.base``), the sessions
 (``tvm.rpc.connect``), file upload and module loading are TVM's.
@@ -15,6 +18,7 @@ Nothing here is a transport of its own: the tracker protocol (``tvm.rpc.base``),
         module = RemoteModule(device, "out/unet")
         noise = module(sample, timestep, embeddings)
         seconds = module.time_call(sample, timestep, embeddings, number=5, repeat=3)
+        print(module.profile(sample, timestep, embeddings).table())
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import platform
 import statistics
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -205,6 +210,7 @@ class RemoteDevice:
     triple: str | None  # the device's LLVM triple, when its TVM has the compiler part (not the Android app)
     session_timeout: float = 0.0
     modules: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # RemoteModules made on this device
+    opened: float = field(default_factory=time.monotonic)
     _profiler: Any = None
 
     @property
@@ -268,9 +274,15 @@ class RemoteDevice:
         if "RPCSessionTimeoutError" in text:
             return DeviceError(
                 f"timeout: {self.name} ended the session during {what} (past its {self.session_timeout:g} s "
-                "session limit; raise --timeout)"
+                "session limit; raise --session-timeout)"
             )
         gone = ("Connection reset", "Broken pipe", "SockChannel", "closed", "Connection refused")
+        held = time.monotonic() - self.opened
+        if any(marker in text for marker in gone) and self.session_timeout and held >= self.session_timeout:
+            return DeviceError(
+                f"timeout: {self.name} ended the session during {what}, {held:.0f} s in (past its "
+                f"{self.session_timeout:g} s session limit; raise --session-timeout)"
+            )
         if any(marker in text for marker in gone):
             return DeviceError(f"{self.name} disconnected during {what} ({_last_line(err)})")
         if "protocol version mismatch" in text.lower():
@@ -403,7 +415,12 @@ class RemoteModule(CompiledModule):
         try:
             # the stamp is written after the library, so a library cut off mid-upload is never trusted
             self.library_cached = bytes(session.download(stamp)).decode() == sha
-        except (RuntimeError, UnicodeDecodeError):
+        except UnicodeDecodeError:
+            self.library_cached = False
+        except RuntimeError as err:  # no stamp: not cached, unless the session itself failed
+            problem = self.remote.error(err, "the library cache lookup")
+            if str(problem).startswith("timeout") or "disconnected" in str(problem):
+                raise problem from err
             self.library_cached = False
         if not self.library_cached:
             with self.remote.step(f"upload of {self._library_path.name}"):
@@ -734,6 +751,7 @@ def bench_remote(
         )
     pending = [str(a) for a in artifacts]
     rows: dict[str, RemoteRow] = {}
+    bugs: list[BaseException] = []  # anything but an EdgediffError is a bug: re-raised after the join
     lock = threading.Lock()
 
     def take(arch: str | None) -> str | None:
@@ -770,6 +788,8 @@ def bench_remote(
                     )
                     if "disconnected" in str(err) or "timeout" in str(err):
                         return  # this device is gone; the others take what is left
+        except Exception as err:  # noqa: BLE001 - handed to the caller's thread below
+            bugs.append(err)
         finally:
             device.close()
 
@@ -782,6 +802,8 @@ def bench_remote(
         thread.start()
     for thread in threads:
         thread.join()
+    if bugs:
+        raise bugs[0]
     for artifact in pending:  # no device of its architecture took it
         rows.setdefault(
             artifact,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from edgediff.tools.remote import (
     list_devices,
     open_device,
     pipeline_transfers,
+    remote_pipeline,
     time_kernels,
 )
 
@@ -125,6 +127,20 @@ def test_waiting_for_a_busy_device_times_out(farm):
         assert device.arch == "x86_64"
 
 
+def test_a_session_past_its_limit_ends_with_a_timeout(farm, compiled):
+    device = open_device(farm.tracker, "x86", session_timeout=2)
+    # the server ends the session after 2 s and offers the device again: wait for that (bounded)
+    for _ in range(240):
+        if {s.key: s.free for s in list_devices(farm.tracker)}["x86"] == 1:
+            break
+        time.sleep(0.5)
+    with pytest.raises(
+        DeviceError, match=r"^timeout: device 'x86' at .* ended the session .*2 s session limit"
+    ):
+        RemoteModule(device, compiled(MODEL, "host").path)
+    device.close()
+
+
 def test_parallel_bench_over_the_two_servers_with_device_profiles(farm, compiled):
     artifacts = [compiled(MODEL, "host").path, compiled(MODEL, "arm-a78").path]
     # each job waits at the barrier until the other has started: a serial run breaks it
@@ -170,8 +186,11 @@ def test_a_device_disconnecting_mid_run_fails_its_job_only(farm, compiled):
     assert "x86-flaky" not in {s.key for s in list_devices(farm.tracker) if s.total}
 
 
-def test_generate_runs_the_sampler_on_the_host_and_the_model_on_the_device(farm, compiled):
+def test_generate_runs_the_sampler_on_the_host_and_the_model_on_the_device(farm, compiled, tmp_path):
     artifact = compiled(MODEL, "host").path
+    artifact_set = tmp_path / "set"  # an artifact set of one denoiser: latents only
+    artifact_set.mkdir()
+    (artifact_set / "denoiser").symlink_to(artifact)
     local = Pipeline(CompiledModule(artifact))
     embeds = np.random.default_rng(2).standard_normal(local.conditioning[0].shape).astype(np.float32)
     settings = {"sampler": "euler", "steps": 3, "guidance_scale": 1.0, "seed": 1}
@@ -179,7 +198,8 @@ def test_generate_runs_the_sampler_on_the_host_and_the_model_on_the_device(farm,
     sent = {}
     for resident in (False, True):
         with open_device(farm.tracker, "x86") as device:
-            pipeline = Pipeline(RemoteModule(device, artifact, resident_inputs=resident))
+            pipeline = remote_pipeline(device, artifact_set, resident_inputs=resident)
+            assert isinstance(pipeline.denoiser, RemoteModule) and pipeline.decoder is None
             got = pipeline.generate(embeds, **settings).latents
             sent[resident] = pipeline_transfers(pipeline)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
