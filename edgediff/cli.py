@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from edgediff.errors import EdgediffError
 from edgediff.runtime.run import add_generation_arguments, run_command
+from edgediff.tools import remote
 from edgediff.tools.bench import add_arguments as add_bench_arguments
 
 RESOLUTIONS_HELP = (
@@ -108,6 +109,10 @@ def _load_array(path: str | None, what: str):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.rpc:
+        from edgediff.tools.remote import cmd_generate
+
+        return cmd_generate(args)
     import numpy as np
 
     from edgediff.runtime.image import write_png
@@ -184,9 +189,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.rpc or args.artifacts:
+        from edgediff.tools.remote import cmd_bench
+
+        if not args.rpc:
+            raise EdgediffError(
+                "bench ARTIFACT... times artifacts on devices: give --rpc HOST:PORT --key KEY"
+            )
+        return cmd_bench(args)
     from edgediff.tools.bench import run
 
     return run(args)
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from edgediff.tools.remote import cmd_devices
+
+    return cmd_devices(args)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgediff.tools.remote import cmd_run
+
+    return cmd_run(args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -367,13 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(generate)
     generate.add_argument("--profile", action="store_true", help="per-step time inside/outside the model")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    remote.add_generate_arguments(generate, required=False)
     generate.set_defaults(run=_cmd_generate)
 
     bench = commands.add_parser(
-        "bench", help="time host builds of zoo models against PyTorch eager and onnxruntime"
+        "bench",
+        help="time host builds of zoo models against PyTorch eager and onnxruntime; with --rpc, time "
+        "artifacts on devices",
     )
     add_bench_arguments(bench)
+    remote.add_bench_arguments(bench, required=False)
     bench.set_defaults(run=_cmd_bench)
+
+    devices = commands.add_parser("devices", help="device keys at a TVM RPC tracker, free and busy")
+    devices.add_argument("--tracker", required=True, help="tracker HOST:PORT")
+    devices.add_argument("--timeout", type=float, default=10.0, help="seconds to reach the tracker")
+    devices.set_defaults(run=_cmd_devices)
+
+    run = commands.add_parser("run", help="run an artifact on a device over TVM RPC, save outputs as .npy")
+    run.add_argument("artifact", help="artifact directory")
+    run.add_argument("inputs", nargs="*", help="one .npy per input, in order (default: seeded random)")
+    run.add_argument("-o", "--output", default="outputs", help="folder for <output name>.npy")
+    remote.add_remote_arguments(run)
+    run.set_defaults(run=_cmd_run)
 
     inspect_ = commands.add_parser("inspect", help="print an artifact's manifest readably")
     inspect_.add_argument("artifact")
