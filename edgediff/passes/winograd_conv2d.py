@@ -166,21 +166,35 @@ class LayerChoice:
         m = variant_tile(variant)
         return self.weight_bytes * (m + 2) ** 2 // 9 - self.weight_bytes if m else 0
 
+    @property
+    def estimated_speedup(self) -> float:
+        """The chosen variant's estimated speedup over the direct conv (3 decimals)."""
+        return round(self.seconds["direct"] / self.seconds[self.chosen], 3)
+
+    @property
+    def error(self) -> float:
+        """The chosen variant's measured relative max error."""
+        return self.errors[self.chosen]
+
+    @property
+    def transformed_weight_bytes(self) -> int:
+        """The stored weight's bytes with the chosen variant (the direct weight's when direct)."""
+        return self.weight_bytes + self.extra_bytes(self.chosen)
+
     def to_dict(self) -> dict[str, Any]:
-        direct = self.seconds["direct"]
-        weight_bytes = self.weight_bytes
+        """The layer's record in the manifest (the pass's ``layers``)."""
         return {
             "layer": self.name,
             "shape": self.shape.describe(),
             "out": f"{self.shape.out_h}x{self.shape.out_w}",
             "chosen": self.chosen,
-            "estimated_speedup": round(direct / self.seconds[self.chosen], 3),
-            "error": self.errors[self.chosen],
+            "estimated_speedup": self.estimated_speedup,
+            "error": self.error,
             "errors": {k: float(f"{v:.3g}") for k, v in self.errors.items()},
             "bound": self.bound,
             "over_budget": self.over_budget,
-            "weight_bytes": weight_bytes,
-            "transformed_weight_bytes": weight_bytes + self.extra_bytes(self.chosen),
+            "weight_bytes": self.weight_bytes,
+            "transformed_weight_bytes": self.transformed_weight_bytes,
         }
 
 
@@ -475,7 +489,7 @@ class WinogradConv2d:
         layers = list(decider.layers)
         rewritten = [layer for layer in layers if layer.chosen != "direct"]
         before = sum(layer.weight_bytes for layer in rewritten)
-        after = sum(layer.weight_bytes + layer.extra_bytes(layer.chosen) for layer in rewritten)
+        after = sum(layer.transformed_weight_bytes for layer in rewritten)
         direct = sum(layer.seconds["direct"] for layer in layers)
         chosen = sum(layer.seconds[layer.chosen] for layer in layers)
         counts = {v: sum(1 for layer in layers if layer.chosen == v) for v in ("F2", "F4", "F6")}
@@ -484,7 +498,7 @@ class WinogradConv2d:
             + (
                 f" ({', '.join(f'{n} x {v}' for v, n in counts.items() if n)}; estimated "
                 f"{direct / chosen:.2f}x faster over the eligible layers; max error "
-                f"{max(layer.errors[layer.chosen] for layer in rewritten):.1e}; transformed weights "
+                f"{max(layer.error for layer in rewritten):.1e}; transformed weights "
                 f"{format_bytes(before)} -> {format_bytes(after)})"
                 if rewritten
                 else ""
