@@ -14,7 +14,7 @@ from edgediff.passes.report import PassReport, find_report, handoff, optional
 
 if TYPE_CHECKING:
     from edgediff.npu import TilingPlan
-    from edgediff.npu.report import BlockRow
+    from edgediff.npu.tiling_report import BlockRow
     from edgediff.targets import TargetSpec
 
 
