@@ -5,9 +5,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgediff.errors import BuildError, CrossCompilerNotFoundError, first_line
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 
 def _finalize_passes(target: Any, kind: str, stats: dict[str, Any] | None = None) -> Any:
@@ -31,7 +34,7 @@ def _finalize_passes(target: Any, kind: str, stats: dict[str, Any] | None = None
     return tvm.transform.Sequential(backend.dataflow_lower_passes(target) + finalize)
 
 
-def build(mod: Any, spec: Any, stats: dict[str, Any] | None = None) -> Any:
+def build(mod: Any, spec: TargetSpec, stats: dict[str, Any] | None = None) -> Any:
     """Lower the scheduled module to a VM executable (memory planning, VM codegen, LLVM/OpenCL codegen);
     ``stats`` (optional) receives the planned activation workspace."""
     import tvm
@@ -79,7 +82,7 @@ class ExportedLibrary:
 
 
 def export_library(
-    executable: Any, spec: Any, directory: Path, *, require_compiler: bool = False
+    executable: Any, spec: TargetSpec, directory: Path, *, require_compiler: bool = False
 ) -> ExportedLibrary:
     """Write the compiled library into ``directory``.
 

@@ -75,11 +75,12 @@ def memory_record(weights: dict[str, Any], stats: dict[str, Any], pass_results: 
     tensors = weights.get("tensors", [])
     attention: dict[str, Any] = {"fused_sites": 0, "unfused_sites": 0, "unfused_score_bytes": 0}
     for result in pass_results:
+        # by name, not by report type: the backend sits below the passes and does not import them
         if result.name == "fuse-attention":
-            for site in result.report.get("sites", []):
-                if site.get("scores_still_materialised"):
+            for site in result.report.sites or []:  # None: the pass skipped (not a CPU target)
+                if site.scores_still_materialised:
                     attention["unfused_sites"] += 1
-                    attention["unfused_score_bytes"] += int(site.get("score_bytes", 0))
+                    attention["unfused_score_bytes"] += int(site.score_bytes)
                 else:
                     attention["fused_sites"] += 1
     return {

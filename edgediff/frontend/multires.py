@@ -199,10 +199,11 @@ def decision_order(resolutions: list[Resolution]) -> list[int]:
 
 def winograd_plan(results: list[Any]) -> list[str] | None:
     """The per-layer Winograd variants a ``winograd-conv2d`` run chose (program order), if it ran."""
-    for result in results:
-        if result.name == "winograd-conv2d":
-            return [layer["chosen"] for layer in result.report.get("layers", [])]
-    return None
+    from edgediff.passes.report import find_report
+    from edgediff.passes.winograd_conv2d import WinogradConv2dReport
+
+    report = find_report(results, WinogradConv2dReport)
+    return report.chosen() if report is not None else None
 
 
 def plan_at(plan: Any, calibrated: Sequence[int], latent: Sequence[int]) -> Any:

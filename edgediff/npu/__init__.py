@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 MEMORY_LEVELS = ("sram", "l2")
 
@@ -21,7 +24,7 @@ class TilingPlan:
     analysis: Any  # TilingAnalysis
 
 
-def memory_budget(spec: Any, level: str = "sram", sram_bytes: int | None = None) -> int:
+def memory_budget(spec: TargetSpec, level: str = "sram", sram_bytes: int | None = None) -> int:
     """The on-chip bytes tiles must fit: the NPU's SRAM, or a CPU's L2 cache used as one."""
     from edgediff.errors import PassError
 
@@ -38,7 +41,7 @@ def memory_budget(spec: Any, level: str = "sram", sram_bytes: int | None = None)
     return int(size)
 
 
-def plan_model(mod: Any, spec: Any, sram: int, *, chain: bool = True) -> TilingPlan:
+def plan_model(mod: Any, spec: TargetSpec, sram: int, *, chain: bool = True) -> TilingPlan:
     """Graph -> regions -> tiles -> program, then a counting simulation and the per-block analysis."""
     from edgediff.npu.graph import from_relax
     from edgediff.npu.simulator import Simulator

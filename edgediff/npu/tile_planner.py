@@ -25,11 +25,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import product
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgediff.errors import PassError
 from edgediff.npu.graph import ALIAS_OPS, ATTENTION_OP, ELEMENTWISE_OPS, VIEW_OPS, Graph, Node, nbytes
 from edgediff.npu.kernels import Box, box_shape
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 PROGRAM_VERSION = 1
 ROWWISE_OPS = frozenset({"relax.nn.softmax", "relax.nn.layer_norm", "relax.mean", "relax.max", "relax.sum"})
@@ -46,7 +49,7 @@ class SramTooSmallError(PassError):
 # --- partition ------------------------------------------------------------------------------------------
 
 
-def npu_supports(node: Node, spec: Any) -> bool:
+def npu_supports(node: Node, spec: TargetSpec) -> bool:
     """Whether the NPU runs ``node``: its op in the target's op list (casts always; attention when matmul and
     softmax are), its tensors in the target's dtypes or float32 (the accumulators' format)."""
     if node.op == ATTENTION_OP:
@@ -111,7 +114,7 @@ def _may_join(group: Group, node: Node, graph: Graph, chain: bool) -> bool:
     return False
 
 
-def form_groups(graph: Graph, spec: Any, *, chain: bool = True) -> list[Group]:
+def form_groups(graph: Graph, spec: TargetSpec, *, chain: bool = True) -> list[Group]:
     """Partition the graph's ops into host ops and NPU regions (see the module docstring)."""
     groups: list[Group] = []
     owner: dict[str, Group] = {}
@@ -538,7 +541,7 @@ def _loads(order: tuple[int, ...], axes: list[TileAxis], dep: set[int]) -> int:
     return math.prod(axes[order[i]].count for i in range(innermost + 1))
 
 
-def plan_region(group: Group, graph: Graph, spec: Any, sram: int) -> dict[str, Any] | None:
+def plan_region(group: Group, graph: Graph, spec: TargetSpec, sram: int) -> dict[str, Any] | None:
     """The tile shape (and loop order) of ``group`` moving the fewest DRAM bytes whose working set fits
     ``sram``; None when not even the smallest tile fits."""
     out_shape = group.last.shape or []
@@ -680,7 +683,7 @@ def _stats_handoffs(
     return {k: (d, sram - reserve + lane * width, size) for k, (d, lane, size) in handoffs.items()}, reserve
 
 
-def plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int) -> list[Group]:
+def plan_groups(groups: list[Group], graph: Graph, spec: TargetSpec, sram: int) -> list[Group]:
     """Plan every NPU region; a chain that does not fit (or moves more bytes than its parts) is cut at its
     anchors. Raises :class:`SramTooSmallError` naming the op when one op alone cannot be tiled into SRAM."""
     handoffs, reserve = _stats_handoffs(groups, graph, sram)
@@ -701,7 +704,9 @@ def plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int) -> list
     return planned
 
 
-def _plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int, reserved: int = 0) -> list[Group]:
+def _plan_groups(
+    groups: list[Group], graph: Graph, spec: TargetSpec, sram: int, reserved: int = 0
+) -> list[Group]:
     result: list[Group] = []
     for group in groups:
         if group.device == "host":
@@ -732,7 +737,9 @@ def _plan_groups(groups: list[Group], graph: Graph, spec: Any, sram: int, reserv
     return result
 
 
-def _too_small(group: Group, graph: Graph, spec: Any, sram: int, reserved: int = 0) -> SramTooSmallError:
+def _too_small(
+    group: Group, graph: Graph, spec: TargetSpec, sram: int, reserved: int = 0
+) -> SramTooSmallError:
     axes_spec = _tile_axes(group, graph)
     out_shape = group.last.shape or []
     engine = spec.npu.tensor_engine if spec.npu is not None else (16, 16)
@@ -937,7 +944,7 @@ class _Emitter:
                     self.emit(i="free", group=group.id, buf=b)
 
 
-def build_program(graph: Graph, groups: list[Group], spec: Any, sram: int) -> dict[str, Any]:
+def build_program(graph: Graph, groups: list[Group], spec: TargetSpec, sram: int) -> dict[str, Any]:
     """The NPU program: the graph (ops, shapes), the regions and their plans, and the instruction list."""
     emitter = _Emitter(graph, sram)
     for group in groups:

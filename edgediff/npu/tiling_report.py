@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from edgediff.npu.tile_planner import Group, form_groups, fused_bytes, op_by_op_
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.report import _text
 from edgediff.runtime.image import encode_png
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 PROGRAM_FILE = "npu_program.json"
 REPORT_FILE = "tiling/report.txt"
@@ -77,7 +80,7 @@ class TilingAnalysis:
         }
 
 
-def analyse(graph: Graph, groups: list[Group], spec: Any, result: SimulationResult, sram: int,
+def analyse(graph: Graph, groups: list[Group], spec: TargetSpec, result: SimulationResult, sram: int,
             unfused: Graph | None = None) -> TilingAnalysis:  # fmt: skip
     """Per-block rows from a planned graph and the simulation of its program.
 

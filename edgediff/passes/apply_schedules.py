@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import tvm
 
 from edgediff.errors import first_line
 from edgediff.passes.registry import register_pass
+from edgediff.passes.report import PassReport
 from edgediff.schedules.rules import is_scheduled, schedule_rules
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
+
+@dataclass
+class ApplySchedulesReport(PassReport):
+    rules: list[str] = field(default_factory=list)  # the target's rules, in the order they are tried
+    kernels_by_rule: dict[str, int] = field(default_factory=dict)  # most used first
+    scheduled: int = 0
+    kernels: int = 0
+    rule_failures: list[str] = field(default_factory=list)  # "<rule> on <kernel>: <error>"
 
 
 @register_pass("schedule")
@@ -25,9 +39,9 @@ class ApplySchedules:
     reported) instead of failing the whole compile.
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
+        self.report = ApplySchedulesReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         rules = schedule_rules(self.spec)
@@ -60,12 +74,12 @@ class ApplySchedules:
         for gvar, func in updated.items():
             mod[gvar] = func
         scheduled = sum(by_rule.values())
-        self.report = {
-            "summary": f"{scheduled} of {kernels} kernels scheduled by target rules",
-            "rules": [type(rule).__name__ for rule in rules],
-            "kernels_by_rule": dict(by_rule.most_common()),
-            "scheduled": scheduled,
-            "kernels": kernels,
-            "rule_failures": failures,
-        }
+        self.report = ApplySchedulesReport(
+            summary=f"{scheduled} of {kernels} kernels scheduled by target rules",
+            rules=[type(rule).__name__ for rule in rules],
+            kernels_by_rule=dict(by_rule.most_common()),
+            scheduled=scheduled,
+            kernels=kernels,
+            rule_failures=failures,
+        )
         return mod

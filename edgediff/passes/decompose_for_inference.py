@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax
 
 from edgediff.passes.analysis import relax_op_histogram
 from edgediff.passes.registry import register_pass
+from edgediff.passes.report import PassReport
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
+
+@dataclass
+class DecomposeForInferenceReport(PassReport):
+    decomposed: dict[str, int] = field(default_factory=dict)  # op -> calls removed
 
 
 @register_pass("decompose-for-inference")
@@ -20,21 +30,21 @@ class DecomposeForInference:
     handle their decomposed elementwise form better (it fuses into the producer conv).
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
+        self.report = DecomposeForInferenceReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         before = relax_op_histogram(mod)
         mod = relax.transform.DecomposeOpsForInference()(mod)
         after = relax_op_histogram(mod)
         removed = {op: n - after.get(op, 0) for op, n in before.items() if after.get(op, 0) < n}
-        self.report = {
-            "summary": (
+        self.report = DecomposeForInferenceReport(
+            summary=(
                 "decomposed " + ", ".join(f"{n} x {op}" for op, n in sorted(removed.items()))
                 if removed
                 else "no training-only ops found"
             ),
-            "decomposed": removed,
-        }
+            decomposed=removed,
+        )
         return mod

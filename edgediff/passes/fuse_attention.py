@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import tvm
 from tvm import relax
@@ -12,10 +13,40 @@ from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 from edgediff.kernels.attention import choose_attention_tiles, fused_attention_kernel
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import dtype_of, scalar_value, static_shape
+from edgediff.passes.report import PassReport, optional
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
 FUSABLE_DTYPES = ("float32", "float16")
+
+
+@dataclass
+class FusedAttentionSite:
+    """One fused ``softmax(q k^T * scale) v``: its shapes (see :func:`attention_site`) and kernel tiles."""
+
+    batch_heads: int
+    n: int  # queries
+    m: int  # keys
+    head_dim: int
+    dtype: str
+    scale: float
+    safe_softmax: bool
+    score_bytes: int  # the heads x N x M score matrix unfused
+    tiles: dict[str, int] = field(default_factory=dict)
+    # the scores are still used elsewhere (need_weights=True): the site is fused but avoids nothing
+    scores_still_materialised: bool = False
+
+
+@dataclass
+class FuseAttentionReport(PassReport):
+    """The fused sites; a skipped run (not a CPU target) has only its summary."""
+
+    sites: list[FusedAttentionSite] | None = optional()
+    score_bytes_avoided: int | None = optional()
+    exp: str | None = optional()  # the kernel's exp: "fast" or "exact"
 
 
 def attention_pattern() -> tuple[Any, dict[str, Any]]:
@@ -87,16 +118,16 @@ class FuseAttention:
     CPU targets only: the kernel is emitted with a CPU schedule (parallel loops, no thread bindings).
     """
 
-    def __init__(self, spec: Any, exp: str = "fast") -> None:
+    def __init__(self, spec: TargetSpec, exp: str = "fast") -> None:
         self.spec = spec
         self.exp = exp
-        self.report: dict[str, Any] = {}
+        self.report = FuseAttentionReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.spec.kind != "cpu":
-            self.report = {
-                "summary": f"skipped: the fused kernel is scheduled for CPUs, not {self.spec.kind}"
-            }
+            self.report = FuseAttentionReport(
+                f"skipped: the fused kernel is scheduled for CPUs, not {self.spec.kind}"
+            )
             return mod
         cost = CostModel(self.spec)
         pattern, parts = attention_pattern()
@@ -138,18 +169,20 @@ class FuseAttention:
         # scores someone else still uses (e.g. MultiheadAttention's need_weights=True) stay in the graph:
         # such a site is still fused, but it avoids nothing, and the report must not claim otherwise
         left = _score_shaped_vars(mod, {(s["n"], s["m"]) for s in sites})
-        for site in sites:
-            site["scores_still_materialised"] = (site["n"], site["m"]) in left
-        avoided = sum(site["score_bytes"] for site in sites if not site["scores_still_materialised"])
-        self.report = {
-            "summary": (
-                f"{len(sites)} attention sites fused into {len(kernels)} kernels; "
+        fused = [
+            FusedAttentionSite(**site, scores_still_materialised=(site["n"], site["m"]) in left)
+            for site in sites
+        ]
+        avoided = sum(site.score_bytes for site in fused if not site.scores_still_materialised)
+        self.report = FuseAttentionReport(
+            summary=(
+                f"{len(fused)} attention sites fused into {len(kernels)} kernels; "
                 f"{_mib(avoided)} of score matrices no longer materialised"
             ),
-            "sites": sites,
-            "score_bytes_avoided": avoided,
-            "exp": self.exp,
-        }
+            sites=fused,
+            score_bytes_avoided=avoided,
+            exp=self.exp,
+        )
         return mod
 
 

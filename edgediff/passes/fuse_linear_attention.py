@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import tvm
 from tvm import relax
@@ -15,7 +17,33 @@ from edgediff.kernels.linear_attention import (
 from edgediff.passes.fuse_attention import FUSABLE_DTYPES
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import dtype_of, scalar_value, static_shape
+from edgediff.passes.report import PassReport, optional
 from edgediff.targets import CostModel
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
+
+@dataclass
+class LinearAttentionSite:
+    """One SANA ReLU linear attention lowered to the kernel: its sizes (see ``_check_sana``) and tiles."""
+
+    batch: int
+    heads: int
+    n: int  # queries
+    m: int  # keys
+    head_dim: int
+    value_dim: int
+    dtype: str
+    eps: float  # the normaliser's epsilon
+    tiles: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class FuseLinearAttentionReport(PassReport):
+    """The lowered sites; a skipped run (not a CPU target) has only its summary."""
+
+    sites: list[LinearAttentionSite] | None = optional()
 
 
 class LinearAttentionEmitter:
@@ -142,13 +170,15 @@ class FuseLinearAttention:
     CPU targets only, like ``fuse-attention``.
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
+        self.report = FuseLinearAttentionReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.spec.kind != "cpu":
-            self.report = {"summary": f"skipped: the kernel is scheduled for CPUs, not {self.spec.kind}"}
+            self.report = FuseLinearAttentionReport(
+                f"skipped: the kernel is scheduled for CPUs, not {self.spec.kind}"
+            )
             return mod
         pattern, parts, eps_pattern = _sana_pattern()
         emitter = LinearAttentionEmitter(mod, CostModel(self.spec))
@@ -177,10 +207,10 @@ class FuseLinearAttention:
             if isinstance(func, relax.Function)
         }
         mod = emitter.finish(mod, updates)
-        self.report = {
-            "summary": f"{len(sites)} ReLU linear attention sites lowered to {len(emitter.kernels)} kernels",
-            "sites": sites,
-        }
+        self.report = FuseLinearAttentionReport(
+            summary=f"{len(sites)} ReLU linear attention sites lowered to {len(emitter.kernels)} kernels",
+            sites=[LinearAttentionSite(**site) for site in sites],
+        )
         return mod
 
 

@@ -5,8 +5,9 @@ split -> a * gelu(g)) into one kernel. Norm + activation chains are counted (fus
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from math import prod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 from tvm import relax
@@ -15,6 +16,11 @@ from edgediff.kernels.matmul import KERNEL_ATTR, geglu_te
 from edgediff.passes.analysis import relax_op_histogram
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import op_name, static_shape
+from edgediff.passes.report import PassReport
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
 
 # PrimFunc attribute naming an edgediff kernel, so that later passes find the kernel (not its name hint).
 
@@ -259,6 +265,15 @@ def _split_gelu_count(mod: tvm.IRModule) -> int:
     return count
 
 
+@dataclass
+class FuseNormActivationReport(PassReport):
+    geglu_found: int = 0  # split GEGLUs in the graph
+    # Linear epilogue ops moved before their reshape, by kind ("geglu": GEGLUs made one kernel)
+    linear_epilogues_sunk: dict[str, int] = field(default_factory=dict)
+    chains_found: dict[str, int] = field(default_factory=dict)  # chains that fuse-ops fuses by itself
+    reshapes_left: int = 0
+
+
 @register_pass("fuse-norm-activation")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.FuseNormActivation")
 class FuseNormActivation:
@@ -274,9 +289,9 @@ class FuseNormActivation:
     after ``fuse-ops``; the report counts them so that the claim is checked (tests assert their kernels).
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
+        self.report = FuseNormActivationReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         census = _chain_census(mod)
@@ -293,16 +308,16 @@ class FuseNormActivation:
         sunk = dict(rewriter.sunk)
         moved = {k: n for k, n in sunk.items() if k != "geglu"}
         fused_already = ", ".join(f"{n} {k}" for k, n in sorted(census.items())) or "none"
-        self.report = {
-            "summary": (
+        self.report = FuseNormActivationReport(
+            summary=(
                 f"{sunk.get('geglu', 0)} of {split_gelu} GEGLUs as one kernel; "
                 f"{sum(moved.values())} Linear epilogue ops moved before their reshape "
                 f"({', '.join(f'{n} {k}' for k, n in sorted(moved.items())) or 'none'}); "
                 f"fused by fuse-ops already: {fused_already}"
             ),
-            "geglu_found": split_gelu,
-            "linear_epilogues_sunk": sunk,
-            "chains_found": dict(census),
-            "reshapes_left": relax_op_histogram(mod).get("relax.reshape", 0),
-        }
+            geglu_found=split_gelu,
+            linear_epilogues_sunk=sunk,
+            chains_found=dict(census),
+            reshapes_left=relax_op_histogram(mod).get("relax.reshape", 0),
+        )
         return mod

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax
 
 from edgediff.passes.analysis import kernel_count, relax_op_histogram
 from edgediff.passes.registry import register_pass
+from edgediff.passes.report import PassReport
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
+
+@dataclass
+class LegalizeOpsReport(PassReport):
+    ops: dict[str, int] = field(default_factory=dict)  # Relax op -> calls before legalisation
+    not_legalized: dict[str, int] = field(default_factory=dict)
 
 
 @register_pass("legalize", required=True)
@@ -20,18 +31,18 @@ class LegalizeOps:
     module is a sequence of kernels and the operator names are gone.
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
+        self.report = LegalizeOpsReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         ops = relax_op_histogram(mod)
         mod = relax.transform.LegalizeOps()(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         left = {op: n for op, n in relax_op_histogram(mod).items() if not op.startswith("relax.call")}
-        self.report = {
-            "summary": f"{sum(ops.values())} op calls -> {kernel_count(mod)} distinct TIR kernels",
-            "ops": dict(sorted(ops.items())),
-            "not_legalized": left,
-        }
+        self.report = LegalizeOpsReport(
+            summary=f"{sum(ops.values())} op calls -> {kernel_count(mod)} distinct TIR kernels",
+            ops=dict(sorted(ops.items())),
+            not_legalized=left,
+        )
         return mod

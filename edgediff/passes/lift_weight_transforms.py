@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 from tvm import relax
 
 from edgediff.passes.registry import register_pass
+from edgediff.passes.report import PassReport, handoff, optional
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 TRANSFORM_FUNCTION = "main_transform_params"  # the name relax.transform.LiftTransformParams gives it
 
@@ -65,6 +69,19 @@ class WeightTransform:
         return arrays, self.names(weight_names)
 
 
+@dataclass
+class LiftWeightTransformsReport(PassReport):
+    """Weight-only kernels moved to compile time; when none were found only ``summary`` and ``lifted``."""
+
+    lifted: int = 0  # stored weights precomputed
+    launches_removed: int | None = optional()
+    by_kernel: dict[str, int] | None = optional()  # the kernel that made each precomputed weight, most first
+    kept_unlifted_weights: int | None = optional()  # weights whose lifted result would be wider (quantized)
+    weight_transform: WeightTransform | None = (
+        handoff()
+    )  # for the compiler, run on the weights before writing
+
+
 def _as_tensor(value: Any) -> Any:
     return value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(value)
 
@@ -81,13 +98,12 @@ class LiftWeightTransforms:
     (the dequantization of an int8 or int4 weight) stays in ``main``, because storing that result would
     store the weight as float again. The lifted function is
     taken out of the module (it is built for the compiling host, not for the target) and handed to the
-    compiler as ``outputs["weight_transform"]``.
+    compiler as the report's ``weight_transform`` (see ``passes/runner.py: weight_transform``).
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {}
+        self.report = LiftWeightTransformsReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         main = mod["main"]
@@ -101,7 +117,7 @@ class LiftWeightTransforms:
             lifted_inputs = [i for i in range(len(weights)) if i not in kept]
             lifted = _lift(mod, num_input, kept, lifted_inputs)
             if lifted is None:
-                self.report = {"summary": "no weight-only computation found", "lifted": 0}
+                self.report = LiftWeightTransformsReport("no weight-only computation found")
                 return mod
             transform_fn = lifted[TRANSFORM_FUNCTION]
             outputs = _describe_outputs(transform_fn, lifted_inputs)
@@ -116,7 +132,7 @@ class LiftWeightTransforms:
             kept = sorted({*kept, *widened})
         computed = [o for o in outputs if o.kernels]
         if not computed:  # only pass-throughs: nothing to gain, keep the module as it was
-            self.report = {"summary": "no weight-only computation found", "lifted": 0}
+            self.report = LiftWeightTransformsReport("no weight-only computation found")
             return mod
 
         result = _only(lifted, "main", lifted["main"].with_attr("num_input", num_input))
@@ -126,21 +142,21 @@ class LiftWeightTransforms:
             transform_fn.with_attr("global_symbol", "main").without_attr("num_input"),
         )
 
-        self.outputs = {"weight_transform": WeightTransform(transform_mod, kept, lifted_inputs, outputs)}
         by_kernel: dict[str, int] = {}
         for out in computed:
             by_kernel[out.kernels[-1]] = by_kernel.get(out.kernels[-1], 0) + 1
         launches = sum(len(o.kernels) for o in computed)
-        self.report = {
-            "summary": (
+        self.report = LiftWeightTransformsReport(
+            summary=(
                 f"{launches} weight-only kernel launches moved to compile time "
                 f"({len(computed)} stored weights precomputed)"
             ),
-            "lifted": len(computed),
-            "launches_removed": launches,
-            "by_kernel": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])),
-            "kept_unlifted_weights": len(kept),
-        }
+            lifted=len(computed),
+            launches_removed=launches,
+            by_kernel=dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])),
+            kept_unlifted_weights=len(kept),
+            weight_transform=WeightTransform(transform_mod, kept, lifted_inputs, outputs),
+        )
         return result
 
 

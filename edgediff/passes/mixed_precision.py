@@ -24,7 +24,8 @@ fuses into the producer's kernel.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tvm
@@ -34,6 +35,7 @@ from edgediff.errors import PassError
 from edgediff.passes.analysis import relax_op_histogram
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import op_name
+from edgediff.passes.report import PassReport
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.plan import LayerPlan, PrecisionPlan
 from edgediff.precision.quantizers import (
@@ -46,6 +48,9 @@ from edgediff.precision.quantizers import (
     quantize_weight,
     stored_shapes,
 )
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 SCALE_SUFFIX = "_scale"
 _REWRITTEN = "edgediff_mixed_precision_main"  # the rewritten main's name until it replaces main
@@ -462,6 +467,15 @@ class _Rewriter:
         return result
 
 
+@dataclass
+class MixedPrecisionReport(PassReport):
+    """The plan the pass applied (its ``to_dict()`` is the manifest's ``plan``) and what it rewrote."""
+
+    rewritten: dict[str, int] = field(default_factory=dict)  # rewrite kind -> sites
+    casts_added: int = 0
+    plan: PrecisionPlan | None = None
+
+
 class _nothing:  # noqa: N801 - a no-op context manager for non-dataflow binding blocks
     def __enter__(self) -> None:
         return None
@@ -481,12 +495,12 @@ class MixedPrecision:
     """
 
     def __init__(
-        self, spec: Any, plan: PrecisionPlan | None = None, weight_names: Sequence[str] | None = None
+        self, spec: TargetSpec, plan: PrecisionPlan | None = None, weight_names: Sequence[str] | None = None
     ) -> None:
         self.spec = spec
         self.plan = plan
         self.weight_names = list(weight_names or [])
-        self.report: dict[str, Any] = {}
+        self.report = MixedPrecisionReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         if self.plan is None:
@@ -498,11 +512,11 @@ class MixedPrecision:
         mod = rewriter.rewrite(mod)
         after = relax_op_histogram(mod)
         totals = self.plan.totals
-        self.report = {
-            "summary": f"{self.plan.summary()}; weights {format_bytes(totals.get('float_bytes', 0))} -> "
+        self.report = MixedPrecisionReport(
+            summary=f"{self.plan.summary()}; weights {format_bytes(totals.get('float_bytes', 0))} -> "
             f"{format_bytes(totals.get('bytes', 0))}",
-            "rewritten": dict(sorted(rewriter.counts.items())),
-            "casts_added": after.get("relax.astype", 0) - before.get("relax.astype", 0),
-            "plan": self.plan.to_dict(),
-        }
+            rewritten=dict(sorted(rewriter.counts.items())),
+            casts_added=after.get("relax.astype", 0) - before.get("relax.astype", 0),
+            plan=self.plan,
+        )
         return mod

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import tvm
 
 from edgediff.passes.analysis import relax_op_histogram
 from edgediff.passes.registry import register_pass
+from edgediff.passes.report import PassReport
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
+
+
+@dataclass
+class NPUOpCoverageReport(PassReport):
+    npu_ops: dict[str, int] = field(default_factory=dict)  # op -> calls the NPU runs
+    host_ops: dict[str, int] = field(default_factory=dict)  # op -> calls that fall back to the host CPU
 
 
 @register_pass("npu-op-coverage")
@@ -19,9 +30,9 @@ class NPUOpCoverage:
     shows where that happens before any partitioning is attempted. It does not change the module.
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.spec = spec
-        self.report: dict[str, Any] = {}
+        self.report = NPUOpCoverageReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         ops = relax_op_histogram(mod)
@@ -29,12 +40,12 @@ class NPUOpCoverage:
         on_host = {op: n for op, n in ops.items() if op not in on_npu}
         total = sum(ops.values()) or 1
         share = 100.0 * sum(on_npu.values()) / total
-        self.report = {
-            "summary": (
+        self.report = NPUOpCoverageReport(
+            summary=(
                 f"{sum(on_npu.values())} of {sum(ops.values())} op calls ({share:.1f}%) supported by the NPU"
                 + (f"; host fallback for {', '.join(sorted(on_host))}" if on_host else "")
             ),
-            "npu_ops": dict(sorted(on_npu.items())),
-            "host_ops": dict(sorted(on_host.items())),
-        }
+            npu_ops=dict(sorted(on_npu.items())),
+            host_ops=dict(sorted(on_host.items())),
+        )
         return mod

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import tvm
 
 from edgediff.errors import EdgediffError, first_line
 from edgediff.npu import memory_budget, plan_model
 from edgediff.passes.registry import register_pass
+from edgediff.passes.report import PassReport, find_report, handoff, optional
+
+if TYPE_CHECKING:
+    from edgediff.npu import TilingPlan
+    from edgediff.npu.tiling_report import BlockRow
+    from edgediff.targets import TargetSpec
+
+
+@dataclass
+class NPUTilingReport(PassReport):
+    """DRAM bytes per model block untiled vs tiled; a skipped run (no NPU program) has only its summary."""
+
+    memory_level: str | None = optional()  # "sram", or "l2" (a CPU's L2 planned as the scratchpad)
+    sram_bytes: int | None = optional()
+    blocks: list[BlockRow] | None = optional()
+    total: BlockRow | None = optional()
+    plan: TilingPlan | None = handoff()  # the NPU program and its simulation, for the artifact writer
+
+
+def npu_tiling_plan(results: list[Any]) -> TilingPlan | None:
+    """The NPU program an ``npu-tiling`` run made (None: the pass did not run or skipped)."""
+    report = find_report(results, NPUTilingReport)
+    return report.plan if report is not None else None
 
 
 @register_pass("npu-tiling")
@@ -28,14 +52,13 @@ class NPUTiling:
     """
 
     def __init__(
-        self, spec: Any, sram_bytes: int | None = None, memory_level: str = "sram", chain: bool = True
+        self, spec: TargetSpec, sram_bytes: int | None = None, memory_level: str = "sram", chain: bool = True
     ) -> None:
         self.spec = spec
         self.sram = memory_budget(spec, memory_level, sram_bytes)
         self.level = memory_level
         self.chain = chain
-        self.report: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {}
+        self.report = NPUTilingReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         try:
@@ -43,18 +66,18 @@ class NPUTiling:
         except EdgediffError:
             raise  # an SRAM too small for some op: the user's spec must change
         except Exception as err:  # a graph construct the planner does not know: build without a program
-            self.report = {"summary": f"skipped, no NPU program: {first_line(err)}"}
+            self.report = NPUTilingReport(f"skipped, no NPU program: {first_line(err)}")
             return mod
         on_npu = [g for g in plan.groups if g.device == "npu"]
         host_ops = sorted({n.op for g in plan.groups if g.device == "host" for n in g.nodes})
-        self.report = {
-            "summary": f"{len(on_npu)} NPU regions, {len(plan.groups) - len(on_npu)} host ops"
+        self.report = NPUTilingReport(
+            summary=f"{len(on_npu)} NPU regions, {len(plan.groups) - len(on_npu)} host ops"
             + (f" ({', '.join(host_ops)})" if host_ops else "")
             + f"; {plan.analysis.summary()}",
-            "memory_level": self.level,
-            "sram_bytes": self.sram,
-            "blocks": [row.__dict__ for row in plan.analysis.rows],
-            "total": plan.analysis.total().__dict__,
-        }
-        self.outputs = {"npu_tiling": plan}
+            memory_level=self.level,
+            sram_bytes=self.sram,
+            blocks=list(plan.analysis.rows),
+            total=plan.analysis.total(),
+            plan=plan,
+        )
         return mod

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from math import prod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tvm
 from tvm import relax
@@ -12,8 +13,12 @@ from tvm import relax
 from edgediff.kernels.matmul import KERNEL_ATTR, geglu_te, packed_matmul_te
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import op_name, static_shape
+from edgediff.passes.report import PassReport, find_report, handoff
 from edgediff.schedules.common import choose_register_tile
 from edgediff.targets import CostModel
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 # Ops that move a weight's elements without computing on them: a weight seen through them is still a
 # weight, and the packing after them is lifted to compile time with them.
@@ -134,10 +139,19 @@ class _Packer(relax.PyExprMutator):
         )
 
 
+@dataclass
+class PackMatmulWeightsReport(PassReport):
+    packed: dict[str, int] = field(default_factory=dict)  # "matmul" / "geglu" -> weights packed
+    left_row_major: dict[str, int] = field(default_factory=dict)  # why -> weights not packed
+    # the stored layout of each packed weight, by its index among main's weights (for the manifest)
+    weight_layouts: dict[int, dict[str, Any]] | None = handoff()
+
+
 def weight_layouts(results: list[Any], weight_names: list[str]) -> dict[str, dict[str, Any]]:
     """The stored layout of each packed weight by its name (``weight_names``: ``main``'s weights in order,
     as the passes saw them), for the manifest."""
-    layouts = next((r.outputs["weight_layouts"] for r in results if "weight_layouts" in r.outputs), {})
+    report = find_report(results, PackMatmulWeightsReport)
+    layouts = report.weight_layouts if report is not None and report.weight_layouts is not None else {}
     return {weight_names[i]: layout for i, layout in sorted(layouts.items())}
 
 
@@ -157,13 +171,13 @@ class PackMatmulWeights:
     int8; weights dequantized by a kernel of their own (int4) are not weights by then and stay as they are.
     """
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
         self.cost = CostModel(spec)
-        self.report: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {}
+        self.report = PackMatmulWeightsReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         packed: Counter[str] = Counter()
+        layouts: dict[int, dict[str, Any]] | None = None
         skipped: Counter[str] = Counter()
         for gvar, func in list(mod.functions_items()):
             if not isinstance(func, relax.Function) or func.attrs is None or "num_input" not in func.attrs:
@@ -173,15 +187,16 @@ class PackMatmulWeights:
             mod = packer.builder_.get()
             packed.update(packer.packed)
             skipped.update(packer.skipped)
-            self.outputs["weight_layouts"] = packer.layouts
+            layouts = packer.layouts
         mod = relax.transform.DeadCodeElimination()(mod)
-        self.report = {
-            "summary": (
+        self.report = PackMatmulWeightsReport(
+            summary=(
                 f"{packed['matmul']} Linear and {packed['geglu']} GEGLU weights stored in register-tile "
                 f"column panels; {sum(skipped.values())} left row-major"
                 + (f" ({', '.join(f'{n} {k}' for k, n in sorted(skipped.items()))})" if skipped else "")
             ),
-            "packed": dict(packed),
-            "left_row_major": dict(skipped),
-        }
+            packed=dict(packed),
+            left_row_major=dict(skipped),
+            weight_layouts=layouts,
+        )
         return mod

@@ -8,7 +8,7 @@ fused kernels. Users choose *which* passes run (by name); the order is always th
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgediff.errors import PassError
 
@@ -31,6 +31,9 @@ from edgediff.passes import (  # noqa: F401
     winograd_conv2d,
 )
 from edgediff.passes.registry import PASSES, get_pass_entry
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 PASS_ORDER: tuple[str, ...] = (
     # graph level (Relax operators)
@@ -65,7 +68,7 @@ PASS_ORDER: tuple[str, ...] = (
 )
 
 
-def default_pipeline(spec: Any) -> list[str]:
+def default_pipeline(spec: TargetSpec) -> list[str]:
     """The passes a target runs when the user names none: the spec's own list, else one per target kind."""
     if spec.passes:
         return resolve_pipeline(spec, list(spec.passes))
@@ -86,7 +89,7 @@ def default_pipeline(spec: Any) -> list[str]:
     return names
 
 
-def resolve_pipeline(spec: Any, passes: Iterable[str] | Mapping[str, bool] | None) -> list[str]:
+def resolve_pipeline(spec: TargetSpec, passes: Iterable[str] | Mapping[str, bool] | None) -> list[str]:
     """Turn the user's ``passes`` argument into the ordered list of pass names to run.
 
     ``None`` is the target's default pipeline; a list names exactly the passes to run; a mapping switches
@@ -111,7 +114,7 @@ def resolve_pipeline(spec: Any, passes: Iterable[str] | Mapping[str, bool] | Non
 
 
 def instantiate(
-    names: Iterable[str], spec: Any, options: Mapping[str, Mapping[str, Any]] | None = None
+    names: Iterable[str], spec: TargetSpec, options: Mapping[str, Mapping[str, Any]] | None = None
 ) -> list[tuple[str, Any]]:
     """Construct each named pass for ``spec``; ``options[name]`` are extra keyword arguments for one pass
     (the mixed-precision pass takes its plan this way)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tvm
@@ -21,8 +22,12 @@ from edgediff.passes.fuse_attention import attention_pattern, attention_site
 from edgediff.passes.fuse_linear_attention import LinearAttentionEmitter
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import scalar_value
+from edgediff.passes.report import PassReport, optional
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 # FLOPs of one fast exp (backend/fast_math.py: range reduction, a degree-6 polynomial, the exponent bits
 # and two range selects) in the cost model's units
@@ -131,6 +136,36 @@ def _prescale(x: Any, bindings: dict[Any, Any]) -> float:
     return 1.0
 
 
+@dataclass
+class LinearAttentionLayer:
+    """One softmax attention site: the calibration's error, both cost estimates and the decision."""
+
+    name: str
+    kind: str  # "self" or "cross"
+    batch_heads: int
+    n: int  # queries
+    m: int  # keys
+    head_dim: int
+    dtype: str
+    scale: float
+    error: float | None  # relative output error on calibration inputs (None: fine-tuned, not measured)
+    softmax_ms: float
+    linear_ms: float
+    saving_ms: float
+    break_even_tokens: int | None  # the smallest token count where the linear form pays (None: none found)
+    rewritten: bool
+    reason: str
+    tiles: dict[str, int] | None = optional()  # the linear kernel's tiles, when rewritten
+
+
+@dataclass
+class RewriteLinearAttentionReport(PassReport):
+    """Per attention layer, the decision; a skipped run (not a CPU target) has only its summary."""
+
+    config: LinearAttentionConfig | None = optional()
+    layers: list[LinearAttentionLayer] | None = optional()
+
+
 @register_pass("rewrite-linear-attention")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.RewriteLinearAttention")
 class RewriteLinearAttention:
@@ -149,21 +184,23 @@ class RewriteLinearAttention:
 
     def __init__(
         self,
-        spec: Any,
+        spec: TargetSpec,
         config: LinearAttentionConfig | None = None,
         calibration: list[dict[str, Any]] | None = None,
     ) -> None:
         self.spec = spec
         self.config = config
         self.calibration = calibration
-        self.report: dict[str, Any] = {}
+        self.report = RewriteLinearAttentionReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         config = self.config
         if config is None:
             raise PassError("rewrite-linear-attention needs compile_model(linear_attention=...) options")
         if self.spec.kind != "cpu":
-            self.report = {"summary": f"skipped: the kernel is scheduled for CPUs, not {self.spec.kind}"}
+            self.report = RewriteLinearAttentionReport(
+                f"skipped: the kernel is scheduled for CPUs, not {self.spec.kind}"
+            )
             return mod
         if self.calibration is None and not config.fine_tuned:
             raise PassError("rewrite-linear-attention needs calibration records (or fine_tuned=True)")
@@ -199,9 +236,9 @@ class RewriteLinearAttention:
             if attention_site(orig, matched, parts) is None or key(matched) not in order:
                 return orig
             layer = layers[order[key(matched)]]
-            if not layer["rewritten"]:
+            if not layer.rewritten:
                 return orig
-            bh, n, m, d, dtype = (layer[k] for k in ("batch_heads", "n", "m", "head_dim", "dtype"))
+            bh, n, m, d, dtype = layer.batch_heads, layer.n, layer.m, layer.head_dim, layer.dtype
             q, kt, v = (matched[parts[name]] for name in ("q", "kt", "v"))
             if config.feature_map in ("relu", "elu+1"):
                 # these maps see q and k as the model computes them, before the softmax scale that
@@ -212,30 +249,30 @@ class RewriteLinearAttention:
             taylor2 = None
             if config.feature_map == "taylor2":
                 # sqrt(scale) per factor of x in a feature: exp(scale q.k) ~ 1 + s + s^2 / 2
-                root = math.sqrt(layer["scale"])
+                root = math.sqrt(layer.scale)
                 taylor2 = (d, root, root * root * math.sqrt(0.5), root * root)
             else:
-                q = _feature_map(config, q, d, layer["scale"], dtype, query=True)
-                k = _feature_map(config, k, d, layer["scale"], dtype, query=False)
+                q = _feature_map(config, q, d, layer.scale, dtype, query=True)
+                k = _feature_map(config, k, d, layer.scale, dtype, query=False)
             eps = FEATURE_EPS[config.feature_map]
-            call, layer["tiles"] = emitter.call(q, k, v, (bh, n, m, f, d), dtype, eps, taylor2)
+            call, layer.tiles = emitter.call(q, k, v, (bh, n, m, f, d), dtype, eps, taylor2)
             return call
 
         updates = {gvar: rewrite_call(pattern, rewrite, func) for gvar, func in functions}
         mod = emitter.finish(mod, updates)
-        chosen = [layer for layer in layers if layer["rewritten"]]
-        saving = sum(layer["saving_ms"] for layer in chosen)
-        self.report = {
-            "summary": (
+        chosen = [layer for layer in layers if layer.rewritten]
+        saving = sum(layer.saving_ms for layer in chosen)
+        self.report = RewriteLinearAttentionReport(
+            summary=(
                 f"{len(chosen)} of {len(layers)} attention layers rewritten to {config.feature_map} linear "
                 f"attention; estimated saving {saving:.2f} ms per call"
             ),
-            "config": config.to_dict(),
-            "layers": layers,
-        }
+            config=config,
+            layers=layers,
+        )
         return mod
 
-    def _choose(self, found: list[dict[str, Any]], cost: CostModel) -> list[dict[str, Any]]:
+    def _choose(self, found: list[dict[str, Any]], cost: CostModel) -> list[LinearAttentionLayer]:
         """Per site: the calibration's error and kind, the cost estimates, and the decision."""
         config = self.config
         records = self.calibration
@@ -257,32 +294,33 @@ class RewriteLinearAttention:
             softmax_s = softmax_seconds(cost, dtype, bh, n, m, d, d)
             linear_s = linear_seconds(cost, dtype, config, bh, n, m, d, d)
             error = record["error"] if record is not None else None
-            layer = {
-                "name": record["name"] if record is not None else f"attention{i}",
-                "kind": kind,
-                "batch_heads": bh,
-                "n": n,
-                "m": m,
-                "head_dim": d,
-                "dtype": dtype,
-                "scale": site["scale"],
-                "error": error,
-                "softmax_ms": softmax_s * 1e3,
-                "linear_ms": linear_s * 1e3,
-                "saving_ms": (softmax_s - linear_s) * 1e3,
-                "break_even_tokens": break_even_tokens(cost, dtype, config, kind, bh, m, d, d),
-            }
+            break_even = break_even_tokens(cost, dtype, config, kind, bh, m, d, d)
             if config.fine_tuned:
-                layer["rewritten"], layer["reason"] = True, "fine-tuned weights: the linear form is the model"
+                rewritten, reason = True, "fine-tuned weights: the linear form is the model"
             elif kind not in config.max_error:
-                layer["rewritten"], layer["reason"] = False, f"no error bound for {kind} attention"
+                rewritten, reason = False, f"no error bound for {kind} attention"
             elif not error <= config.max_error[kind]:
-                layer["rewritten"] = False
-                layer["reason"] = f"error {error:.3g} over the bound {config.max_error[kind]:g}"
+                rewritten, reason = False, f"error {error:.3g} over the bound {config.max_error[kind]:g}"
             elif linear_s >= softmax_s:
-                layer["rewritten"] = False
-                layer["reason"] = f"does not pay at N={n} (cost model: from N={layer['break_even_tokens']})"
+                rewritten, reason = False, f"does not pay at N={n} (cost model: from N={break_even})"
             else:
-                layer["rewritten"], layer["reason"] = True, "under the error bound and faster"
+                rewritten, reason = True, "under the error bound and faster"
+            layer = LinearAttentionLayer(
+                name=record["name"] if record is not None else f"attention{i}",
+                kind=kind,
+                batch_heads=bh,
+                n=n,
+                m=m,
+                head_dim=d,
+                dtype=dtype,
+                scale=site["scale"],
+                error=error,
+                softmax_ms=softmax_s * 1e3,
+                linear_ms=linear_s * 1e3,
+                saving_ms=(softmax_s - linear_s) * 1e3,
+                break_even_tokens=break_even,
+                rewritten=rewritten,
+                reason=reason,
+            )
             layers.append(layer)
         return layers

@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from edgediff.errors import BuildError, EdgediffError, first_line
 from edgediff.passes.pipeline import instantiate
+from edgediff.passes.report import PassReport, find_report
+
+if TYPE_CHECKING:
+    from edgediff.passes.lift_weight_transforms import WeightTransform
+    from edgediff.targets import TargetSpec
 
 
 @dataclass
 class PassResult:
+    """One pass's run: its typed report (``report.to_dict()`` is the manifest's record; hand-off fields such
+    as lift-weight-transforms' weight transform are read by later compile stages) and its wall time."""
+
     name: str
-    report: dict[str, Any]
+    report: PassReport
     seconds: float
-    # what a pass hands to later compile stages besides the module (lift-weight-transforms: the weight
-    # transform to run before writing the weights)
-    outputs: dict[str, Any] = field(default_factory=dict)
 
 
 def run_passes(
     mod: Any,
-    spec: Any,
+    spec: TargetSpec,
     names: list[str],
     on_pass: Callable[[str], None] | None = None,
     options: dict[str, dict[str, Any]] | None = None,
@@ -45,14 +50,13 @@ def run_passes(
                 raise  # already names what is at fault (e.g. an SRAM too small for one op)
             except Exception as err:
                 raise BuildError(f"pass '{name}' failed for target {spec.name}: {first_line(err)}") from err
-            results.append(
-                PassResult(
-                    name, dict(pass_.report), time.perf_counter() - start, dict(getattr(pass_, "outputs", {}))
-                )
-            )
+            results.append(PassResult(name, pass_.report, time.perf_counter() - start))
     return mod, results
 
 
-def weight_transform(results: list[PassResult]) -> Any | None:
+def weight_transform(results: list[PassResult]) -> WeightTransform | None:
     """The compile-time weight transform a ``lift-weight-transforms`` run left, if any."""
-    return next((r.outputs["weight_transform"] for r in results if "weight_transform" in r.outputs), None)
+    from edgediff.passes.lift_weight_transforms import LiftWeightTransformsReport
+
+    report = find_report(results, LiftWeightTransformsReport)
+    return report.weight_transform if report is not None else None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tvm
@@ -50,9 +50,13 @@ from edgediff.kernels.winograd import (
 )
 from edgediff.passes.registry import register_pass
 from edgediff.passes.relax_utils import static_shape
+from edgediff.passes.report import PassReport
 from edgediff.precision.assignment import format_bytes
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 DEFAULT_ERROR_BOUND = 1e-3
 # What one more kernel costs beyond its roofline time: the VM call and the thread pool's fork/join (about
@@ -162,21 +166,35 @@ class LayerChoice:
         m = variant_tile(variant)
         return self.weight_bytes * (m + 2) ** 2 // 9 - self.weight_bytes if m else 0
 
+    @property
+    def estimated_speedup(self) -> float:
+        """The chosen variant's estimated speedup over the direct conv (3 decimals)."""
+        return round(self.seconds["direct"] / self.seconds[self.chosen], 3)
+
+    @property
+    def error(self) -> float:
+        """The chosen variant's measured relative max error."""
+        return self.errors[self.chosen]
+
+    @property
+    def transformed_weight_bytes(self) -> int:
+        """The stored weight's bytes with the chosen variant (the direct weight's when direct)."""
+        return self.weight_bytes + self.extra_bytes(self.chosen)
+
     def to_dict(self) -> dict[str, Any]:
-        direct = self.seconds["direct"]
-        weight_bytes = self.weight_bytes
+        """The layer's record in the manifest (the pass's ``layers``)."""
         return {
             "layer": self.name,
             "shape": self.shape.describe(),
             "out": f"{self.shape.out_h}x{self.shape.out_w}",
             "chosen": self.chosen,
-            "estimated_speedup": round(direct / self.seconds[self.chosen], 3),
-            "error": self.errors[self.chosen],
+            "estimated_speedup": self.estimated_speedup,
+            "error": self.error,
             "errors": {k: float(f"{v:.3g}") for k, v in self.errors.items()},
             "bound": self.bound,
             "over_budget": self.over_budget,
-            "weight_bytes": weight_bytes,
-            "transformed_weight_bytes": weight_bytes + self.extra_bytes(self.chosen),
+            "weight_bytes": self.weight_bytes,
+            "transformed_weight_bytes": self.transformed_weight_bytes,
         }
 
 
@@ -291,7 +309,12 @@ class _Decider:
     whole model, and the second walk rewrites by that plan."""
 
     def __init__(
-        self, spec: Any, variant: str, error_bound: float, min_speedup: float, forced: list[str] | None = None
+        self,
+        spec: TargetSpec,
+        variant: str,
+        error_bound: float,
+        min_speedup: float,
+        forced: list[str] | None = None,
     ) -> None:
         self.cost = CostModel(spec)
         self.forced = forced
@@ -397,6 +420,26 @@ def _weight_bytes(mod: tvm.IRModule) -> int:
     return total
 
 
+@dataclass
+class WinogradConv2dReport(PassReport):
+    """Every eligible conv2d's measured errors, estimates and chosen variant (``LayerChoice.to_dict()`` in
+    the manifest), in program order."""
+
+    variant: str = "auto"  # "auto", "direct", "F2"... or "plan" (the choice was given)
+    error_bound: float = DEFAULT_ERROR_BOUND
+    min_speedup: float = DEFAULT_MIN_SPEEDUP
+    max_weight_growth: float = DEFAULT_MAX_WEIGHT_GROWTH
+    model_weight_bytes: int = 0
+    over_budget: int = 0  # layers whose preferred variant did not fit the weight budget
+    layers: list[LayerChoice] = field(default_factory=list)
+    weight_bytes_before: int = 0  # the rewritten layers' weights, direct
+    weight_bytes_after: int = 0  # ... and transformed
+
+    def chosen(self) -> list[str]:
+        """The variant chosen per eligible layer, in program order (a plan for other resolutions)."""
+        return [layer.chosen for layer in self.layers]
+
+
 @register_pass("winograd-conv2d")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.WinogradConv2d")
 class WinogradConv2d:
@@ -417,7 +460,7 @@ class WinogradConv2d:
 
     def __init__(
         self,
-        spec: Any,
+        spec: TargetSpec,
         variant: Any = "auto",
         error_bound: float = DEFAULT_ERROR_BOUND,
         min_speedup: float = DEFAULT_MIN_SPEEDUP,
@@ -430,7 +473,7 @@ class WinogradConv2d:
         self.error_bound = float(error_bound)
         self.min_speedup = float(min_speedup)
         self.max_weight_growth = float(max_weight_growth)
-        self.report: dict[str, Any] = {}
+        self.report = WinogradConv2dReport("not run")
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         decider = _Decider(self.spec, self.variant, self.error_bound, self.min_speedup, self.plan)
@@ -443,31 +486,31 @@ class WinogradConv2d:
             # look through aliases, so without this the bias/residual epilogue would not fuse
             mod = relax.transform.CanonicalizeBindings()(mod)
             mod = relax.transform.DeadCodeElimination()(mod)
-        layers = [layer.to_dict() for layer in decider.layers]
-        rewritten = [layer for layer in layers if layer["chosen"] != "direct"]
-        before = sum(layer["weight_bytes"] for layer in rewritten)
-        after = sum(layer["transformed_weight_bytes"] for layer in rewritten)
-        direct = sum(layer.seconds["direct"] for layer in decider.layers)
-        chosen = sum(layer.seconds[layer.chosen] for layer in decider.layers)
-        counts = {v: sum(1 for layer in layers if layer["chosen"] == v) for v in ("F2", "F4", "F6")}
-        self.report = {
-            "summary": f"{len(rewritten)} of {len(layers)} eligible 3x3 conv2d rewritten to Winograd"
+        layers = list(decider.layers)
+        rewritten = [layer for layer in layers if layer.chosen != "direct"]
+        before = sum(layer.weight_bytes for layer in rewritten)
+        after = sum(layer.transformed_weight_bytes for layer in rewritten)
+        direct = sum(layer.seconds["direct"] for layer in layers)
+        chosen = sum(layer.seconds[layer.chosen] for layer in layers)
+        counts = {v: sum(1 for layer in layers if layer.chosen == v) for v in ("F2", "F4", "F6")}
+        self.report = WinogradConv2dReport(
+            summary=f"{len(rewritten)} of {len(layers)} eligible 3x3 conv2d rewritten to Winograd"
             + (
                 f" ({', '.join(f'{n} x {v}' for v, n in counts.items() if n)}; estimated "
                 f"{direct / chosen:.2f}x faster over the eligible layers; max error "
-                f"{max(layer['error'] for layer in rewritten):.1e}; transformed weights "
+                f"{max(layer.error for layer in rewritten):.1e}; transformed weights "
                 f"{format_bytes(before)} -> {format_bytes(after)})"
                 if rewritten
                 else ""
             ),
-            "variant": self.variant if self.plan is None else "plan",
-            "error_bound": self.error_bound,
-            "min_speedup": self.min_speedup,
-            "max_weight_growth": self.max_weight_growth,
-            "model_weight_bytes": model_bytes,
-            "over_budget": sum(1 for layer in layers if layer["over_budget"]),
-            "layers": layers,
-            "weight_bytes_before": before,
-            "weight_bytes_after": after,
-        }
+            variant=self.variant if self.plan is None else "plan",
+            error_bound=self.error_bound,
+            min_speedup=self.min_speedup,
+            max_weight_growth=self.max_weight_growth,
+            model_weight_bytes=model_bytes,
+            over_budget=sum(1 for layer in layers if layer.over_budget),
+            layers=layers,
+            weight_bytes_before=before,
+            weight_bytes_after=after,
+        )
         return mod

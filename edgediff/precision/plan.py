@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgediff.precision.assignment import Budget
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 
 @dataclass
@@ -102,7 +105,7 @@ class PrecisionPlan:
 def resolve_request(
     precision: str | PrecisionConfig | PrecisionPlan | None,
     budget: Budget | Mapping[str, Any] | None,
-    spec: Any,
+    spec: TargetSpec,
 ) -> PrecisionConfig | PrecisionPlan | None:
     """Check a ``compile_model(precision=..., precision_budget=...)`` request against the target before
     anything is captured: unknown formats, budget keys, or dtypes the target lacks fail here, in one line.

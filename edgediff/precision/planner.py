@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from edgediff.precision.calibration import LayerInfo, calibrate
 from edgediff.precision.plan import LayerPlan, PrecisionConfig, PrecisionPlan
 from edgediff.precision.quantizers import UNIFORM_FALLBACK, float_format, get_format
 from edgediff.precision.sensitivity import measure_assignment, measure_sensitivity
+
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
 # With only a model-size or latency budget there is still a quality floor: without any budget, "auto" means
 # the smallest model whose prediction SQNR stays above this (fp16-level error is ~60 dB, int8 weights ~40).
@@ -74,7 +77,7 @@ def make_plan(
     example_inputs: Sequence[torch.Tensor],
     input_names: Sequence[str],
     meta: Mapping[str, Any] | None,
-    spec: Any,
+    spec: TargetSpec,
     config: PrecisionConfig,
     *,
     weights: Mapping[str, tuple[tuple[int, ...], str]],
@@ -259,7 +262,7 @@ def plan_for_compile(
     request: PrecisionConfig | PrecisionPlan,
     captured: Any,
     imported: Any,
-    spec: Any,
+    spec: TargetSpec,
     progress: Callable[[str], None] | None = None,
 ) -> PrecisionPlan:
     """The plan ``compile_model`` realises: a given plan as is, else one measured on the captured torch

@@ -9,7 +9,7 @@ their list ends in the generic fallback rule.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgediff.errors import PassError
 from edgediff.schedules.conv2d import Conv2d
@@ -19,8 +19,11 @@ from edgediff.schedules.reduction import GeneralReduction
 from edgediff.schedules.winograd import WinogradTransform
 from edgediff.targets import CostModel
 
+if TYPE_CHECKING:
+    from edgediff.targets import TargetSpec
 
-def schedule_rules(spec: Any) -> list[Any]:
+
+def schedule_rules(spec: TargetSpec) -> list[Any]:
     """The ordered dlight rules for ``spec``'s kind of target."""
     from tvm.s_tir import dlight as dl
 
@@ -36,7 +39,7 @@ def schedule_rules(spec: Any) -> list[Any]:
     raise PassError(f"no schedule rules for target kind '{spec.kind}' (target {spec.name})")
 
 
-def _is_adreno(spec: Any) -> bool:
+def _is_adreno(spec: TargetSpec) -> bool:
     target = spec.build_target()
     return "adreno" in list(target.keys)
 
@@ -47,7 +50,7 @@ def is_scheduled(func: Any) -> bool:
     return bool(attrs is not None and "tirx.is_scheduled" in attrs and attrs["tirx.is_scheduled"])
 
 
-def cpu_rules(spec: Any) -> list[Any]:
+def cpu_rules(spec: TargetSpec) -> list[Any]:
     """The ordered rules for a CPU target: specialised rules first, generic fallbacks last."""
     from tvm.s_tir import dlight as dl
 

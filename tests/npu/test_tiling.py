@@ -211,13 +211,16 @@ def test_sram_too_small_for_one_op_names_it(prepared):
 
 def test_npu_tiling_pass_report_and_overflow_error_through_compile(prepared):
     from edgediff.errors import EdgediffError
+    from edgediff.passes.npu_tiling import npu_tiling_plan
     from edgediff.passes.runner import run_passes
 
     p = prepared("tiny-dit")
     _, results = run_passes(p["mod"], p["spec"], ["npu-tiling"])
     report = results[0].report
-    assert report["total"]["tiled"] < report["total"]["op_by_op"]
-    assert report["total"]["sram_peak"] <= p["spec"].memory.sram_bytes
-    assert "npu_tiling" in results[0].outputs
+    assert report.total.tiled < report.total.op_by_op
+    assert report.total.sram_peak <= p["spec"].memory.sram_bytes
+    assert npu_tiling_plan(results) is not None and npu_tiling_plan(results) is report.plan
+    # the plan is handed on, not written into the manifest's report
+    assert "plan" not in report.to_dict() and report.to_dict()["total"]["tiled"] == report.total.tiled
     with pytest.raises(EdgediffError, match="too small for op"):
         run_passes(p["mod"], p["spec"], ["npu-tiling"], options={"npu-tiling": {"sram_bytes": 1024}})

@@ -170,7 +170,7 @@ def test_fused_module_has_no_score_matrix():
     after, results = run_passes(imported.mod, spec, ["decompose-for-inference", "fuse-attention"])
     assert not score_shaped(after)
     report = results[-1].report
-    assert len(report["sites"]) == 1 and "no longer materialised" in report["summary"]
+    assert len(report.sites) == 1 and "no longer materialised" in report.summary
 
 
 def test_tiny_unet_matches_torch_with_and_without_fusion(compiled, zoo_model, tmp_path):

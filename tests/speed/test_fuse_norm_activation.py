@@ -80,8 +80,8 @@ def test_chains_fuse_and_count():
     report = reports["fuse-norm-activation"]
     # four Linear epilogues were kernels of their own: up -> GELU(tanh), down -> gate * + residual,
     # ff -> + residual (out -> / 1.5 + residual is fused without the pass: its matmul is 3-D) and GEGLU
-    assert report["linear_epilogues_sunk"]["activation"] == 1, report
-    assert report["linear_epilogues_sunk"]["geglu"] == 1, report
+    assert report.linear_epilogues_sunk["activation"] == 1, report
+    assert report.linear_epilogues_sunk["geglu"] == 1, report
     assert launch_count(after) == launch_count(before) - 4, (called_before, called)
     assert "geglu" in called and not any("split" in k for k in called), called
     assert any("split" in k and "gelu" in k for k in called_before), called_before
@@ -99,10 +99,10 @@ def test_chains_fuse_and_count():
         assert sum("conv2d" in k and k.count("add") >= 2 for k in kernels) == 1
         assert sum("layer_norm" in k and "multiply" in k and "add" in k for k in kernels) == 1
         assert sum("layer_norm" in k for k in kernels) == 1
-    assert report["chains_found"]["group_norm+activation"] == 1
-    assert report["chains_found"]["layer_norm+modulate"] == 1
-    assert report["chains_found"]["conv+bias+residual"] == 1
-    assert report["geglu_found"] == 1
+    assert report.chains_found["group_norm+activation"] == 1
+    assert report.chains_found["layer_norm+modulate"] == 1
+    assert report.chains_found["conv+bias+residual"] == 1
+    assert report.geglu_found == 1
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> float:

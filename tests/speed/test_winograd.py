@@ -188,7 +188,7 @@ def _run_pass(model: torch.nn.Module, inputs: tuple, **options):
 
 def test_ineligible_convs_are_untouched():
     before, after, report = _run_pass(Ineligible().eval(), (torch.randn(1, 8, 12, 12),), variant=4)
-    assert report["layers"] == [] and before == after
+    assert report.layers == [] and before == after
     assert after["relax.nn.conv2d"] == 4
     # next to an eligible one only the eligible conv is rewritten
     before, after, report = _run_pass(TinyConvs().eval(), _inputs(), variant=4)
@@ -199,7 +199,7 @@ def test_ineligible_convs_are_untouched():
 def test_auto_choice_by_cost_and_error():
     # a tiny layer: three kernels and padded tiles cost more than they save -> direct
     _, after, report = _run_pass(TinyConvs().eval(), _inputs())
-    assert [layer["chosen"] for layer in report["layers"]] == ["direct", "direct"]
+    assert [layer.chosen for layer in report.layers] == ["direct", "direct"]
     assert after["relax.nn.conv2d"] == 3
     # the SD 1.5 UNet's first-stage conv: a Winograd variant within the bound, estimated well ahead
     cost = CostModel(pinned_host())
@@ -210,16 +210,19 @@ def test_auto_choice_by_cost_and_error():
     conv = torch.nn.Conv2d(320, 320, 3, padding=1).eval()
     # a one-layer model: any Winograd variant grows its weights several times, so lift the model budget
     _, _, report = _run_pass(conv, (torch.randn(1, 320, 64, 64),), max_weight_growth=10)
-    (layer,) = report["layers"]
-    assert layer["chosen"] in ("F4", "F6") and layer["estimated_speedup"] > 1.5
-    assert layer["error"] <= 1e-3 and layer["errors"]["F6"] > layer["errors"]["F2"]
+    (layer,) = report.layers
+    assert layer.chosen in ("F4", "F6") and layer.estimated_speedup > 1.5
+    assert layer.error <= 1e-3 and layer.errors["F6"] > layer.errors["F2"]
+    # the manifest's record of the layer is the same decision
+    record = report.to_dict()["layers"][0]
+    assert record["chosen"] == layer.chosen and record["error"] == layer.error
     # a bound below every Winograd variant's error leaves the layer direct
     _, _, strict = _run_pass(conv, (torch.randn(1, 320, 64, 64),), error_bound=1e-9, max_weight_growth=10)
-    assert strict["layers"][0]["chosen"] == "direct"
-    assert "0 of 1" in strict["summary"]
+    assert strict.layers[0].chosen == "direct"
+    assert "0 of 1" in strict.summary
     # so does a speedup requirement above the estimate
     _, _, demanding = _run_pass(conv, (torch.randn(1, 320, 64, 64),), min_speedup=100, max_weight_growth=10)
-    assert demanding["layers"][0]["chosen"] == "direct"
+    assert demanding.layers[0].chosen == "direct"
 
 
 class TwoResolutions(torch.nn.Module):
@@ -239,23 +242,23 @@ class TwoResolutions(torch.nn.Module):
 def test_the_weight_budget_goes_to_the_layers_that_save_most_per_byte():
     inputs = (torch.randn(1, 64, 64, 64),)
     _, _, free = _run_pass(TwoResolutions().eval(), inputs, max_weight_growth=10)
-    preferred = {layer["layer"]: layer["chosen"] for layer in free["layers"]}
+    preferred = {layer.name: layer.chosen for layer in free.layers}
     assert all(v != "direct" for v in preferred.values()), preferred
-    model_bytes = free["model_weight_bytes"]
-    layer_bytes = free["layers"][0]["weight_bytes"]
+    model_bytes = free.model_weight_bytes
+    layer_bytes = free.layers[0].weight_bytes
     # room for one layer's transform at its preferred variant, not two: the 64x64 layer (more time
     # saved for the same bytes) keeps its variant, the 32x32 layer falls back to what still fits
-    room = (free["layers"][0]["transformed_weight_bytes"] - layer_bytes) * 1.2
+    room = (free.layers[0].transformed_weight_bytes - layer_bytes) * 1.2
     _, _, tight = _run_pass(TwoResolutions().eval(), inputs, max_weight_growth=room / model_bytes)
-    high, low = tight["layers"]
-    assert high["chosen"] == preferred[high["layer"]] and not high["over_budget"]
-    assert low["over_budget"] and low["chosen"] != preferred[low["layer"]]
-    extra = sum(layer["transformed_weight_bytes"] - layer["weight_bytes"] for layer in tight["layers"])
+    high, low = tight.layers
+    assert high.chosen == preferred[high.name] and not high.over_budget
+    assert low.over_budget and low.chosen != preferred[low.name]
+    extra = sum(layer.transformed_weight_bytes - layer.weight_bytes for layer in tight.layers)
     assert extra <= room
     # nothing fits: everything stays direct and the report says why
     _, _, none = _run_pass(TwoResolutions().eval(), inputs, max_weight_growth=0)
-    assert [layer["chosen"] for layer in none["layers"]] == ["direct", "direct"]
-    assert none["over_budget"] == 2
+    assert [layer.chosen for layer in none.layers] == ["direct", "direct"]
+    assert none.over_budget == 2
 
 
 def test_measured_error_grows_with_tile_and_precision():
