@@ -35,6 +35,7 @@ from edgediff.frontend.relax_import import ImportedModel, import_to_relax
 from edgediff.linear_attention import LinearAttentionConfig, calibrate_attention, resolve_linear_attention
 from edgediff.passes import resolve_pipeline
 from edgediff.passes.analysis import kernel_count
+from edgediff.passes.npu_tiling import npu_tiling_plan
 from edgediff.passes.pack_matmul_weights import weight_layouts
 from edgediff.passes.runner import PassResult, run_passes, weight_transform
 from edgediff.precision.plan import resolve_request
@@ -93,7 +94,7 @@ def _versions(source: str) -> dict[str, str]:
     return versions
 
 
-def _target_notes(spec: Any) -> list[str]:
+def _target_notes(spec: TargetSpec) -> list[str]:
     notes = []
     if spec.kind == "npu":
         host_triple = spec.tvm_target.get("mtriple", "host") if isinstance(spec.tvm_target, dict) else "host"
@@ -451,7 +452,8 @@ def write_stage(
             "inputs": [info.to_dict() for info in imported[0].inputs],
             "outputs": [info.to_dict() for info in imported[0].outputs],
             "passes": [
-                {"name": r.name, "seconds": round(r.seconds, 3), "report": r.report} for r in pass_results
+                {"name": r.name, "seconds": round(r.seconds, 3), "report": r.report.to_dict()}
+                for r in pass_results
             ],
             "library": {
                 **file_record(staging, library.file),
@@ -478,7 +480,7 @@ def write_stage(
             from edgediff.precision.report import write_report
 
             manifest["precision"] = write_report(staging, plans.precision)
-        tiling = next((r.outputs["npu_tiling"] for r in pass_results if "npu_tiling" in r.outputs), None)
+        tiling = npu_tiling_plan(pass_results)
         if tiling is not None:  # the NPU program, its per-block DRAM table and plot
             from edgediff.npu.tiling_report import write_report as write_tiling_report
 
@@ -541,7 +543,7 @@ def _resolution_record(
         "width": resolution[1],
         "inputs": [info.to_dict() for info in imported.inputs],
         "outputs": [info.to_dict() for info in imported.outputs],
-        "passes": [{"name": r.name, "summary": r.report.get("summary", "")} for r in results],
+        "passes": [{"name": r.name, "summary": r.report.summary} for r in results],
     }
 
 
