@@ -34,6 +34,8 @@ from edgediff.errors import PassError
 DOT_DEPTH = 4  # bytes per 32-bit lane that one dot-product instruction reduces
 ACTIVATION_OFFSET = 128  # uint8 activations of vpdpbusd: int8 a -> a + 128
 KERNEL_NAME = "int8_matmul"
+AVX2_NAME = "avx2 vpmaddwd"  # x86 without VNNI: two exact int16 pair products per 4-byte step
+PMADDWD = "llvm.x86.avx2.pmadd.wd"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def dot_instruction(target: Any) -> DotInstruction:
 
             return DotInstruction("avx512-vnni vpdpbusd", x86.VNNI_DOT_16x4_INTRIN, 16, "uint8", 32)
         registers = 32 if codegen.target_has_features("avx512f", target) else 16
+        if registers == 16 and codegen.target_has_features("avx2", target):
+            return DotInstruction(AVX2_NAME, None, 8, "int8", 16)
         return DotInstruction("portable", None, 16 if registers == 32 else 8, "int8", registers)
     if arch in ("aarch64", "arm64"):
         if bool(target.features.has_dotprod):
@@ -201,6 +205,8 @@ def int8_matmul_func(
     out_dtype = "float32" if dequantize else "int32"
     intrin = _LLVM_INTRINSICS.get(dot.name, "")
     use_intrin = bool(intrin)  # a Python bool: TVMScript then keeps one branch of the `if`
+    use_pmaddwd = dot.name == AVX2_NAME
+    half_vec = f"int16x{2 * lanes}"
     tiles = panels * blocks
     acc_size = rt * vecs * lanes
     # the parallel loop's kind: TVMScript takes the loop constructor as a value
@@ -240,6 +246,64 @@ def int8_matmul_func(
                                     ),
                                 ),
                                 w.vload([t // blocks, ko, v * lanes, 0], byte_vec),
+                            )
+                        elif use_pmaddwd:
+                            # AVX2: the 4 bytes of a lane (of W and of the broadcast A word) are two int16
+                            # words; shifting left then right (arithmetic) by 8 sign-extends bytes 0 and 2,
+                            # shifting right by 8 bytes 1 and 3; vpmaddwd multiplies the int16 pairs and adds
+                            # each pair into int32: two of them make the exact 4-term dot product
+                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = (
+                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
+                                + T.call_llvm_pure_intrin(
+                                    acc_vec,
+                                    T.llvm_lookup_intrinsic_id(PMADDWD),
+                                    T.shift_right(
+                                        T.shift_left(
+                                            T.reinterpret(
+                                                half_vec, w.vload([t // blocks, ko, v * lanes, 0], byte_vec)
+                                            ),
+                                            T.broadcast(T.int16(8), 2 * lanes),
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                    T.shift_right(
+                                        T.shift_left(
+                                            T.reinterpret(
+                                                half_vec,
+                                                T.broadcast(
+                                                    T.reinterpret(
+                                                        "int32", a.vload([t % blocks * rt + r, ko * 4], word)
+                                                    ),
+                                                    lanes,
+                                                ),
+                                            ),
+                                            T.broadcast(T.int16(8), 2 * lanes),
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                )
+                                + T.call_llvm_pure_intrin(
+                                    acc_vec,
+                                    T.llvm_lookup_intrinsic_id(PMADDWD),
+                                    T.shift_right(
+                                        T.reinterpret(
+                                            half_vec, w.vload([t // blocks, ko, v * lanes, 0], byte_vec)
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                    T.shift_right(
+                                        T.reinterpret(
+                                            half_vec,
+                                            T.broadcast(
+                                                T.reinterpret(
+                                                    "int32", a.vload([t % blocks * rt + r, ko * 4], word)
+                                                ),
+                                                lanes,
+                                            ),
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                )
                             )
                         else:
                             # portable: 4 widening multiply-adds on int32 vectors per step

@@ -108,7 +108,8 @@ def test_dot_instruction_from_target():
     assert (vnni.name, vnni.lanes, vnni.activation_dtype) == ("avx512-vnni vpdpbusd", 16, "uint8")
     assert vnni.compensated and not sdot.compensated
     assert (sdot.name, sdot.lanes, sdot.activation_dtype) == ("neon sdot", 4, "int8")
-    assert avx2.intrin is None and neon.intrin is None
+    assert avx2.name == "avx2 vpmaddwd" and avx2.intrin is None and not avx2.compensated
+    assert neon.name == "portable" and neon.intrin is None
     with pytest.raises(PassError, match="not a CPU"):
         dot_instruction({"kind": "opencl"})
 
@@ -145,6 +146,23 @@ def test_vnni_kernel_exact_where_the_cpu_has_it():
     mod, dot, tile = build_int8_matmul(rows, depth, columns, ZNVER4)
     q, w, *scales = _operands(rows, depth, columns)
     got = _run(tvm.compile(mod, ZNVER4), dot, tile, q, w, *scales, "int32")
+    np.testing.assert_array_equal(got, q.astype(np.int32) @ w.astype(np.int32))
+
+
+def test_avx2_build_uses_vpmaddwd_and_is_exact():
+    """x86 without VNNI: two vpmaddwd per 4-byte step on sign-extended int16 halves, exact."""
+    rows, depth, columns = 24, 200, 64
+    mod, dot, tile = build_int8_matmul(rows, depth, columns, ZNVER3)
+    asm = _asm(mod, ZNVER3)
+    assert len(re.findall(r"vpmaddwd\s+%ymm", asm)) >= 2 * tile.rows * tile.col_vectors
+    assert "vpmulld" not in asm
+    from tvm.target import codegen
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    if not codegen.target_has_features("avx2", host):
+        pytest.skip("this CPU lacks AVX2: the vpmaddwd build is checked by its assembly only")
+    q, w, *scales = _operands(rows, depth, columns, seed=3)
+    got = _run(tvm.compile(mod, ZNVER3), dot, tile, q, w, *scales, "int32")
     np.testing.assert_array_equal(got, q.astype(np.int32) @ w.astype(np.int32))
 
 
