@@ -114,25 +114,27 @@ class Int8Tile:
 def choose_int8_tile(dot: DotInstruction, rows: int, columns: int) -> Int8Tile:
     """The register tile for an ``rows`` x ``columns`` int32 output.
 
-    Accumulators take up to 3/4 of the registers (the rest hold the broadcast A words and the weight
-    vectors); among the shapes that fit and divide the output, the one with the most accumulators wins
-    (each loaded weight vector then feeds the most rows, each broadcast the most vectors), ties to more
-    column vectors (a longer contiguous panel).
+    Accumulators take 3/4 of a 32-register file (the rest hold the broadcast A words and the weight
+    vectors), half of a 16-register one (AVX2's step needs two int16 halves of each operand); among the
+    shapes that fit and divide the output, the one with the most accumulators wins (each loaded weight
+    vector feeds the most rows, each broadcast the most vectors), then the squarest (fewest operand loads
+    per accumulator), then more rows (measured on znver3, benchmarks/int8_matmul.py: 4 x 2 vectors ran 10-15%
+    faster than 2 x 4).
     """
     if columns % dot.lanes:
         raise PassError(f"int8 matmul: {columns} output columns are not a multiple of {dot.lanes} lanes")
-    budget = max(1, dot.registers * 3 // 4)
-    best: tuple[int, int, int] | None = None
+    budget = max(1, dot.registers * 3 // 4 if dot.registers >= 32 else dot.registers // 2)
+    best: tuple[int, int, int, int] | None = None
     for col_vectors in (4, 3, 2, 1):
         if (columns // dot.lanes) % col_vectors:
             continue
         limit = max(1, budget // col_vectors)
         tile_rows = max(d for d in range(1, min(rows, limit) + 1) if rows % d == 0)
-        key = (tile_rows * col_vectors, col_vectors, tile_rows)
+        key = (tile_rows * col_vectors, -abs(tile_rows - col_vectors), tile_rows, col_vectors)
         if best is None or key > best:
             best = key
     assert best is not None  # col_vectors 1 always divides
-    return Int8Tile(best[2], best[1], dot.lanes)
+    return Int8Tile(best[2], best[3], dot.lanes)
 
 
 def pack_int8_weight(
