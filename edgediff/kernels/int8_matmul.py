@@ -1,0 +1,388 @@
+"""int8 x int8 -> int32 GEMM on the target's dot-product instruction (x86 ``vpdpbusd``, Arm ``sdot``).
+
+Both instructions compute, per 32-bit lane, a 4-element dot product of bytes accumulated into int32:
+``C[l] += sum_{t<4} A[t] * B[l, t]`` for ``L`` lanes (16 with AVX512-VNNI, 4 with NEON dotprod). The kernel
+is that step in a register tile: ``rows`` rows of the activations x ``col_vectors`` vectors of ``L`` output
+columns stay in registers over the whole reduction; per step of 4 along k, each row broadcasts 4 bytes of A
+(one 32-bit word) and each vector loads ``4 L`` contiguous bytes of the weight.
+
+Weight layout (packed once, at compile time, by :func:`pack_int8_weight`): ``[N / P, K / 4, P, 4]`` - column
+panels of ``P = col_vectors * L`` output columns, and inside a panel, for each group of 4 k, the 4 bytes of
+one column next to each other: exactly the ``[L, 4]`` block the instruction multiplies, and one register
+tile streams one contiguous panel.
+
+Signedness. ``vpdpbusd`` multiplies *unsigned* bytes of A by signed bytes of B. Symmetric int8
+activations ``a`` are fed as ``a + 128`` (uint8, a flip of the sign bit), and the extra
+``128 * sum_k W[k, n]`` is subtracted from the accumulator: a per-column int32 constant computed with the
+packing (``compensation``). The result is exact. ``sdot`` multiplies signed by signed, so Arm takes the
+int8 activations as they are. Targets with neither instruction get the same computation (int8 A, no
+compensation) scheduled as plain vector code: correct everywhere, fast only where the instructions are.
+
+The AVX-512 fallback TVM ships (``vpmaddubsw`` + ``vpmaddwd``) is *not* used: ``vpmaddubsw`` saturates its
+int16 pair sums (255 * 127 * 2 > 32767), so it is not exact for full-range int8 weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import PassError
+
+DOT_DEPTH = 4  # bytes per 32-bit lane that one dot-product instruction reduces
+ACTIVATION_OFFSET = 128  # uint8 activations of vpdpbusd: int8 a -> a + 128
+KERNEL_NAME = "int8_matmul"
+AVX2_NAME = "avx2 vpmaddwd"  # x86 without VNNI: two exact int16 pair products per 4-byte step
+PMADDWD = "llvm.x86.avx2.pmadd.wd"
+
+
+@dataclass(frozen=True)
+class DotInstruction:
+    """How a target computes an int8 dot product: which TensorIntrin, how many int32 lanes, A's dtype."""
+
+    name: str  # for reports: "avx512-vnni vpdpbusd", "neon sdot", "portable"
+    intrin: str | None  # registered TensorIntrin name; None: plain vector code
+    lanes: int  # int32 accumulators per instruction (L)
+    activation_dtype: str  # "uint8" (vpdpbusd, with compensation) or "int8"
+    registers: int  # SIMD registers of the ISA (the register tile takes about 3/4 of them)
+
+    @property
+    def compensated(self) -> bool:
+        """Whether A is fed offset by 128 and the weight column sums are subtracted."""
+        return self.activation_dtype == "uint8"
+
+
+def _target(target: Any) -> Any:
+    import tvm
+
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+
+
+def dot_instruction(target: Any) -> DotInstruction:
+    """The int8 dot-product instruction an LLVM ``target`` (Target or JSON dict) has, or the portable path.
+
+    x86: AVX512-VNNI (``avx512vnni`` with ``avx512bw``, from ``mcpu``/``mattr``, e.g. znver4,
+    sapphirerapids). aarch64: NEON dotprod (``+dotprod`` or an ``mcpu`` that implies it, e.g. cortex-a78).
+    """
+    from tvm.target import codegen
+
+    target = _target(target)
+    if target.kind.name != "llvm":
+        raise PassError(f"int8 matmul: target kind '{target.kind.name}' is not a CPU (llvm) target")
+    triple = str(target.attrs.get("mtriple", "") or "")
+    arch = triple.split("-")[0] if triple else _host_arch()
+    if arch in ("x86_64", "i686", "x86"):
+        if codegen.target_has_features(["avx512vnni", "avx512bw"], target):
+            import tvm.s_tir.tensor_intrin.x86 as x86  # registers the intrinsics
+
+            return DotInstruction("avx512-vnni vpdpbusd", x86.VNNI_DOT_16x4_INTRIN, 16, "uint8", 32)
+        registers = 32 if codegen.target_has_features("avx512f", target) else 16
+        if registers == 16 and codegen.target_has_features("avx2", target):
+            return DotInstruction(AVX2_NAME, None, 8, "int8", 16)
+        return DotInstruction("portable", None, 16 if registers == 32 else 8, "int8", registers)
+    if arch in ("aarch64", "arm64"):
+        if bool(target.features.has_dotprod):
+            import tvm.s_tir.tensor_intrin.arm_cpu as arm  # registers the intrinsics
+
+            return DotInstruction("neon sdot", arm.ARM_DOT_4x4_i8_SDOT_INTRIN, 4, "int8", 32)
+        return DotInstruction("portable", None, 4, "int8", 32)
+    return DotInstruction("portable", None, 4, "int8", 16)
+
+
+def _host_arch() -> str:
+    import platform
+
+    return platform.machine().lower()
+
+
+@dataclass(frozen=True)
+class Int8Tile:
+    """Register tile of the int8 GEMM: ``rows`` x ``col_vectors`` vectors of ``lanes`` int32."""
+
+    rows: int
+    col_vectors: int
+    lanes: int
+
+    @property
+    def panel(self) -> int:
+        """Output columns per weight panel (= per register tile)."""
+        return self.col_vectors * self.lanes
+
+
+def choose_int8_tile(dot: DotInstruction, rows: int, columns: int) -> Int8Tile:
+    """The register tile for an ``rows`` x ``columns`` int32 output.
+
+    Accumulators take 3/4 of a 32-register file (the rest hold the broadcast A words and the weight
+    vectors), half of a 16-register one (AVX2's step needs two int16 halves of each operand); among the
+    shapes that fit and divide the output, the one with the most accumulators wins (each loaded weight
+    vector feeds the most rows, each broadcast the most vectors), then the squarest (fewest operand loads
+    per accumulator), then more rows (measured on znver3, benchmarks/int8_matmul.py: 4 x 2 vectors ran 10-15%
+    faster than 2 x 4).
+    """
+    if columns % dot.lanes:
+        raise PassError(f"int8 matmul: {columns} output columns are not a multiple of {dot.lanes} lanes")
+    budget = max(1, dot.registers * 3 // 4 if dot.registers >= 32 else dot.registers // 2)
+    best: tuple[int, int, int, int] | None = None
+    for col_vectors in (4, 3, 2, 1):
+        if (columns // dot.lanes) % col_vectors:
+            continue
+        limit = max(1, budget // col_vectors)
+        tile_rows = max(d for d in range(1, min(rows, limit) + 1) if rows % d == 0)
+        key = (tile_rows * col_vectors, -abs(tile_rows - col_vectors), tile_rows, col_vectors)
+        if best is None or key > best:
+            best = key
+    assert best is not None  # col_vectors 1 always divides
+    return Int8Tile(best[2], best[3], dot.lanes)
+
+
+def pack_int8_weight(
+    weight: np.ndarray, panel: int, compensated: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``W[k, n]`` (int8, ``[K, N]``: ``out = a @ W``) -> ``([N / P, K4, P, 4] int8, compensation)``.
+
+    K is zero-padded to a multiple of 4 (the kernel pads A the same way); ``compensation`` is
+    ``128 * sum_k W[k, n]`` as int32 ``[N]`` for uint8 activations, None otherwise.
+    """
+    weight = np.asarray(weight)
+    if weight.dtype != np.int8 or weight.ndim != 2:
+        raise PassError(
+            f"int8 weight packing: expected a 2-D int8 array, got {weight.dtype}{list(weight.shape)}"
+        )
+    depth, columns = weight.shape
+    if columns % panel:
+        raise PassError(f"int8 weight packing: {columns} columns are not a multiple of the panel {panel}")
+    depth4 = -(-depth // DOT_DEPTH)
+    padded = np.zeros((depth4 * DOT_DEPTH, columns), np.int8)
+    padded[:depth] = weight
+    # [K4, 4, N/P, P] -> [N/P, K4, P, 4]
+    packed = padded.reshape(depth4, DOT_DEPTH, columns // panel, panel).transpose(2, 0, 3, 1)
+    compensation = None
+    if compensated:
+        compensation = (ACTIVATION_OFFSET * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
+    return np.ascontiguousarray(packed), compensation
+
+
+def int8_matmul_func(
+    rows: int,
+    depth: int,
+    columns: int,
+    dot: DotInstruction,
+    tile: Int8Tile | None = None,
+    *,
+    epilogue: str = "int32",
+    parallel: bool = True,
+) -> Any:
+    """The int8 GEMM kernel as a scheduled TIR PrimFunc ``int8_matmul`` for instruction ``dot``.
+
+    Arguments, in order: ``a`` ``[rows, depth]`` (``dot.activation_dtype``); ``w`` packed
+    ``[columns / P, depth / 4, P, 4]`` int8; ``compensation`` ``[columns]`` int32 (zeros unless
+    ``dot.compensated``); ``a_scale`` ``[rows]``, ``w_scale`` ``[columns]`` and ``bias`` ``[columns]``
+    float32 (unused by ``epilogue="int32"``); the output ``[rows, columns]``: int32 ``a @ W``
+    (``"int32"``) or float32 ``(a @ W) * a_scale[m] * w_scale[n] + bias[n]`` (``"dequantize"``). The
+    epilogue runs on the accumulators in registers: the int32 products never go to memory.
+
+    Written as low-level TIR rather than TE + ``Schedule.tensorize``: in apache-tvm 0.27.0.post1,
+    tensorizing with TVM's own ``dot_16x4_vnni`` intrinsic segfaults (``tvm::ffi::ToJSONGraph`` called from
+    ``tvm::s_tir::Tensorize``), and the shipped VNNI implementation passes ``<16 x i32>`` operands to
+    ``llvm.x86.avx512.vpdpbusd.512``, which its LLVM declares with ``<64 x i8>`` ("Call parameter type does
+    not match function signature!"). The loops are the tensorized schedule written out: (column panel, row
+    block) parallel; k / 4; rows x vectors unrolled, one instruction each.
+    """
+    from tvm.script import tirx as T
+
+    if epilogue not in ("int32", "dequantize"):
+        raise PassError(f"int8 matmul: unknown epilogue '{epilogue}' (int32 or dequantize)")
+    if depth % DOT_DEPTH:
+        raise PassError(f"int8 matmul: reduction depth {depth} is not a multiple of {DOT_DEPTH}; pad it")
+    tile = tile or choose_int8_tile(dot, rows, columns)
+    if rows % tile.rows or columns % tile.panel or tile.lanes != dot.lanes:
+        raise PassError(f"int8 matmul: tile {tile} does not fit a {rows} x {columns} output ({dot.name})")
+    lanes, vecs, rt, panel = dot.lanes, tile.col_vectors, tile.rows, tile.panel
+    depth4, panels, blocks = depth // DOT_DEPTH, columns // tile.panel, rows // tile.rows
+    a_dtype, word = dot.activation_dtype, f"{dot.activation_dtype}x{DOT_DEPTH}"
+    acc_vec, byte_vec = f"int32x{lanes}", f"int8x{DOT_DEPTH * lanes}"
+    dequantize = epilogue == "dequantize"
+    out_dtype = "float32" if dequantize else "int32"
+    intrin = _LLVM_INTRINSICS.get(dot.name, "")
+    use_intrin = bool(intrin)  # a Python bool: TVMScript then keeps one branch of the `if`
+    use_pmaddwd = dot.name == AVX2_NAME
+    half_vec = f"int16x{2 * lanes}"
+    tiles = panels * blocks
+    acc_size = rt * vecs * lanes
+    # the parallel loop's kind: TVMScript takes the loop constructor as a value
+    outer_loop = T.parallel if parallel else T.serial
+
+    @T.prim_func
+    def kernel(
+        a: T.Buffer((rows, depth), a_dtype),
+        w: T.Buffer((panels, depth4, panel, DOT_DEPTH), "int8"),
+        compensation: T.Buffer((columns,), "int32"),
+        a_scale: T.Buffer((rows,), "float32"),
+        w_scale: T.Buffer((columns,), "float32"),
+        bias: T.Buffer((columns,), "float32"),
+        out: T.Buffer((rows, columns), out_dtype),
+    ) -> None:
+        T.func_attr({"global_symbol": KERNEL_NAME, "tirx.noalias": True, "tirx.is_scheduled": True})
+        # a flat view of the packed weight: a strided vector load needs a one-dimensional buffer
+        w_flat = T.decl_buffer((panels * depth4 * panel * DOT_DEPTH,), "int8", data=w.data)
+        for t in outer_loop(tiles):
+            acc = T.decl_buffer((acc_size,), "int32", scope="local")
+            for r in T.unroll(rt):
+                for v in T.unroll(vecs):
+                    acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+            for ko in range(depth4):
+                for r in T.unroll(rt):
+                    for v in T.unroll(vecs):
+                        if use_intrin:
+                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                acc_vec,
+                                T.llvm_lookup_intrinsic_id(intrin),
+                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)],
+                                T.reinterpret(
+                                    byte_vec,
+                                    T.broadcast(
+                                        T.reinterpret("int32", a.vload([t % blocks * rt + r, ko * 4], word)),
+                                        lanes,
+                                    ),
+                                ),
+                                w.vload([t // blocks, ko, v * lanes, 0], byte_vec),
+                            )
+                        elif use_pmaddwd:
+                            # AVX2: the 4 bytes of a lane (of W and of the broadcast A word) are two int16
+                            # words; shifting left then right (arithmetic) by 8 sign-extends bytes 0 and 2,
+                            # shifting right by 8 bytes 1 and 3; vpmaddwd multiplies the int16 pairs and adds
+                            # each pair into int32: two of them make the exact 4-term dot product
+                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = (
+                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
+                                + T.call_llvm_pure_intrin(
+                                    acc_vec,
+                                    T.llvm_lookup_intrinsic_id(PMADDWD),
+                                    T.shift_right(
+                                        T.shift_left(
+                                            T.reinterpret(
+                                                half_vec, w.vload([t // blocks, ko, v * lanes, 0], byte_vec)
+                                            ),
+                                            T.broadcast(T.int16(8), 2 * lanes),
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                    T.shift_right(
+                                        T.shift_left(
+                                            T.reinterpret(
+                                                half_vec,
+                                                T.broadcast(
+                                                    T.reinterpret(
+                                                        "int32", a.vload([t % blocks * rt + r, ko * 4], word)
+                                                    ),
+                                                    lanes,
+                                                ),
+                                            ),
+                                            T.broadcast(T.int16(8), 2 * lanes),
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                )
+                                + T.call_llvm_pure_intrin(
+                                    acc_vec,
+                                    T.llvm_lookup_intrinsic_id(PMADDWD),
+                                    T.shift_right(
+                                        T.reinterpret(
+                                            half_vec, w.vload([t // blocks, ko, v * lanes, 0], byte_vec)
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                    T.shift_right(
+                                        T.reinterpret(
+                                            half_vec,
+                                            T.broadcast(
+                                                T.reinterpret(
+                                                    "int32", a.vload([t % blocks * rt + r, ko * 4], word)
+                                                ),
+                                                lanes,
+                                            ),
+                                        ),
+                                        T.broadcast(T.int16(8), 2 * lanes),
+                                    ),
+                                )
+                            )
+                        else:
+                            # portable: 4 widening multiply-adds on int32 vectors per step
+                            for s in T.unroll(DOT_DEPTH):
+                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = acc[
+                                    T.ramp((r * vecs + v) * lanes, 1, lanes)
+                                ] + T.broadcast(
+                                    T.Cast("int32", a[t % blocks * rt + r, ko * 4 + s]), lanes
+                                ) * T.Cast(
+                                    acc_vec,
+                                    w_flat[
+                                        T.ramp(
+                                            ((t // blocks * depth4 + ko) * panel + v * lanes) * DOT_DEPTH + s,
+                                            DOT_DEPTH,
+                                            lanes,
+                                        )
+                                    ],
+                                )
+            for r in T.unroll(rt):
+                for v in T.unroll(vecs):
+                    if dequantize:
+                        out[t % blocks * rt + r, T.ramp(t // blocks * panel + v * lanes, 1, lanes)] = (
+                            T.Cast(
+                                f"float32x{lanes}",
+                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
+                                - compensation[T.ramp(t // blocks * panel + v * lanes, 1, lanes)],
+                            )
+                            * T.broadcast(a_scale[t % blocks * rt + r], lanes)
+                            * w_scale[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
+                            + bias[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
+                        )
+                    else:
+                        out[t % blocks * rt + r, T.ramp(t // blocks * panel + v * lanes, 1, lanes)] = (
+                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
+                            - compensation[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
+                        )
+
+    return kernel
+
+
+_LLVM_INTRINSICS = {
+    # LLVM 22 declares (<16 x i32> acc, <64 x i8> unsigned a, <64 x i8> signed b)
+    "avx512-vnni vpdpbusd": "llvm.x86.avx512.vpdpbusd.512",
+    "neon sdot": "llvm.aarch64.neon.sdot.v4i32.v16i8",
+}
+
+
+def build_int8_matmul(
+    rows: int,
+    depth: int,
+    columns: int,
+    target: Any,
+    *,
+    tile: Int8Tile | None = None,
+    epilogue: str = "int32",
+    parallel: bool = True,
+) -> tuple[Any, DotInstruction, Int8Tile]:
+    """A standalone kernel module for ``target``: ``(IRModule, instruction, tile)``; build it with
+    ``tvm.compile(mod, target)`` (used by the tests and ``benchmarks/int8_matmul.py``)."""
+    import tvm
+
+    dot = dot_instruction(target)
+    tile = tile or choose_int8_tile(dot, rows, columns)
+    func = int8_matmul_func(rows, depth, columns, dot, tile, epilogue=epilogue, parallel=parallel)
+    return tvm.IRModule({KERNEL_NAME: func}), dot, tile
+
+
+def quantize_activation_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic per-row (per-token) symmetric int8 quantization: ``(q int8, scale float32 [..., 1])``."""
+    peak = np.abs(x).max(axis=-1, keepdims=True).astype(np.float32)
+    scale = np.maximum(peak / 127.0, np.float32(1e-8)).astype(np.float32)
+    q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def as_activation(q: np.ndarray, dot: DotInstruction) -> np.ndarray:
+    """int8 activations in the dtype ``dot`` reads them in (uint8 ``q + 128`` for vpdpbusd)."""
+    if dot.compensated:
+        return (q.astype(np.int16) + ACTIVATION_OFFSET).astype(np.uint8)
+    return q
