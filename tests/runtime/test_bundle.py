@@ -95,10 +95,10 @@ def test_bundled_run_py_runs_an_artifact_on_npy_inputs(compiled, tmp_path):
     assert listed.returncode == 0, listed.stderr
     assert artifact.path.name in listed.stdout and "runs here yes" in listed.stdout
 
-    # the LoRA merge re-quantizes with the compiler's quantizer: the bundle's copy imports on its own
+    # the LoRA merge re-quantizes with the runtime's own quantizer: the bundle's copy imports on its own
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
-        "import edgediff.precision.quantizers as q, edgediff.runtime.lora; print(q.__file__)"
+        "import edgediff.runtime.quantize as q, edgediff.runtime.lora; print(q.__file__)"
     )
     imported = subprocess.run([sys.executable, "-c", code, str(bundle_dir)], capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr
