@@ -1,0 +1,321 @@
+"""Diffusers pipeline folders of each family as the models of an artifact set, checked before compiling.
+
+``compile_pipeline`` hands a pipeline folder (``model_index.json``) of SDXL, PixArt-alpha, SANA or DiT
+here. :func:`plan_set` loads every component it needs (the denoiser for the text encoders' sequence length,
+the VAE decoder for the denoiser's latents, the text encoders wrapped to make what the pipeline feeds the
+denoiser), checks that they fit one another and that the tokenizers fit the encoders, and says which
+tokenizer folders to copy and what ``conditioning.json`` the runtime needs; nothing is compiled until all
+of it passed. The text encoder wrappers are here, beside the planning that picks them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgediff import zoo
+from edgediff.errors import InputError, ModelNotFoundError
+
+# model_index.json _class_name -> family
+PIPELINE_CLASSES = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "PixArtAlphaPipeline": "pixart",
+    "SanaPipeline": "sana",
+    "DiTPipeline": "dit",
+}
+
+
+def pipeline_family(path: Any) -> str | None:
+    """The family of a diffusers pipeline folder handled here (None: not one, or SD 1.x/2.x)."""
+    if not isinstance(path, (str, os.PathLike)) or not (Path(path) / "model_index.json").is_file():
+        return None
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{Path(path) / 'model_index.json'}: unreadable ({exc})") from exc
+    return PIPELINE_CLASSES.get(str(index.get("_class_name")))
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+
+
+class CLIPPenultimateWrapper(nn.Module):
+    """An SDXL CLIP encoder: ``(input_ids) -> penultimate hidden states`` and, for ``text_encoder_2``
+    (``CLIPTextModelWithProjection``), also ``-> pooled projection`` (``text_embeds``)."""
+
+    def __init__(self, text_encoder: nn.Module, pooled: bool) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
+class MaskedEncoderWrapper(nn.Module):
+    """T5 or Gemma-2 encoder: ``(input_ids, attention_mask) -> last_hidden_state``."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+
+class MaskedPixArtWrapper(zoo.PixArtWrapper):
+    """PixArt-alpha with its text's attention mask: ``(sample, timestep, encoder_hidden_states,
+    encoder_attention_mask) -> noise_pred`` (the mask keeps padding out of cross-attention, as the pipeline
+    passes it)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            batch, _, height, width = sample.shape
+            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+            added["resolution"] = torch.tensor([[float(height), float(width)]]).expand(batch, 2)
+            added["aspect_ratio"] = torch.tensor([[height / width]]).expand(batch, 1)
+        return self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+class MaskedSanaWrapper(nn.Module):
+    """SANA with its text's attention mask: ``(sample, timestep, encoder_hidden_states,
+    encoder_attention_mask) -> flow prediction``."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class SetPlan:
+    """What an artifact set of one family holds: models by role, tokenizer folders to copy (set folder name
+    -> source) and the runtime's ``conditioning.json`` (None: the denoiser's inputs are all it needs)."""
+
+    family: str
+    models: dict[str, zoo.ZooModel] = field(default_factory=dict)
+    tokenizers: dict[str, Path] = field(default_factory=dict)
+    conditioning: dict[str, Any] | None = None
+
+
+def _load_transformers(component: Path, class_name: str) -> nn.Module:
+    """A transformers model from a pipeline subfolder, offline, refusing missing weights."""
+    import transformers
+
+    if not (component / "config.json").is_file():
+        raise ModelNotFoundError(f"{component}: no config.json; the pipeline needs this component")
+    config = json.loads((component / "config.json").read_text())
+    declared = str((config.get("architectures") or [class_name])[0])
+    if declared != class_name:
+        raise InputError(f"{component}: is a {declared}; this pipeline needs a {class_name}")
+    cls = getattr(transformers, class_name)
+    with zoo._offline():
+        try:
+            model, info = cls.from_pretrained(
+                str(component), local_files_only=True, dtype=torch.float32, output_loading_info=True
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFoundError(f"{component}: could not load {class_name} weights: {first}") from exc
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelNotFoundError(
+            f"{component}: weights do not match config.json: {len(missing)} missing, e.g. {missing[0]}"
+        )
+    return model.eval().requires_grad_(False)
+
+
+def _text_encoder(
+    module: nn.Module,
+    model: nn.Module,
+    *,
+    name: str,
+    inputs: tuple[torch.Tensor, ...],
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    meta: dict[str, Any],
+) -> zoo.ZooModel:
+    cfg = model.config
+    meta = {
+        "family": "text-encoder",
+        "seq_len": int(inputs[0].shape[1]),
+        "hidden_size": int(getattr(cfg, "hidden_size", None) or cfg.d_model),
+        "vocab_size": int(cfg.vocab_size),
+        "prediction_type": None,
+        "param_count": sum(p.numel() for p in module.parameters()),
+        "tiny": False,
+        **meta,
+    }
+    return zoo.ZooModel(
+        name=name,
+        family="text-encoder",
+        module=module.eval().requires_grad_(False),
+        example_inputs=inputs,
+        input_names=input_names,
+        output_names=output_names,
+        config=zoo._jsonable({"_class_name": type(model).__name__, **cfg.to_dict()}),
+        meta=zoo._jsonable(meta),
+    )
+
+
+def _scheduler_config(root: Path) -> dict[str, Any]:
+    config = zoo._read_json(root / "scheduler" / "scheduler_config.json")
+    return {k: v for k, v in config.items() if k != "_diffusers_version"}
+
+
+def _with_scheduler(model: zoo.ZooModel, root: Path, flow_shift: float | None = None) -> zoo.ZooModel:
+    """Record the pipeline's scheduler config in the denoiser's meta, which the runtime samples with (the
+    betas of DiT and PixArt differ from SD's; a flow model's shift)."""
+    config = _scheduler_config(root)
+    if config:
+        model.meta["scheduler_config"] = config
+    shift = config.get("flow_shift", config.get("shift")) if flow_shift is None else flow_shift
+    if model.meta.get("prediction_type") == "flow" and shift is not None:
+        model.meta["flow_shift"] = float(shift)
+    return model
+
+
+def _decoder(root: Path, den: zoo.ZooModel) -> zoo.ZooModel:
+    dec = zoo.load_local(root, subfolder="vae", latent_size=den.meta["latent_size"])
+    sample = tuple(den.example_inputs[0].shape[1:])
+    if tuple(dec.example_inputs[0].shape[1:]) != sample:
+        raise InputError(
+            f"{root / 'vae'}: takes latents {list(dec.example_inputs[0].shape)}; the denoiser makes {[1, *sample]}"
+        )
+    return dec
+
+
+def plan_set(
+    path: str | os.PathLike,
+    *,
+    batch: int = 2,
+    decoder: bool = True,
+    max_sequence_length: int | None = None,
+) -> SetPlan:
+    """Load and check the components of the pipeline folder ``path`` (see the module's docstring)."""
+    root = Path(path)
+    family = pipeline_family(root)
+    if family is None:
+        raise InputError(f"{root}: not a pipeline folder of {', '.join(PIPELINE_CLASSES)}")
+    plan = {"sdxl": _plan_sdxl, "dit": _plan_dit, "pixart": _plan_masked, "sana": _plan_masked}[family]
+    result = plan(root, family=family, batch=batch, max_sequence_length=max_sequence_length)
+    if decoder:
+        result.models["decoder"] = _decoder(root, result.models["denoiser"])
+    return result
+
+
+def _plan_dit(root: Path, *, family: str, batch: int, max_sequence_length: int | None) -> SetPlan:
+    den = zoo.load_local(root, subfolder="transformer", batch=batch)
+    if den.family != "dit":
+        raise InputError(f"{root / 'transformer'}: a DiTPipeline needs a DiT transformer, got a {den.family}")
+    return SetPlan(family, {"denoiser": _with_scheduler(den, root)})
+
+
+def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int | None) -> SetPlan:
+    from edgediff.runtime.tokenizer import CLIPTokenizer
+
+    if zoo._read_json(root / "model_index.json").get("requires_aesthetics_score"):
+        raise InputError(f"{root}: the SDXL refiner (aesthetic-score time ids) is not supported")
+    tokenizers = {}
+    encoders = {}
+    for role, tok_dir, class_name in (
+        ("text_encoder", "tokenizer", "CLIPTextModel"),
+        ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection"),
+    ):
+        model = _load_transformers(root / role, class_name)
+        tokenizer = CLIPTokenizer.from_directory(root / tok_dir)
+        cfg = model.config
+        # configs from before transformers PR #24773 say eos 2; the tokenizer's ids are then the real ones
+        ids = {k: getattr(tokenizer, k) for k in zoo.CLIP_TOKEN_IDS}
+        if cfg.eos_token_id != 2:
+            ids.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+        seq_len = tokenizer.model_max_length or cfg.max_position_embeddings
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=gen)
+        pooled = role == "text_encoder_2"
+        outputs = ("hidden_states", "text_embeds") if pooled else ("hidden_states",)
+        enc = _text_encoder(
+            CLIPPenultimateWrapper(model, pooled),
+            model,
+            name=f"{root.name}-{role}",
+            inputs=(example,),
+            input_names=("input_ids",),
+            output_names=outputs,
+            meta={
+                **ids,
+                "source": str((root / role).resolve()),
+                "projection_dim": getattr(cfg, "projection_dim", None),
+            },
+        )
+        tokenizer.check_fits(enc.meta, f"{role} {enc.name}")
+        encoders[role], tokenizers[tok_dir] = enc, root / tok_dir
+    one, two = encoders["text_encoder"], encoders["text_encoder_2"]
+    if one.meta["seq_len"] != two.meta["seq_len"]:
+        raise InputError(
+            f"{root}: tokenizer pads to {one.meta['seq_len']} tokens, tokenizer_2 to {two.meta['seq_len']}"
+        )
+    den = zoo.load_local(root, subfolder="unet", batch=batch, seq_len=one.meta["seq_len"])
+    names = den.input_names[2:]
+    if names != ("encoder_hidden_states", "text_embeds", "time_ids"):
+        raise InputError(
+            f"{root / 'unet'}: an SDXL UNet takes text_embeds and time_ids; this one takes {list(names)}"
+        )
+    width = one.meta["hidden_size"] + two.meta["hidden_size"]
+    takes = tuple(den.example_inputs[2].shape[2:])[0], int(den.example_inputs[3].shape[1])
+    pooled_dim = int(two.meta["projection_dim"])
+    if takes != (width, pooled_dim):
+        raise InputError(
+            f"{root}: the text encoders make {one.meta['hidden_size']}+{two.meta['hidden_size']} wide states and "
+            f"{pooled_dim}-wide pooled embeddings; the UNet takes {takes[0]} and {takes[1]}"
+        )
+    index = zoo._read_json(root / "model_index.json")
+    conditioning = {
+        "family": "sdxl",
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+    }
+    models = {"denoiser": _with_scheduler(den, root), **encoders}
+    return SetPlan(family, models, tokenizers, conditioning)
+
+
+def _plan_masked(root: Path, *, family: str, batch: int, max_sequence_length: int | None) -> SetPlan:
+    raise InputError(f"{root}: {family} pipelines are not supported yet")
