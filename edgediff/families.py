@@ -220,7 +220,8 @@ def _decoder(root: Path, den: zoo.ZooModel) -> zoo.ZooModel:
     sample = tuple(den.example_inputs[0].shape[1:])
     if tuple(dec.example_inputs[0].shape[1:]) != sample:
         raise InputError(
-            f"{root / 'vae'}: takes latents {list(dec.example_inputs[0].shape)}; the denoiser makes {[1, *sample]}"
+            f"{root / 'vae'}: takes latents {list(dec.example_inputs[0].shape)}; "
+            f"the denoiser makes {[1, *sample]}"
         )
     return dec
 
@@ -305,8 +306,8 @@ def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int 
     pooled_dim = int(two.meta["projection_dim"])
     if takes != (width, pooled_dim):
         raise InputError(
-            f"{root}: the text encoders make {one.meta['hidden_size']}+{two.meta['hidden_size']} wide states and "
-            f"{pooled_dim}-wide pooled embeddings; the UNet takes {takes[0]} and {takes[1]}"
+            f"{root}: the text encoders make {one.meta['hidden_size']}+{two.meta['hidden_size']} wide "
+            f"states and {pooled_dim}-wide pooled embeddings; the UNet takes {takes[0]} and {takes[1]}"
         )
     index = zoo._read_json(root / "model_index.json")
     conditioning = {
