@@ -85,14 +85,17 @@ def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
         decoder_tile=args.decoder_tile,
         resolutions=args.resolutions,
     )
-    for role in ("denoiser", "decoder", "text_encoder", "decoder_tile"):
+    for role in ("denoiser", "decoder", "text_encoder", "text_encoder_2", "decoder_tile"):
         if (root / role).is_dir():
             artifact = Artifact(root / role)
             signature = "; ".join(i.describe() for i in artifact.inputs)
             signature += " -> " + "; ".join(o.describe() for o in artifact.outputs)
             print(f"{role + '/':<14} {artifact.manifest['model']['name']}: {signature}")
-    if (root / "tokenizer").is_dir():
-        print(f"{'tokenizer/':<14} {', '.join(sorted(p.name for p in (root / 'tokenizer').iterdir()))}")
+    for name in ("tokenizer", "tokenizer_2"):
+        if (root / name).is_dir():
+            print(f"{name + '/':<14} {', '.join(sorted(p.name for p in (root / name).iterdir()))}")
+    if (root / "conditioning.json").is_file():
+        print(f"{'conditioning':<14} {(root / 'conditioning.json').read_text().strip()}".replace("\n", ""))
     print(f"wrote artifact set {root} for {args.target}")
     return 0
 
@@ -119,7 +122,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from edgediff.runtime.run import open_pipeline, print_memory
 
     pipeline = open_pipeline(args.artifacts, args)
-    if args.prompt is not None or args.negative_prompt is not None:
+    if (args.prompt is not None or args.negative_prompt is not None) and pipeline.conditioner is None:
         parts = (("text_encoder/", pipeline.text_encoder), ("tokenizer/", pipeline.tokenizer))
         missing = [name for name, part in parts if part is None]
         if missing:

@@ -43,7 +43,7 @@ def tiny_vae(scaling_factor: float = 0.18215) -> AutoencoderKL:
     )
 
 
-def _clip_config(hidden: int, projection: int) -> CLIPTextConfig:
+def clip_config(hidden: int, projection: int) -> CLIPTextConfig:
     # bos/eos are the vocabulary's last two ids, as write_tokenizer lays it out (and as in CLIP)
     return CLIPTextConfig(
         vocab_size=1000,
@@ -72,8 +72,8 @@ def write_sdxl_pipeline(folder: Path) -> StableDiffusionXLPipeline:
     )
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(0.13025),
-        text_encoder=_seeded(1, lambda: CLIPTextModel(_clip_config(16, 16))),
-        text_encoder_2=_seeded(2, lambda: CLIPTextModelWithProjection(_clip_config(16, 32))),
+        text_encoder=_seeded(1, lambda: CLIPTextModel(clip_config(16, 16))),
+        text_encoder_2=_seeded(2, lambda: CLIPTextModelWithProjection(clip_config(16, 32))),
         tokenizer=HFCLIPTokenizer.from_pretrained(tok1),
         tokenizer_2=HFCLIPTokenizer.from_pretrained(tok2),
         unet=_seeded(3, lambda: UNet2DConditionModel.from_config(zoo.TINY_SDXL_UNET_CONFIG)),

@@ -5,8 +5,7 @@ here. :func:`plan_set` loads every component it needs (the denoiser for the text
 the VAE decoder for the denoiser's latents, the text encoders wrapped to make what the pipeline feeds the
 denoiser), checks that they fit one another and that the tokenizers fit the encoders, and says which
 tokenizer folders to copy and what ``conditioning.json`` the runtime needs; nothing is compiled until all
-of it passed. The text encoder wrappers are here, beside the planning that picks them.
-"""
+of it passed."""
 
 from __future__ import annotations
 
@@ -19,8 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgediff import zoo
 from edgediff.errors import InputError, ModelNotFoundError
+from edgediff.zoo.configs import CLIP_TOKEN_IDS
+from edgediff.zoo.local import _offline, _read_json, load_local
+from edgediff.zoo.models import ZooModel, _jsonable
+from edgediff.zoo.wrappers import CLIPPenultimateWrapper
 
 # model_index.json _class_name -> family
 PIPELINE_CLASSES = {
@@ -42,88 +44,6 @@ def pipeline_family(path: Any) -> str | None:
     return PIPELINE_CLASSES.get(str(index.get("_class_name")))
 
 
-# ------------------------------------------------------------------------------------------------ wrappers
-
-
-class CLIPPenultimateWrapper(nn.Module):
-    """An SDXL CLIP encoder: ``(input_ids) -> penultimate hidden states`` and, for ``text_encoder_2``
-    (``CLIPTextModelWithProjection``), also ``-> pooled projection`` (``text_embeds``)."""
-
-    def __init__(self, text_encoder: nn.Module, pooled: bool) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-        self.pooled = pooled
-
-    def forward(self, input_ids: torch.Tensor) -> Any:
-        out = self.text_encoder(input_ids, output_hidden_states=True)
-        if self.pooled:
-            return out.hidden_states[-2], out.text_embeds
-        return out.hidden_states[-2]
-
-
-class MaskedEncoderWrapper(nn.Module):
-    """T5 or Gemma-2 encoder: ``(input_ids, attention_mask) -> last_hidden_state``."""
-
-    def __init__(self, text_encoder: nn.Module) -> None:
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-
-
-class MaskedPixArtWrapper(zoo.PixArtWrapper):
-    """PixArt-alpha with its text's attention mask: ``(sample, timestep, encoder_hidden_states,
-    encoder_attention_mask) -> noise_pred`` (the mask keeps padding out of cross-attention, as the pipeline
-    passes it)."""
-
-    def forward(  # type: ignore[override]
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
-        if self.transformer.use_additional_conditions:
-            batch, _, height, width = sample.shape
-            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
-            added["resolution"] = torch.tensor([[float(height), float(width)]]).expand(batch, 2)
-            added["aspect_ratio"] = torch.tensor([[height / width]]).expand(batch, 1)
-        return self.transformer(
-            sample,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            timestep=timestep,
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-
-
-class MaskedSanaWrapper(nn.Module):
-    """SANA with its text's attention mask: ``(sample, timestep, encoder_hidden_states,
-    encoder_attention_mask) -> flow prediction``."""
-
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        return self.transformer(
-            sample,
-            encoder_hidden_states=encoder_hidden_states,
-            encoder_attention_mask=encoder_attention_mask,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-
 # ---------------------------------------------------------------------------------------------- planning
 
 
@@ -133,7 +53,7 @@ class SetPlan:
     -> source) and the runtime's ``conditioning.json`` (None: the denoiser's inputs are all it needs)."""
 
     family: str
-    models: dict[str, zoo.ZooModel] = field(default_factory=dict)
+    models: dict[str, ZooModel] = field(default_factory=dict)
     tokenizers: dict[str, Path] = field(default_factory=dict)
     conditioning: dict[str, Any] | None = None
 
@@ -149,7 +69,7 @@ def _load_transformers(component: Path, class_name: str) -> nn.Module:
     if declared != class_name:
         raise InputError(f"{component}: is a {declared}; this pipeline needs a {class_name}")
     cls = getattr(transformers, class_name)
-    with zoo._offline():
+    with _offline():
         try:
             model, info = cls.from_pretrained(
                 str(component), local_files_only=True, dtype=torch.float32, output_loading_info=True
@@ -174,7 +94,7 @@ def _text_encoder(
     input_names: tuple[str, ...],
     output_names: tuple[str, ...],
     meta: dict[str, Any],
-) -> zoo.ZooModel:
+) -> ZooModel:
     cfg = model.config
     meta = {
         "family": "text-encoder",
@@ -186,24 +106,24 @@ def _text_encoder(
         "tiny": False,
         **meta,
     }
-    return zoo.ZooModel(
+    return ZooModel(
         name=name,
         family="text-encoder",
         module=module.eval().requires_grad_(False),
         example_inputs=inputs,
         input_names=input_names,
         output_names=output_names,
-        config=zoo._jsonable({"_class_name": type(model).__name__, **cfg.to_dict()}),
-        meta=zoo._jsonable(meta),
+        config=_jsonable({"_class_name": type(model).__name__, **cfg.to_dict()}),
+        meta=_jsonable(meta),
     )
 
 
 def _scheduler_config(root: Path) -> dict[str, Any]:
-    config = zoo._read_json(root / "scheduler" / "scheduler_config.json")
+    config = _read_json(root / "scheduler" / "scheduler_config.json")
     return {k: v for k, v in config.items() if k != "_diffusers_version"}
 
 
-def _with_scheduler(model: zoo.ZooModel, root: Path, flow_shift: float | None = None) -> zoo.ZooModel:
+def _with_scheduler(model: ZooModel, root: Path, flow_shift: float | None = None) -> ZooModel:
     """Record the pipeline's scheduler config in the denoiser's meta, which the runtime samples with (the
     betas of DiT and PixArt differ from SD's; a flow model's shift)."""
     config = _scheduler_config(root)
@@ -215,8 +135,8 @@ def _with_scheduler(model: zoo.ZooModel, root: Path, flow_shift: float | None = 
     return model
 
 
-def _decoder(root: Path, den: zoo.ZooModel) -> zoo.ZooModel:
-    dec = zoo.load_local(root, subfolder="vae", latent_size=den.meta["latent_size"])
+def _decoder(root: Path, den: ZooModel) -> ZooModel:
+    dec = load_local(root, subfolder="vae", latent_size=den.meta["latent_size"])
     sample = tuple(den.example_inputs[0].shape[1:])
     if tuple(dec.example_inputs[0].shape[1:]) != sample:
         raise InputError(
@@ -246,7 +166,7 @@ def plan_set(
 
 
 def _plan_dit(root: Path, *, family: str, batch: int, max_sequence_length: int | None) -> SetPlan:
-    den = zoo.load_local(root, subfolder="transformer", batch=batch)
+    den = load_local(root, subfolder="transformer", batch=batch)
     if den.family != "dit":
         raise InputError(f"{root / 'transformer'}: a DiTPipeline needs a DiT transformer, got a {den.family}")
     return SetPlan(family, {"denoiser": _with_scheduler(den, root)})
@@ -255,7 +175,7 @@ def _plan_dit(root: Path, *, family: str, batch: int, max_sequence_length: int |
 def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int | None) -> SetPlan:
     from edgediff.runtime.tokenizer import CLIPTokenizer
 
-    if zoo._read_json(root / "model_index.json").get("requires_aesthetics_score"):
+    if _read_json(root / "model_index.json").get("requires_aesthetics_score"):
         raise InputError(f"{root}: the SDXL refiner (aesthetic-score time ids) is not supported")
     tokenizers = {}
     encoders = {}
@@ -267,7 +187,7 @@ def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int 
         tokenizer = CLIPTokenizer.from_directory(root / tok_dir)
         cfg = model.config
         # configs from before transformers PR #24773 say eos 2; the tokenizer's ids are then the real ones
-        ids = {k: getattr(tokenizer, k) for k in zoo.CLIP_TOKEN_IDS}
+        ids = {k: getattr(tokenizer, k) for k in CLIP_TOKEN_IDS}
         if cfg.eos_token_id != 2:
             ids.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
         seq_len = tokenizer.model_max_length or cfg.max_position_embeddings
@@ -295,7 +215,7 @@ def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int 
         raise InputError(
             f"{root}: tokenizer pads to {one.meta['seq_len']} tokens, tokenizer_2 to {two.meta['seq_len']}"
         )
-    den = zoo.load_local(root, subfolder="unet", batch=batch, seq_len=one.meta["seq_len"])
+    den = load_local(root, subfolder="unet", batch=batch, seq_len=one.meta["seq_len"])
     names = den.input_names[2:]
     if names != ("encoder_hidden_states", "text_embeds", "time_ids"):
         raise InputError(
@@ -309,7 +229,7 @@ def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int 
             f"{root}: the text encoders make {one.meta['hidden_size']}+{two.meta['hidden_size']} wide "
             f"states and {pooled_dim}-wide pooled embeddings; the UNet takes {takes[0]} and {takes[1]}"
         )
-    index = zoo._read_json(root / "model_index.json")
+    index = _read_json(root / "model_index.json")
     conditioning = {
         "family": "sdxl",
         "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
