@@ -584,6 +584,7 @@ def compile_pipeline(
     require_cross_compiler: bool = False,
     decoder_tile: int | None = None,
     resolutions: Any = None,
+    max_sequence_length: int | None = None,
 ) -> Path:
     """Compile an artifact set: ``output_dir`` with ``denoiser/``, and ``decoder/``, ``text_encoder/`` and
     ``tokenizer/`` when given, which ``Pipeline.from_directory`` and ``edgediff generate`` run.
@@ -616,7 +617,10 @@ def compile_pipeline(
             require_cross_compiler=require_cross_compiler,
             decoder_tile=decoder_tile,
             resolutions=resolutions,
+            max_sequence_length=max_sequence_length,
         )
+    if max_sequence_length is not None:
+        raise InputError("max_sequence_length applies to PixArt-alpha and SANA pipeline folders only")
     enc = tok = None
     if text_encoder is not None:
         enc = _set_component(text_encoder, "text_encoder")
@@ -703,6 +707,7 @@ def _compile_family_set(
     require_cross_compiler: bool,
     decoder_tile: int | None,
     resolutions: Any,
+    max_sequence_length: int | None,
 ) -> Path:
     """An SDXL, PixArt-alpha, SANA or DiT pipeline folder as an artifact set: every component the family
     needs comes from the folder (see :mod:`edgediff.zoo.pipelines`), all loaded and checked before any is
@@ -721,7 +726,9 @@ def _compile_family_set(
             )
     if decoder_tile is not None:
         raise InputError("decoder_tile is supported for SD 1.x/2.x sets only")
-    plan = plan_set(root, batch=batch, decoder=(root / "vae").is_dir())
+    plan = plan_set(
+        root, batch=batch, decoder=(root / "vae").is_dir(), max_sequence_length=max_sequence_length
+    )
     with atomic_directory(Path(output_dir)) as staging:
         for role, model in plan.models.items():
             compile_model(

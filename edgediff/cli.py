@@ -84,6 +84,7 @@ def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
         require_cross_compiler=args.require_cross_compiler,
         decoder_tile=args.decoder_tile,
         resolutions=args.resolutions,
+        max_sequence_length=args.max_sequence_length,
     )
     for role in ("denoiser", "decoder", "text_encoder", "text_encoder_2", "decoder_tile"):
         if (root / role).is_dir():
@@ -387,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipe.add_argument("--require-cross-compiler", action="store_true", help="as for compile")
     pipe.add_argument("--resolutions", help=RESOLUTIONS_HELP + " (denoiser and decoder)")
+    pipe.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="text tokens of a PixArt-alpha (default 120) or SANA (300) pipeline folder's prompts",
+    )
     pipe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(run=_cmd_compile_pipeline)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,12 @@ from edgediff.errors import InputError, ModelNotFoundError
 from edgediff.zoo.configs import CLIP_TOKEN_IDS
 from edgediff.zoo.local import _offline, _read_json, load_local
 from edgediff.zoo.models import ZooModel, _jsonable
-from edgediff.zoo.wrappers import CLIPPenultimateWrapper
+from edgediff.zoo.wrappers import (
+    CLIPPenultimateWrapper,
+    MaskedEncoderWrapper,
+    MaskedPixArtWrapper,
+    MaskedSanaWrapper,
+)
 
 # model_index.json _class_name -> family
 PIPELINE_CLASSES = {
@@ -238,5 +243,85 @@ def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int 
     return SetPlan(family, models, tokenizers, conditioning)
 
 
+# The pipelines' default max_sequence_length and the transformers class of their text encoder.
+_MASKED = {"pixart": (120, "T5EncoderModel"), "sana": (300, "Gemma2Model")}
+# SanaPipeline.__call__'s default complex_human_instruction (its lines are joined with newlines).
+SANA_INSTRUCTION = [
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable "
+    "for image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
+    "overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, "
+    "sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing "
+    "street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by "
+    "towering glass skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+]
+
+
 def _plan_masked(root: Path, *, family: str, batch: int, max_sequence_length: int | None) -> SetPlan:
-    raise InputError(f"{root}: {family} pipelines are not supported yet")
+    """PixArt-alpha (T5) and SANA (Gemma-2): one encoder taking ids and mask; the transformer takes the
+    mask too."""
+    from edgediff.runtime.text_tokenizer import JSONTokenizer
+
+    default_len, class_name = _MASKED[family]
+    max_len = max_sequence_length or default_len
+    if max_len < 2:
+        raise InputError(f"max_sequence_length must be at least 2, got {max_len}")
+    tokenizer = JSONTokenizer(root / "tokenizer")
+    model = _load_transformers(root / "text_encoder", class_name)
+    instruction = SANA_INSTRUCTION if family == "sana" else []
+    # SANA encodes the instruction + prompt and keeps the first and the last max_len - 1 states
+    seq_len = tokenizer.count("\n".join(instruction)) + max_len - 2 if instruction else max_len
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tokenizer.vocab_size, (1, seq_len), generator=gen)
+    mask = torch.ones(1, seq_len, dtype=torch.int64)
+    mask[:, seq_len // 2 :] = 0  # right padding, as the runtime feeds it
+    enc = _text_encoder(
+        MaskedEncoderWrapper(model),
+        model,
+        name=f"{root.name}-text_encoder",
+        inputs=(ids, mask),
+        input_names=("input_ids", "attention_mask"),
+        output_names=("last_hidden_state",),
+        meta={"pad_token_id": tokenizer.pad_token_id, "source": str((root / "text_encoder").resolve())},
+    )
+    tokenizer.check_fits(enc.meta, f"text_encoder {enc.name}")
+    den = load_local(root, subfolder="transformer", batch=batch, seq_len=max_len)
+    if den.family != family:
+        raise InputError(
+            f"{root / 'transformer'}: a {family} pipeline needs a {family} transformer, got a {den.family}"
+        )
+    if den.input_names != ("sample", "timestep", "encoder_hidden_states"):
+        raise InputError(f"{root / 'transformer'}: inputs {list(den.input_names)} are not supported")
+    caption = int(den.meta["caption_channels"])
+    if caption != enc.meta["hidden_size"]:
+        raise InputError(
+            f"{root}: the text encoder makes {enc.meta['hidden_size']}-wide states; the transformer's "
+            f"captions are {caption} wide"
+        )
+    transformer = den.module.transformer
+    if family == "pixart":
+        module: nn.Module = MaskedPixArtWrapper(transformer, den.meta["vae_scale_factor"])
+    else:
+        module = MaskedSanaWrapper(transformer)
+    sample = den.example_inputs[0]
+    text_mask = torch.ones(sample.shape[0], max_len)
+    text_mask[:, max_len // 2 :] = 0.0
+    den = replace(
+        den,
+        module=module.eval().requires_grad_(False),
+        example_inputs=(*den.example_inputs, text_mask),
+        input_names=(*den.input_names, "encoder_attention_mask"),
+    )
+    conditioning: dict[str, Any] = {"family": family, "max_sequence_length": max_len}
+    if instruction:
+        conditioning["complex_human_instruction"] = instruction
+    models = {"denoiser": _with_scheduler(den, root), "text_encoder": enc}
+    return SetPlan(family, models, {"tokenizer": root / "tokenizer"}, conditioning)

@@ -7,6 +7,7 @@ The in-memory pipeline is returned too: it is the reference the compiled set is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,23 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 
 from edgediff import zoo
-from tests.runtime.tokenizer_fixtures import write_tokenizer
+from tests.runtime.tokenizer_fixtures import CORPUS, write_tokenizer
 
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 DIT_BETAS = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}  # facebook/DiT-XL-2-256
@@ -99,4 +109,62 @@ def write_dit_pipeline(folder: Path) -> DiTPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
+    return pipe
+
+
+def write_t5_tokenizer(folder: Path) -> Path:
+    """A T5-style tokenizer.json built with ``tokenizers``: a unigram model trained on the test corpus,
+    Metaspace pre-tokenization, ``</s>`` appended, ids 0/1/2 = pad/eos/unk as in T5."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.Replace(" {2,}", " ")
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    tokenizer.train_from_iterator(CORPUS.split("\n"), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 512}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "T5Tokenizer"}))
+    return folder
+
+
+def t5_config(vocab_size: int = 256, d_model: int = 32) -> T5Config:
+    """A tiny T5 v1.1 encoder (gated GELU, relative position buckets), ``d_model`` = the captions' width."""
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    )
+
+
+def write_pixart_pipeline(folder: Path) -> PixArtAlphaPipeline:
+    """PixArt-alpha: a tiny T5 encoder (32 wide = the transformer's caption_channels), its unigram
+    tokenizer, the tiny PixArt transformer (learned sigma) and VAE."""
+    tokenizer = T5Tokenizer.from_pretrained(write_t5_tokenizer(folder / "_tokenizer"))
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_seeded(1, lambda: T5EncoderModel(t5_config())),
+        vae=tiny_vae(),
+        transformer=_seeded(2, lambda: PixArtTransformer2DModel.from_config(zoo.TINY_PIXART_CONFIG)),
+        scheduler=DPMSolverMultistepScheduler(**DIT_BETAS, algorithm_type="dpmsolver++"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    for file in (folder / "_tokenizer").iterdir():
+        file.unlink()
+    (folder / "_tokenizer").rmdir()
     return pipe
