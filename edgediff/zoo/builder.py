@@ -26,6 +26,7 @@ from edgediff.zoo.configs import (
 )
 from edgediff.zoo.wrappers import (
     CLIPTextEncoderWrapper,
+    DCAEDecoderWrapper,
     DiTWrapper,
     PixArtWrapper,
     SanaWrapper,
@@ -166,6 +167,7 @@ def family_of(model: nn.Module) -> str:
         "PixArtTransformer2DModel": "pixart",
         "SanaTransformer2DModel": "sana",
         "AutoencoderKL": "vae-decoder",
+        "AutoencoderDC": "vae-decoder",  # SANA's deep-compression autoencoder
         "CLIPTextModel": "text-encoder",
     }
     if name not in families:
@@ -254,9 +256,11 @@ def make_zoo_model(
             model, name=name, batch=batch, seed=seed, seq_len=seq_len, extra_meta=extra_meta
         )
 
+    dc_ae = type(model).__name__ == "AutoencoderDC"
     if family == "vae-decoder":
-        n_up = len(cfg.block_out_channels) - 1
-        default_latent = int(_first(cfg.sample_size)) // 2**n_up
+        n_up = len(cfg.decoder_block_out_channels if dc_ae else cfg.block_out_channels) - 1
+        # a DC-AE config has no sample size: SANA's 1024px images are 32x32 latents
+        default_latent = 32 if dc_ae else int(_first(cfg.sample_size)) // 2**n_up
         vae_scale_factor = 2**n_up
     else:
         default_latent = int(_first(cfg.sample_size))
@@ -363,14 +367,14 @@ def make_zoo_model(
             text_dim=cfg.caption_channels,
         )
     else:
-        module = VAEDecoderWrapper(model)
+        module = DCAEDecoderWrapper(model) if dc_ae else VAEDecoderWrapper(model)
         inputs = (sample,)
         names = ("latent",)
         out_names = ("image",)
         meta.update(
             scaling_factor=module.scaling_factor,
             shift_factor=module.shift_factor,
-            image_channels=cfg.out_channels,
+            image_channels=cfg.in_channels if dc_ae else cfg.out_channels,
             output_range=[-1.0, 1.0],
         )
 
@@ -391,7 +395,7 @@ def make_zoo_model(
         )
     else:
         latent_channels = int(cfg.latent_channels)
-        out_ch = int(cfg.out_channels)
+        out_ch = int(cfg.in_channels if dc_ae else cfg.out_channels)
         meta["prediction_type"] = None
         meta.setdefault("learned_sigma", False)
 

@@ -440,6 +440,7 @@ WRAPPABLE = (
     "PixArtTransformer2DModel",
     "SanaTransformer2DModel",
     "AutoencoderKL",
+    "AutoencoderDC",
     "CLIPTextModel",
 )
 TRANSFORMERS_CLASSES = ("CLIPTextModel",)  # built from the transformers library, not diffusers

@@ -148,6 +148,20 @@ class VAEDecoderWrapper(nn.Module):
         return self.decoder(z)
 
 
+class DCAEDecoderWrapper(nn.Module):
+    """AutoencoderDC (SANA's DC-AE) decoder: ``(latent) -> image``, i.e.
+    ``vae.decode(latent / scaling_factor).sample`` without tiling; only the decoder's weights are kept."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.decoder = vae.decoder
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = 0.0
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent / self.scaling_factor)
+
+
 class CLIPTextEncoderWrapper(nn.Module):
     """CLIP text encoder (transformers' ``CLIPTextModel``): ``(input_ids) -> last_hidden_state``.
 
@@ -237,6 +251,7 @@ class MaskedSanaWrapper(nn.Module):
             sample,
             encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask,
-            timestep=timestep,
+            # SanaPipeline scales the timestep by the config's timestep_scale (1 for SANA 600M / 1.6B)
+            timestep=timestep * float(self.transformer.config.timestep_scale),
             return_dict=False,
         )[0]

@@ -13,13 +13,17 @@ from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -27,6 +31,9 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -161,6 +168,99 @@ def write_pixart_pipeline(folder: Path) -> PixArtAlphaPipeline:
         vae=tiny_vae(),
         transformer=_seeded(2, lambda: PixArtTransformer2DModel.from_config(zoo.TINY_PIXART_CONFIG)),
         scheduler=DPMSolverMultistepScheduler(**DIT_BETAS, algorithm_type="dpmsolver++"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    for file in (folder / "_tokenizer").iterdir():
+        file.unlink()
+    (folder / "_tokenizer").rmdir()
+    return pipe
+
+
+def write_gemma_tokenizer(folder: Path) -> Path:
+    """A Gemma-style tokenizer.json built with ``tokenizers``: byte-fallback BPE over "\u2581"-joined words
+    (no pre-tokenizer), ``<bos>`` prepended, ids 0-3 = pad/eos/bos/unk as in Gemma; trained on the test
+    corpus and SANA's instruction so that the instruction takes 303 tokens, not thousands."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    from edgediff.zoo.pipelines import SANA_INSTRUCTION
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials + alphabet, show_progress=False)
+    tokenizer.train_from_iterator((CORPUS + "\n".join(SANA_INSTRUCTION)).split("\n"), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {
+        "pad_token": "<pad>",
+        "eos_token": "<eos>",
+        "bos_token": "<bos>",
+        "unk_token": "<unk>",
+        "model_max_length": 8192,
+        "padding_side": "left",  # as Gemma ships it; SanaPipeline pads on the right
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
+    return folder
+
+
+def gemma_config(vocab_size: int = 704, hidden_size: int = 32) -> Gemma2Config:
+    """A tiny Gemma-2 (grouped-query attention, soft-capping, a sliding window shorter than SANA's 309
+    tokens so that the sliding layers' mask matters)."""
+    return Gemma2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+
+
+def tiny_dc_ae() -> AutoencoderDC:
+    """A DC-AE with three levels (4x) and one linear-attention block, 8 latent channels."""
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
+    return _seeded(
+        0,
+        lambda: AutoencoderDC(
+            latent_channels=8,
+            attention_head_dim=8,
+            encoder_block_types=blocks,
+            decoder_block_types=blocks,
+            encoder_block_out_channels=(8, 16, 16),
+            decoder_block_out_channels=(8, 16, 16),
+            encoder_layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1),
+            encoder_qkv_multiscales=((), (), (5,)),
+            decoder_qkv_multiscales=((), (), (5,)),
+            scaling_factor=0.41407,
+        ),
+    )
+
+
+def write_sana_pipeline(folder: Path) -> SanaPipeline:
+    """SANA: a tiny Gemma-2 encoder (32 wide = caption_channels), its BPE tokenizer, the tiny SANA
+    transformer, a tiny DC-AE and SANA's flow-matching scheduler with shift 3."""
+    tokenizer = GemmaTokenizer.from_pretrained(write_gemma_tokenizer(folder / "_tokenizer"))
+    pipe = SanaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_seeded(1, lambda: Gemma2Model(gemma_config())),
+        vae=tiny_dc_ae(),
+        transformer=_seeded(2, lambda: SanaTransformer2DModel.from_config(zoo.TINY_SANA_CONFIG)),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(folder)
