@@ -21,10 +21,8 @@ from torch import nn
 from edgediff.errors import InputError, ModelNotFoundError
 from edgediff.zoo.configs import CLIP_TOKEN_IDS
 from edgediff.zoo.local import _offline, _read_json, load_local
-from edgediff.zoo.models import ZooModel, _jsonable
+from edgediff.zoo.models import ZooModel, make_prompt_encoder
 from edgediff.zoo.wrappers import (
-    CLIPPenultimateWrapper,
-    MaskedEncoderWrapper,
     MaskedPixArtWrapper,
     MaskedSanaWrapper,
 )
@@ -88,39 +86,6 @@ def _load_transformers(component: Path, class_name: str) -> nn.Module:
             f"{component}: weights do not match config.json: {len(missing)} missing, e.g. {missing[0]}"
         )
     return model.eval().requires_grad_(False)
-
-
-def _text_encoder(
-    module: nn.Module,
-    model: nn.Module,
-    *,
-    name: str,
-    inputs: tuple[torch.Tensor, ...],
-    input_names: tuple[str, ...],
-    output_names: tuple[str, ...],
-    meta: dict[str, Any],
-) -> ZooModel:
-    cfg = model.config
-    meta = {
-        "family": "text-encoder",
-        "seq_len": int(inputs[0].shape[1]),
-        "hidden_size": int(getattr(cfg, "hidden_size", None) or cfg.d_model),
-        "vocab_size": int(cfg.vocab_size),
-        "prediction_type": None,
-        "param_count": sum(p.numel() for p in module.parameters()),
-        "tiny": False,
-        **meta,
-    }
-    return ZooModel(
-        name=name,
-        family="text-encoder",
-        module=module.eval().requires_grad_(False),
-        example_inputs=inputs,
-        input_names=input_names,
-        output_names=output_names,
-        config=_jsonable({"_class_name": type(model).__name__, **cfg.to_dict()}),
-        meta=_jsonable(meta),
-    )
 
 
 def _scheduler_config(root: Path) -> dict[str, Any]:
@@ -195,23 +160,12 @@ def _plan_sdxl(root: Path, *, family: str, batch: int, max_sequence_length: int 
         ids = {k: getattr(tokenizer, k) for k in CLIP_TOKEN_IDS}
         if cfg.eos_token_id != 2:
             ids.update(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
-        seq_len = tokenizer.model_max_length or cfg.max_position_embeddings
-        gen = torch.Generator().manual_seed(0)
-        example = torch.randint(0, cfg.vocab_size, (1, seq_len), generator=gen)
-        pooled = role == "text_encoder_2"
-        outputs = ("hidden_states", "text_embeds") if pooled else ("hidden_states",)
-        enc = _text_encoder(
-            CLIPPenultimateWrapper(model, pooled),
+        enc = make_prompt_encoder(
             model,
             name=f"{root.name}-{role}",
-            inputs=(example,),
-            input_names=("input_ids",),
-            output_names=outputs,
-            meta={
-                **ids,
-                "source": str((root / role).resolve()),
-                "projection_dim": getattr(cfg, "projection_dim", None),
-            },
+            seq_len=tokenizer.model_max_length or cfg.max_position_embeddings,
+            penultimate=True,
+            extra_meta={**ids, "source": str((root / role).resolve())},
         )
         tokenizer.check_fits(enc.meta, f"{role} {enc.name}")
         encoders[role], tokenizers[tok_dir] = enc, root / tok_dir
@@ -279,18 +233,11 @@ def _plan_masked(root: Path, *, family: str, batch: int, max_sequence_length: in
     instruction = SANA_INSTRUCTION if family == "sana" else []
     # SANA encodes the instruction + prompt and keeps the first and the last max_len - 1 states
     seq_len = tokenizer.count("\n".join(instruction)) + max_len - 2 if instruction else max_len
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, tokenizer.vocab_size, (1, seq_len), generator=gen)
-    mask = torch.ones(1, seq_len, dtype=torch.int64)
-    mask[:, seq_len // 2 :] = 0  # right padding, as the runtime feeds it
-    enc = _text_encoder(
-        MaskedEncoderWrapper(model),
+    enc = make_prompt_encoder(
         model,
         name=f"{root.name}-text_encoder",
-        inputs=(ids, mask),
-        input_names=("input_ids", "attention_mask"),
-        output_names=("last_hidden_state",),
-        meta={"pad_token_id": tokenizer.pad_token_id, "source": str((root / "text_encoder").resolve())},
+        seq_len=seq_len,
+        extra_meta={"pad_token_id": tokenizer.pad_token_id, "source": str((root / "text_encoder").resolve())},
     )
     tokenizer.check_fits(enc.meta, f"text_encoder {enc.name}")
     den = load_local(root, subfolder="transformer", batch=batch, seq_len=max_len)
