@@ -600,6 +600,10 @@ def compile_pipeline(
     that size into ``decoder_tile/``: a memory-capped run decodes in overlapping tiles with it.
     ``resolutions`` (see :func:`compile_model`) apply to the denoiser and the decoder alike, so that every
     latent the denoiser makes can be decoded. The set is written atomically, like an artifact.
+
+    A pipeline folder of SDXL, PixArt-alpha, SANA or DiT as ``denoiser`` is compiled whole, every component
+    from the folder (see :mod:`edgediff.zoo.pipelines`); ``max_sequence_length`` is then the prompt tokens
+    of PixArt-alpha (default 120) or SANA (300).
     """
     from edgediff import zoo
     from edgediff.errors import InputError
