@@ -77,6 +77,18 @@ def clip_config(hidden: int, projection: int) -> CLIPTextConfig:
     )
 
 
+# zoo.TINY_SDXL_UNET_CONFIG with one level fewer (the compile is the slowest part of the SDXL test): still
+# text_time added conditioning, per-block head counts, linear projections, two transformer layers deep down.
+SDXL_UNET_CONFIG = {
+    **zoo.TINY_SDXL_UNET_CONFIG,
+    "attention_head_dim": [1, 2],
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "transformer_layers_per_block": [1, 2],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+
 def write_sdxl_pipeline(folder: Path) -> StableDiffusionXLPipeline:
     """SDXL: CLIP ViT-L-like ``text_encoder`` (16 wide) and OpenCLIP-bigG-like ``text_encoder_2`` with a
     32-wide projection (16 wide), whose penultimate states concatenate to the UNet's 32-wide cross-attention
@@ -93,7 +105,7 @@ def write_sdxl_pipeline(folder: Path) -> StableDiffusionXLPipeline:
         text_encoder_2=_seeded(2, lambda: CLIPTextModelWithProjection(clip_config(16, 32))),
         tokenizer=HFCLIPTokenizer.from_pretrained(tok1),
         tokenizer_2=HFCLIPTokenizer.from_pretrained(tok2),
-        unet=_seeded(3, lambda: UNet2DConditionModel.from_config(zoo.TINY_SDXL_UNET_CONFIG)),
+        unet=_seeded(3, lambda: UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)),
         scheduler=EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="leading", steps_offset=1),
         force_zeros_for_empty_prompt=True,
     )
