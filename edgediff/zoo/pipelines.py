@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from edgediff.errors import InputError, ModelNotFoundError
+from edgediff.zoo.builder import ZooModel, make_prompt_encoder
 from edgediff.zoo.configs import CLIP_TOKEN_IDS
 from edgediff.zoo.local import _offline, _read_json, load_local
-from edgediff.zoo.models import ZooModel, make_prompt_encoder
 from edgediff.zoo.wrappers import (
     MaskedPixArtWrapper,
     MaskedSanaWrapper,
