@@ -586,6 +586,7 @@ def compile_pipeline(
     require_cross_compiler: bool = False,
     decoder_tile: int | None = None,
     resolutions: Any = None,
+    max_sequence_length: int | None = None,
 ) -> Path:
     """Compile an artifact set: ``output_dir`` with ``denoiser/``, and ``decoder/``, ``text_encoder/`` and
     ``tokenizer/`` when given, which ``Pipeline.from_directory`` and ``edgediff generate`` run.
@@ -601,11 +602,31 @@ def compile_pipeline(
     that size into ``decoder_tile/``: a memory-capped run decodes in overlapping tiles with it.
     ``resolutions`` (see :func:`compile_model`) apply to the denoiser and the decoder alike, so that every
     latent the denoiser makes can be decoded. The set is written atomically, like an artifact.
+
+    A pipeline folder of SDXL, PixArt-alpha, SANA or DiT as ``denoiser`` is compiled whole, every component
+    from the folder (see :mod:`edgediff.zoo.pipelines`); ``max_sequence_length`` is then the prompt tokens
+    of PixArt-alpha (default 120) or SANA (300).
     """
     from edgediff import zoo
     from edgediff.errors import InputError
     from edgediff.runtime.tokenizer import TOKENIZER_FILES, CLIPTokenizer
+    from edgediff.zoo.pipelines import pipeline_family
 
+    if pipeline_family(denoiser) is not None:
+        return _compile_family_set(
+            Path(denoiser),
+            {"decoder": decoder, "text_encoder": text_encoder, "tokenizer": tokenizer},
+            target=target,
+            output_dir=output_dir,
+            batch=batch,
+            progress=progress,
+            require_cross_compiler=require_cross_compiler,
+            decoder_tile=decoder_tile,
+            resolutions=resolutions,
+            max_sequence_length=max_sequence_length,
+        )
+    if max_sequence_length is not None:
+        raise InputError("max_sequence_length applies to PixArt-alpha and SANA pipeline folders only")
     enc = tok = None
     if text_encoder is not None:
         enc = _set_component(text_encoder, "text_encoder")
@@ -678,6 +699,56 @@ def compile_pipeline(
             for name in TOKENIZER_FILES:
                 if (tok.path / name).is_file():
                     shutil.copy2(tok.path / name, staging / "tokenizer" / name)
+    return Path(output_dir)
+
+
+def _compile_family_set(
+    root: Path,
+    others: Mapping[str, Any],
+    *,
+    target: Any,
+    output_dir: str | os.PathLike,
+    batch: int,
+    progress: bool,
+    require_cross_compiler: bool,
+    decoder_tile: int | None,
+    resolutions: Any,
+    max_sequence_length: int | None,
+) -> Path:
+    """An SDXL, PixArt-alpha, SANA or DiT pipeline folder as an artifact set: every component the family
+    needs comes from the folder (see :mod:`edgediff.zoo.pipelines`), all loaded and checked before any is
+    compiled; the tokenizers are copied and ``conditioning.json`` says how the runtime builds the
+    conditioning from prompts."""
+    import json
+
+    from edgediff.runtime.conditioning import CONDITIONING_FILE
+    from edgediff.zoo.pipelines import plan_set
+
+    for role, value in others.items():
+        # the folder holds the components that fit its denoiser: another one would be a mismatch
+        if value is not None and (not isinstance(value, (str, os.PathLike)) or Path(value) != root):
+            raise InputError(
+                f"{root} is a pipeline folder: its {role} comes from it; do not pass {role}= (got {value})"
+            )
+    if decoder_tile is not None:
+        raise InputError("decoder_tile is supported for SD 1.x/2.x sets only")
+    plan = plan_set(
+        root, batch=batch, decoder=(root / "vae").is_dir(), max_sequence_length=max_sequence_length
+    )
+    with atomic_directory(Path(output_dir)) as staging:
+        for role, model in plan.models.items():
+            compile_model(
+                model,
+                target=target,
+                output_dir=staging / role,
+                progress=progress,
+                require_cross_compiler=require_cross_compiler,
+                resolutions=resolutions if role in ("denoiser", "decoder") else None,
+            )
+        for name, source in plan.tokenizers.items():
+            shutil.copytree(source, staging / name)
+        if plan.conditioning is not None:
+            (staging / CONDITIONING_FILE).write_text(json.dumps(plan.conditioning, indent=1) + "\n")
     return Path(output_dir)
 
 

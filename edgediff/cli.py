@@ -84,15 +84,19 @@ def _cmd_compile_pipeline(args: argparse.Namespace) -> int:
         require_cross_compiler=args.require_cross_compiler,
         decoder_tile=args.decoder_tile,
         resolutions=args.resolutions,
+        max_sequence_length=args.max_sequence_length,
     )
-    for role in ("denoiser", "decoder", "text_encoder", "decoder_tile"):
+    for role in ("denoiser", "decoder", "text_encoder", "text_encoder_2", "decoder_tile"):
         if (root / role).is_dir():
             artifact = Artifact(root / role)
             signature = "; ".join(i.describe() for i in artifact.inputs)
             signature += " -> " + "; ".join(o.describe() for o in artifact.outputs)
             print(f"{role + '/':<14} {artifact.manifest['model']['name']}: {signature}")
-    if (root / "tokenizer").is_dir():
-        print(f"{'tokenizer/':<14} {', '.join(sorted(p.name for p in (root / 'tokenizer').iterdir()))}")
+    for name in ("tokenizer", "tokenizer_2"):
+        if (root / name).is_dir():
+            print(f"{name + '/':<14} {', '.join(sorted(p.name for p in (root / name).iterdir()))}")
+    if (root / "conditioning.json").is_file():
+        print(f"{'conditioning':<14} {(root / 'conditioning.json').read_text().strip()}".replace("\n", ""))
     print(f"wrote artifact set {root} for {args.target}")
     return 0
 
@@ -119,7 +123,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from edgediff.runtime.run import open_pipeline, print_memory
 
     pipeline = open_pipeline(args.artifacts, args)
-    if args.prompt is not None or args.negative_prompt is not None:
+    if (args.prompt is not None or args.negative_prompt is not None) and pipeline.conditioner is None:
         parts = (("text_encoder/", pipeline.text_encoder), ("tokenizer/", pipeline.tokenizer))
         missing = [name for name, part in parts if part is None]
         if missing:
@@ -384,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipe.add_argument("--require-cross-compiler", action="store_true", help="as for compile")
     pipe.add_argument("--resolutions", help=RESOLUTIONS_HELP + " (denoiser and decoder)")
+    pipe.add_argument(
+        "--max-sequence-length",
+        type=int,
+        help="text tokens of a PixArt-alpha (default 120) or SANA (300) pipeline folder's prompts",
+    )
     pipe.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     pipe.set_defaults(run=_cmd_compile_pipeline)
 

@@ -37,6 +37,9 @@ FULL_PARAMS = {
     "sana-600m": 591_747_872,  # "0.6B" / 590M (SANA paper)
     "sd-vae-decoder": 83_653_863,  # whole AutoencoderKL; the decoder path alone is 49,490,199
     "clip-text-l14": 123_060_480,  # the SD 1.5 text encoder (CLIP ViT-L/14 text tower)
+    "clip-text-bigg14": 694_659_840,  # SDXL's text_encoder_2 (OpenCLIP bigG text tower + projection)
+    "t5-v1_1-xxl-encoder": 4_762_310_656,  # PixArt-alpha's T5-XXL, encoder only
+    "gemma-2-2b": 2_614_341_888,  # SANA's Gemma-2 2B
 }
 
 
@@ -57,7 +60,7 @@ def tiny_models() -> dict[str, zoo.ZooModel]:
 
 def test_list_models_complete() -> None:
     full = ["sd15-unet", "sdxl-unet", "dit-xl-2", "pixart-alpha", "sana-600m", "sd-vae-decoder"]
-    full += ["clip-text-l14"]
+    full += ["clip-text-l14", "clip-text-bigg14", "t5-v1_1-xxl-encoder", "gemma-2-2b"]
     tiny = ["tiny-sd15-unet", "tiny-sdxl-unet", "tiny-dit", "tiny-pixart", "tiny-sana", "tiny-vae-decoder"]
     tiny += ["tiny-clip-text"]
     assert zoo.list_models() == full + tiny
@@ -383,6 +386,14 @@ def test_full_size_wrappers_on_meta_device() -> None:
     ids = {k: clip.meta[f"{k}_token_id"] for k in ("bos", "eos", "pad")}
     assert ids == {"bos": 49406, "eos": 49407, "pad": 49407}
     assert (clip.meta["seq_len"], clip.meta["hidden_size"], clip.meta["vocab_size"]) == (77, 768, 49408)
+    bigg = wrap_meta("clip-text-bigg14")  # SDXL's second encoder: penultimate states + pooled projection
+    assert bigg.output_names == ("hidden_states", "text_embeds") and bigg.meta["projection_dim"] == 1280
+    assert (bigg.meta["seq_len"], bigg.meta["eos_token_id"]) == (77, 49407)
+    for name, seq_len, width in (("t5-v1_1-xxl-encoder", 120, 4096), ("gemma-2-2b", 300, 2304)):
+        encoder = wrap_meta(name)  # ids and attention mask in, last hidden state out
+        assert encoder.input_names == ("input_ids", "attention_mask")
+        assert [tuple(t.shape) for t in encoder.example_inputs] == [(1, seq_len)] * 2
+        assert encoder.meta["hidden_size"] == width and encoder.meta["pad_token_id"] == 0
     vae = wrap_meta("sd-vae-decoder")
     assert vae.meta["param_count"] == 49_490_199  # the decoder path only
     assert vae.example_inputs[0].shape == (1, 4, 64, 64) and vae.meta["image_size"] == 512

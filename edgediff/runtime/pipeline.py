@@ -19,6 +19,7 @@ import numpy as np
 
 from edgediff.errors import EdgediffError, InputError
 from edgediff.runtime.artifact import CompiledModule, resolutions_text
+from edgediff.runtime.conditioning import PromptConditioner, load_conditioner, read_conditioning
 from edgediff.runtime.image import to_uint8_image
 from edgediff.runtime.memory import (
     MemoryPlan,
@@ -97,8 +98,11 @@ class Pipeline:
         *,
         tile_decoder: CompiledModule | None = None,
         max_memory: int | str | None = None,
+        conditioner: PromptConditioner | None = None,
     ) -> None:
         self.denoiser = denoiser
+        # SDXL / PixArt / SANA: the text encoders and how prompts become the denoiser's conditioning
+        self.conditioner = conditioner
         self.decoder = decoder
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -136,8 +140,14 @@ class Pipeline:
                     f"tile decoder {tile_decoder.path} takes latents {list(tile)}: expected square tiles of "
                     f"{self.latent_shape[1]} channels no larger than the latents {list(self.latent_shape)}"
                 )
+        if text_encoder is not None and conditioner is not None:
+            raise InputError("give either a CLIP text encoder or a conditioner, not both")
         if text_encoder is not None:
             self._check_text_encoder(text_encoder, tokenizer)
+        if conditioner is not None:
+            conditioner.check(self.conditioning)
+            if max_memory is not None:
+                raise InputError(f"--max-memory is not supported for {conditioner.family} sets yet")
         self.max_memory: int | None = None
         self._baseline: int | None = None
         self.memory_plan: MemoryPlan | None = None
@@ -215,6 +225,16 @@ class Pipeline:
             role: root / role if (root / role).is_dir() else None
             for role in (*ARTIFACT_SET_ROLES, TOKENIZER_DIR, TILE_DECODER_DIR)
         }
+        options = read_conditioning(root)
+        if options is not None:  # SDXL, PixArt-alpha, SANA: the text encoders belong to the conditioner
+            load = lambda role: CompiledModule(found[role], verify=verify) if found[role] else None  # noqa: E731
+            return cls(
+                load("denoiser"),
+                load("decoder"),
+                conditioner=load_conditioner(root, options, verify=verify),
+                tile_decoder=load(TILE_DECODER_DIR),
+                max_memory=max_memory,
+            )
         return cls.from_artifacts(
             found["denoiser"],
             found["decoder"],
@@ -230,6 +250,7 @@ class Pipeline:
     def _modules(self) -> dict[str, CompiledModule]:
         roles = {
             "text_encoder": self.text_encoder,
+            **(self.conditioner.encoders if self.conditioner is not None else {}),
             "denoiser": self.denoiser,
             "decoder": self.decoder,
             TILE_DECODER_DIR: self.tile_decoder,
@@ -338,6 +359,7 @@ class Pipeline:
         negative: Mapping[str, Any] | np.ndarray | None,
         use_cfg: bool,
         timings: Timings,
+        latent_shape: tuple[int, ...] | None = None,
     ) -> tuple[Any, Any]:
         """Prompt text to conditioning: the prompt's embeddings and, with guidance, the negative prompt's
         (the empty prompt's unless given, as diffusers does); negative text is unused without guidance."""
@@ -346,6 +368,16 @@ class Pipeline:
         if negative_prompt is not None and negative is not None:
             raise InputError("give either a negative prompt or negative embeddings, not both")
         start = time.perf_counter()
+        if self.conditioner is not None:
+            if prompt is None:
+                raise InputError(f"a {self.conditioner.family} set takes the prompt as text: give prompt=")
+            scale = int(self.meta.get("vae_scale_factor") or 8)
+            shape = latent_shape or self.latent_shape
+            conditioning, negative = self.conditioner.encode(
+                prompt, negative_prompt, use_cfg=use_cfg, height=shape[2] * scale, width=shape[3] * scale
+            )
+            timings.text_encoder = time.perf_counter() - start
+            return conditioning, negative
         if self.text_encoder is not None:
             self._enter("text_encoder")
         if prompt is not None:
@@ -396,6 +428,14 @@ class Pipeline:
         if steps < 1:
             raise SamplerError(f"steps must be at least 1, got {steps}")
         config = self.meta.get("scheduler_config")
+        if (
+            config
+            and self.prediction_type == "flow"
+            and "flow_shift" in self.meta
+            and name.startswith("flow")
+        ):
+            # the pipeline's shift (SANA's DPM-Solver config calls it flow_shift, flow-euler calls it shift)
+            options.setdefault("shift", self.meta["flow_shift"])
         if config:
             return Sampler.from_diffusers_config(
                 name, {**config, "prediction_type": self.prediction_type}, steps, **options
@@ -501,9 +541,11 @@ class Pipeline:
         timings = Timings()
         chosen = self.make_sampler(sampler, steps, **dict(sampler_options or {}))
         use_cfg = guidance_scale > 1.0
+        # the image size first: SDXL's time ids hold it
+        latent_shape = self.latent_shape_for(height, width, latents, decode)
         if prompt is not None or negative_prompt is not None:
             conditioning, negative = self._encode_prompts(
-                prompt, negative_prompt, conditioning, negative, use_cfg, timings
+                prompt, negative_prompt, conditioning, negative, use_cfg, timings, latent_shape
             )
         cond = self._conditioning(conditioning, "conditioning")
         uncond = None
@@ -519,7 +561,6 @@ class Pipeline:
                 uncond = self._conditioning(negative, "negative conditioning")
 
         rng = np.random.default_rng(seed)
-        latent_shape = self.latent_shape_for(height, width, latents, decode)
         if latents is None:
             latents = rng.standard_normal(latent_shape).astype(np.float32)
         else:

@@ -123,6 +123,12 @@ def bundle_readme(archive: str, artifacts: Sequence[BundledArtifact]) -> str:
     manifests = [m for item in artifacts for m in item.manifests.values()]
     tvm_versions = sorted({str(m["versions"].get("tvm", "?")) for m in manifests})
     arches = sorted({target_arch(m) or "the machine that compiled it" for m in manifests})
+    # PixArt-alpha and SANA sets tokenize with tokenizer.json through the tokenizers library
+    json_tokenizers = any(
+        (item.path / "tokenizer" / "tokenizer.json").is_file() and (item.path / "conditioning.json").is_file()
+        for item in artifacts
+    )
+    pip = "numpy tokenizers" if json_tokenizers else "numpy"
     lines = [
         f"# edgediff device bundle `{name}`",
         "",
@@ -132,9 +138,9 @@ def bundle_readme(archive: str, artifacts: Sequence[BundledArtifact]) -> str:
         "## What the device needs",
         "",
         f"- Linux on {', '.join(arches)} (the apache-tvm wheels need glibc 2.28 or newer)",
-        "- python3 (3.10 or newer) with numpy",
+        f"- python3 (3.10 or newer) with {' and '.join(pip.split())}",
         f"- the Apache TVM runtime of the version the artifacts were built with: "
-        f"`python3 -m pip install {' '.join('apache-tvm==' + v for v in tvm_versions)} numpy` "
+        f"`python3 -m pip install {' '.join('apache-tvm==' + v for v in tvm_versions)} {pip}` "
         "(PyPI has manylinux aarch64 wheels; only TVM's runtime is used)",
         "",
         "## Running",
@@ -148,7 +154,8 @@ def bundle_readme(archive: str, artifacts: Sequence[BundledArtifact]) -> str:
         "```",
         "",
         "`run` takes one `.npy` file per input, in the order `list` shows. `generate` runs the sampler",
-        "loop of an artifact set (denoiser/, optionally decoder/, text_encoder/ + tokenizer/) from prompt",
+        "loop of an artifact set (denoiser/, optionally decoder/, text_encoder/ + tokenizer/, SDXL's",
+        "text_encoder_2/ + tokenizer_2/, conditioning.json) from prompt",
         "embeddings (batch 1), prompt text (`--prompt`, with a text encoder) or `--class-label N`",
         "(class-conditional models); it writes the final latents and, with a decoder, the PNG.",
         "Every artifact's sha256 is checked when it is loaded (`--no-verify` before the command skips it).",

@@ -25,8 +25,11 @@ from edgediff.zoo.configs import (
     ZooSpec,
 )
 from edgediff.zoo.wrappers import (
+    CLIPPenultimateWrapper,
     CLIPTextEncoderWrapper,
+    DCAEDecoderWrapper,
     DiTWrapper,
+    MaskedEncoderWrapper,
     PixArtWrapper,
     SanaWrapper,
     SDXLUNetWrapper,
@@ -101,8 +104,9 @@ def wrap(
     model: nn.Module, *, batch: int = 1, latent_size: int | None = None, name: str | None = None
 ) -> ZooModel:
     """Wrap an already-built diffusers model (UNet2DConditionModel, DiTTransformer2DModel,
-    PixArtTransformer2DModel, SanaTransformer2DModel, or AutoencoderKL, which gives its decoder path) or a
-    transformers CLIPTextModel.
+    PixArtTransformer2DModel, SanaTransformer2DModel, or AutoencoderKL / AutoencoderDC, which give their
+    decoder path) or a transformers text encoder (CLIPTextModel; CLIPTextModelWithProjection, T5EncoderModel
+    and Gemma2Model as SDXL, PixArt-alpha and SANA call them).
 
     Facts the model's own config does not hold (prediction type, VAE scaling factor) get the family's usual
     values; :func:`load_local` reads them from the pipeline folder instead. The model is shared, not
@@ -166,7 +170,11 @@ def family_of(model: nn.Module) -> str:
         "PixArtTransformer2DModel": "pixart",
         "SanaTransformer2DModel": "sana",
         "AutoencoderKL": "vae-decoder",
+        "AutoencoderDC": "vae-decoder",  # SANA's deep-compression autoencoder
         "CLIPTextModel": "text-encoder",
+        "CLIPTextModelWithProjection": "text-encoder",
+        "T5EncoderModel": "text-encoder",
+        "Gemma2Model": "text-encoder",
     }
     if name not in families:
         raise ModelNotFoundError(f"cannot wrap {name}: expected one of {', '.join(families)}")
@@ -228,6 +236,70 @@ def make_text_encoder(
     )
 
 
+def make_prompt_encoder(
+    model: nn.Module,
+    *,
+    name: str,
+    batch: int = 1,
+    seed: int = 0,
+    seq_len: int | None = None,
+    penultimate: bool = False,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> ZooModel:
+    """The text encoders of SDXL, PixArt-alpha and SANA as their pipelines call them: a CLIP encoder's
+    penultimate hidden states (``penultimate``, SDXL's ``text_encoder``), ``CLIPTextModelWithProjection``'s
+    penultimate states and pooled projection (SDXL's ``text_encoder_2``), or a T5 / Gemma-2 encoder's last
+    hidden state from ``(input_ids, attention_mask)``. Example ids are seeded; the example mask pads the
+    second half on the right, as prompts are padded."""
+    cfg = model.config
+    kind = type(model).__name__
+    clip = kind.startswith("CLIPTextModel")
+    # default: CLIP's positions, or the max_sequence_length of the pipeline the encoder belongs to
+    default = DEFAULT_SEQ_LEN["sana" if kind == "Gemma2Model" else "pixart"]
+    tokens = int(seq_len or (cfg.max_position_embeddings if clip else default))
+    limit = getattr(cfg, "max_position_embeddings", None) if clip or kind == "Gemma2Model" else None
+    if tokens < 1 or (limit is not None and tokens > limit):
+        raise InputError(f"{name}: seq_len must be 1..{limit}, got {tokens}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen)
+    meta: dict[str, Any] = {"family": "text-encoder", "seq_len": tokens, "encoder": kind}
+    if clip:
+        pooled = kind == "CLIPTextModelWithProjection"
+        if not (pooled or penultimate):
+            raise InputError(f"{name}: a plain CLIPTextModel's last state is make_text_encoder's")
+        module: nn.Module = CLIPPenultimateWrapper(model, pooled)
+        inputs: tuple[torch.Tensor, ...] = (ids,)
+        names: tuple[str, ...] = ("input_ids",)
+        outputs = ("hidden_states", "text_embeds") if pooled else ("hidden_states",)
+        # as make_text_encoder: pre-#24773 configs' bos/eos/pad are not the tokenizer's
+        token_ids = CLIP_TOKEN_IDS if cfg.eos_token_id == 2 else {k: getattr(cfg, k) for k in CLIP_TOKEN_IDS}
+        meta.update(token_ids, projection_dim=getattr(cfg, "projection_dim", None) if pooled else None)
+    else:
+        module = MaskedEncoderWrapper(model)
+        mask = torch.ones(batch, tokens, dtype=torch.int64)
+        mask[:, tokens // 2 :] = 0
+        inputs, names, outputs = (ids, mask), ("input_ids", "attention_mask"), ("last_hidden_state",)
+        meta["pad_token_id"] = cfg.pad_token_id
+    module.eval().requires_grad_(False)
+    meta.update(
+        hidden_size=int(getattr(cfg, "hidden_size", None) or cfg.d_model),
+        vocab_size=int(cfg.vocab_size),
+        prediction_type=None,
+        param_count=sum(p.numel() for p in module.parameters()),
+        **(extra_meta or {}),
+    )
+    return ZooModel(
+        name=name,
+        family="text-encoder",
+        module=module,
+        example_inputs=inputs,
+        input_names=names,
+        output_names=outputs,
+        config=_jsonable({"_class_name": kind, **cfg.to_dict()}),
+        meta=_jsonable(meta),
+    )
+
+
 def make_zoo_model(
     model: nn.Module,
     *,
@@ -250,13 +322,19 @@ def make_zoo_model(
     if family == "text-encoder":
         if latent_size is not None:
             raise InputError(f"{name}: latent_size does not apply to a text encoder")
+        if type(model).__name__ != "CLIPTextModel":
+            return make_prompt_encoder(
+                model, name=name, batch=batch, seed=seed, seq_len=seq_len, extra_meta=extra_meta
+            )
         return make_text_encoder(
             model, name=name, batch=batch, seed=seed, seq_len=seq_len, extra_meta=extra_meta
         )
 
+    dc_ae = type(model).__name__ == "AutoencoderDC"
     if family == "vae-decoder":
-        n_up = len(cfg.block_out_channels) - 1
-        default_latent = int(_first(cfg.sample_size)) // 2**n_up
+        n_up = len(cfg.decoder_block_out_channels if dc_ae else cfg.block_out_channels) - 1
+        # a DC-AE config has no sample size: SANA's 1024px images are 32x32 latents
+        default_latent = 32 if dc_ae else int(_first(cfg.sample_size)) // 2**n_up
         vae_scale_factor = 2**n_up
     else:
         default_latent = int(_first(cfg.sample_size))
@@ -363,14 +441,14 @@ def make_zoo_model(
             text_dim=cfg.caption_channels,
         )
     else:
-        module = VAEDecoderWrapper(model)
+        module = DCAEDecoderWrapper(model) if dc_ae else VAEDecoderWrapper(model)
         inputs = (sample,)
         names = ("latent",)
         out_names = ("image",)
         meta.update(
             scaling_factor=module.scaling_factor,
             shift_factor=module.shift_factor,
-            image_channels=cfg.out_channels,
+            image_channels=cfg.in_channels if dc_ae else cfg.out_channels,
             output_range=[-1.0, 1.0],
         )
 
@@ -391,7 +469,7 @@ def make_zoo_model(
         )
     else:
         latent_channels = int(cfg.latent_channels)
-        out_ch = int(cfg.out_channels)
+        out_ch = int(cfg.in_channels if dc_ae else cfg.out_channels)
         meta["prediction_type"] = None
         meta.setdefault("learned_sigma", False)
 

@@ -276,6 +276,74 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 }
 
 
+# stabilityai/stable-diffusion-xl-base-1.0, text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower
+# with its projection (694,659,840 parameters); SDXL takes its penultimate states and pooled projection.
+CLIP_TEXT_BIGG14_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
+}
+
+# PixArt-alpha/PixArt-XL-2-512x512, text_encoder/config.json (google/t5-v1_1-xxl), the encoder only
+# (4,762,310,656 parameters: 19 GB in float32).
+T5_V1_1_XXL_ENCODER_CONFIG: dict[str, Any] = {
+    "d_ff": 10240,
+    "d_kv": 64,
+    "d_model": 4096,
+    "dense_act_fn": "gelu_new",
+    "dropout_rate": 0.1,
+    "eos_token_id": 1,
+    "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": False,
+    "layer_norm_epsilon": 1e-06,
+    "num_heads": 64,
+    "num_layers": 24,
+    "pad_token_id": 0,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False,
+    "use_cache": False,
+    "vocab_size": 32128,
+}
+
+# Efficient-Large-Model/Sana_600M_1024px_diffusers, text_encoder/config.json (google/gemma-2-2b-it as a
+# Gemma2Model: 2,614,341,888 parameters).
+GEMMA_2_2B_CONFIG: dict[str, Any] = {
+    "attn_logit_softcapping": 50.0,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304,
+    "initializer_range": 0.02,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 8192,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 4,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "vocab_size": 256000,
+}
+
 # Tiny CLIP text encoder for tiny-sd15-unet: hidden size = its cross_attention_dim (32), 8 positions = its
 # 8-token sequence. As in CLIP, bos and eos/pad are the last two ids of the vocabulary.
 TINY_CLIP_TEXT_CONFIG: dict[str, Any] = {
@@ -371,6 +439,28 @@ SPECS: dict[str, ZooSpec] = {
         "runwayml/stable-diffusion-v1-5 text_encoder (openai/clip-vit-large-patch14)",
         seq_len=77,
     ),
+    # the other text encoders of the pipelines, as compile-pipeline wraps them (see zoo/pipelines.py)
+    "clip-text-bigg14": ZooSpec(
+        "text-encoder",
+        "CLIPTextModelWithProjection",
+        CLIP_TEXT_BIGG14_CONFIG,
+        "stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2 (OpenCLIP ViT-bigG/14)",
+        seq_len=77,
+    ),
+    "t5-v1_1-xxl-encoder": ZooSpec(
+        "text-encoder",
+        "T5EncoderModel",
+        T5_V1_1_XXL_ENCODER_CONFIG,
+        "PixArt-alpha/PixArt-XL-2-512x512 text_encoder (google/t5-v1_1-xxl)",
+        seq_len=120,  # PixArt-alpha's max_sequence_length
+    ),
+    "gemma-2-2b": ZooSpec(
+        "text-encoder",
+        "Gemma2Model",
+        GEMMA_2_2B_CONFIG,
+        "Efficient-Large-Model/Sana_600M_1024px_diffusers text_encoder (google/gemma-2-2b-it)",
+        seq_len=300,  # SANA's max_sequence_length (its instruction adds more: see zoo/pipelines.py)
+    ),
     "tiny-sd15-unet": ZooSpec(
         "unet",
         "UNet2DConditionModel",
@@ -440,9 +530,18 @@ WRAPPABLE = (
     "PixArtTransformer2DModel",
     "SanaTransformer2DModel",
     "AutoencoderKL",
+    "AutoencoderDC",
     "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "T5EncoderModel",
+    "Gemma2Model",
 )
-TRANSFORMERS_CLASSES = ("CLIPTextModel",)  # built from the transformers library, not diffusers
+TRANSFORMERS_CLASSES = (
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+    "T5EncoderModel",
+    "Gemma2Model",
+)  # built from the transformers library, not diffusers
 # Older DiT / PixArt checkpoints name the generic class; diffusers picks the real one from norm_type.
 TRANSFORMER2D_REMAP = {
     "ada_norm_zero": "DiTTransformer2DModel",

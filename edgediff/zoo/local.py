@@ -195,4 +195,6 @@ def _pipeline_info(pipeline_dir: Path) -> dict[str, Any]:
         info["scaling_factor"] = float(vae.get("scaling_factor") or 0.18215)
         if vae.get("_class_name") == "AutoencoderKL" and vae.get("block_out_channels"):
             info["vae_scale_factor"] = 2 ** (len(vae["block_out_channels"]) - 1)
+        if vae.get("_class_name") == "AutoencoderDC" and vae.get("encoder_block_out_channels"):
+            info["vae_scale_factor"] = 2 ** (len(vae["encoder_block_out_channels"]) - 1)  # as SanaPipeline
     return info

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -146,6 +148,20 @@ class VAEDecoderWrapper(nn.Module):
         return self.decoder(z)
 
 
+class DCAEDecoderWrapper(nn.Module):
+    """AutoencoderDC (SANA's DC-AE) decoder: ``(latent) -> image``, i.e.
+    ``vae.decode(latent / scaling_factor).sample`` without tiling; only the decoder's weights are kept."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.decoder = vae.decoder
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = 0.0
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent / self.scaling_factor)
+
+
 class CLIPTextEncoderWrapper(nn.Module):
     """CLIP text encoder (transformers' ``CLIPTextModel``): ``(input_ids) -> last_hidden_state``.
 
@@ -159,3 +175,83 @@ class CLIPTextEncoderWrapper(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class CLIPPenultimateWrapper(nn.Module):
+    """An SDXL CLIP encoder: ``(input_ids) -> penultimate hidden states`` and, for ``text_encoder_2``
+    (``CLIPTextModelWithProjection``), also ``-> pooled projection`` (``text_embeds``)."""
+
+    def __init__(self, text_encoder: nn.Module, pooled: bool) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        out = self.text_encoder(input_ids, output_hidden_states=True)
+        if self.pooled:
+            return out.hidden_states[-2], out.text_embeds
+        return out.hidden_states[-2]
+
+
+class MaskedEncoderWrapper(nn.Module):
+    """T5 or Gemma-2 encoder: ``(input_ids, attention_mask) -> last_hidden_state``."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+
+class MaskedPixArtWrapper(PixArtWrapper):
+    """PixArt-alpha with its text's attention mask: ``(sample, timestep, encoder_hidden_states,
+    encoder_attention_mask) -> noise_pred`` (the mask keeps padding out of cross-attention, as the pipeline
+    passes it)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            batch, _, height, width = sample.shape
+            height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+            added["resolution"] = torch.tensor([[float(height), float(width)]]).expand(batch, 2)
+            added["aspect_ratio"] = torch.tensor([[height / width]]).expand(batch, 1)
+        return self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            timestep=timestep,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+
+
+class MaskedSanaWrapper(nn.Module):
+    """SANA with its text's attention mask: ``(sample, timestep, encoder_hidden_states,
+    encoder_attention_mask) -> flow prediction``."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            # SanaPipeline scales the timestep by the config's timestep_scale (1 for SANA 600M / 1.6B)
+            timestep=timestep * float(self.transformer.config.timestep_scale),
+            return_dict=False,
+        )[0]
