@@ -1,0 +1,267 @@
+"""A procedural text-to-image data set (colored shapes on a plain background) and an independent checker.
+
+The trained demo model (``models/tiny-shapes-t2i``, made by ``scripts/train_tiny_t2i.py``) learns these
+pictures, and tests look at what a compiled pipeline generates with :class:`ShapeChecker`. The checker never
+sees a model's output while it is fitted: color is read from the hue of the foreground pixels, position from
+the foreground's centroid, and shape from scale-invariant mask moments by a nearest-class-mean classifier
+fitted on the generator's own images. numpy and PIL only (no torch), and deterministic: sample ``i`` of a
+seed is always the same picture.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from edgediff.errors import InputError
+
+SIZE = 32  # pixels; the model's VAE makes an 8x8 latent of it
+SHAPES = ("circle", "square", "triangle")
+# name -> (RGB in 0..1, hue in degrees)
+COLORS = {
+    "red": (0.90, 0.12, 0.10),
+    "green": (0.12, 0.80, 0.15),
+    "blue": (0.12, 0.22, 0.95),
+    "yellow": (0.95, 0.88, 0.10),
+}
+# name -> center as fractions of the image size (x, y)
+POSITIONS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+    "center": (0.5, 0.5),
+}
+BACKGROUND = (0.08, 0.08, 0.08)
+RADIUS = 0.19  # a shape's half extent as a fraction of the size (6 px at 32)
+
+
+@dataclass(frozen=True)
+class Label:
+    """What a picture shows (or what a prompt asks for): ``position`` None means anywhere."""
+
+    color: str
+    shape: str
+    position: str | None = None
+
+    def caption(self) -> str:
+        where = ""
+        if self.position == "center":
+            where = " in the center"
+        elif self.position is not None:
+            where = f" at the {self.position}"
+        return f"a {self.color} {self.shape}{where}"
+
+
+def all_labels() -> list[Label]:
+    """Every (color, shape, position) combination, in a fixed order."""
+    return [Label(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
+
+
+_CAPTION = re.compile(
+    r"^\s*an?\s+(?P<color>\w+)\s+(?P<shape>\w+)(?:\s+(?:at|in)\s+the\s+(?P<pos>[a-z ]+?))?\s*$"
+)
+
+
+def parse_caption(prompt: str) -> Label:
+    """The label a caption asks for ("a red circle at the top left", "a blue square"); InputError if the
+    prompt is not one of the data set's captions."""
+    m = _CAPTION.match(prompt.lower())
+    if not m or m["color"] not in COLORS or m["shape"] not in SHAPES:
+        raise InputError(
+            f"prompt {prompt!r} is not a shapes caption ('a <color> <shape> [at the <position>]')"
+        )
+    pos = m["pos"]
+    if pos is not None and pos not in POSITIONS:
+        raise InputError(
+            f"prompt {prompt!r}: unknown position {pos!r}; expected one of {', '.join(POSITIONS)}"
+        )
+    return Label(m["color"], m["shape"], pos)
+
+
+def draw(label: Label, rng: np.random.Generator | None = None, size: int = SIZE) -> np.ndarray:
+    """The picture of ``label`` as float32 (size, size, 3) in 0..1. ``rng`` jitters the shape's size, place
+    and color slightly (a data set's variety); None draws the canonical picture. A label without a position
+    gets one from ``rng`` (the center without one)."""
+    position = label.position
+    if position is None:
+        position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))] if rng is not None else "center"
+    fx, fy = POSITIONS[position]
+    radius = RADIUS * size
+    color = np.array(COLORS[label.color])
+    if rng is not None:
+        radius *= rng.uniform(0.85, 1.12)
+        fx += rng.uniform(-0.04, 0.04)
+        fy += rng.uniform(-0.04, 0.04)
+        color = np.clip(color + rng.uniform(-0.06, 0.06, 3), 0, 1)
+    # draw at 4x and downsample: antialiased edges, like a photo of a shape rather than a pixel mask
+    scale = 4
+    big = size * scale
+    cx, cy, r = fx * big, fy * big, radius * scale
+    img = Image.new("RGB", (big, big), tuple(int(round(v * 255)) for v in BACKGROUND))
+    pen = ImageDraw.Draw(img)
+    fill = tuple(int(round(v * 255)) for v in color)
+    if label.shape == "circle":
+        pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif label.shape == "square":
+        s = r * 0.9  # same area as the circle, roughly: the classes differ by shape, not by size
+        pen.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    else:  # an upright triangle, centered on its bounding box
+        h = r * 1.1
+        pen.polygon([(cx, cy - h), (cx + h * 1.1, cy + h), (cx - h * 1.1, cy + h)], fill=fill)
+    img = img.resize((size, size), Image.Resampling.BOX)
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def dataset(
+    n: int, seed: int = 0, size: int = SIZE, p_no_position: float = 0.2
+) -> tuple[np.ndarray, list[str], list[Label]]:
+    """``n`` jittered pictures (float32 (n, size, size, 3) in 0..1), their captions and labels. Labels cycle
+    through :func:`all_labels` so every combination is equally common; a share ``p_no_position`` of the
+    captions leaves the position out (the picture still has one), so "a blue square" works."""
+    rng = np.random.default_rng(seed)
+    labels = all_labels()
+    images, captions, drawn = [], [], []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        images.append(draw(label, rng, size))
+        shown = Label(label.color, label.shape, None) if rng.random() < p_no_position else label
+        captions.append(shown.caption())
+        drawn.append(label)
+    return np.stack(images), captions, drawn
+
+
+# ------------------------------------------------------------------------------------------------ checker
+
+
+def _foreground(image: np.ndarray) -> np.ndarray:
+    """Soft foreground mask: how far each pixel is from the background (the border's median color),
+    normalised by the strongest pixel's distance, thresholded at half (robust to blurred edges)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    bg = np.median(border, axis=0)
+    dist = np.abs(image - bg).max(axis=-1)
+    peak = np.percentile(dist, 99)
+    if peak < 0.15:  # nothing stands out: an empty (or noise-free flat) picture
+        return np.zeros(dist.shape, dtype=bool)
+    return dist > 0.5 * peak
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    # 4-connected flood fill; pictures are tiny, so a plain Python walk is fast enough
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
+        if seen[y0, x0]:
+            continue
+        stack, comp = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(comp) > len(best):
+            best = comp
+    out = np.zeros_like(mask)
+    if best:
+        ys, xs = zip(*best, strict=True)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def shape_features(mask: np.ndarray) -> np.ndarray:
+    """Scale- and translation-invariant features of a mask: fill of its bounding box, normalised central
+    moments eta20, eta02, eta11, eta03, eta30, eta22 (a square's corners weigh in x^2 y^2, a circle's rim
+    does not; a triangle is skewed in y) and the 90th percentile of the distance from the centroid over
+    sqrt(area) (corners stick out)."""
+    ys, xs = np.nonzero(mask)
+    area = float(len(xs))
+    if area < 4:
+        return np.zeros(8)
+    bbox = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+
+    def eta(p: int, q: int) -> float:
+        return float((dx**p * dy**q).sum() / area ** (1 + (p + q) / 2))
+
+    reach = float(np.percentile(np.hypot(dx, dy), 90)) / np.sqrt(area)
+    return np.array([area / bbox, eta(2, 0), eta(0, 2), eta(1, 1), eta(0, 3), eta(3, 0), eta(2, 2), reach])
+
+
+def hue_of(image: np.ndarray, mask: np.ndarray) -> float | None:
+    """The hue (degrees) of the mask's mean color, or None when the foreground is gray."""
+    if not mask.any():
+        return None
+    r, g, b = image[mask].mean(axis=0)
+    h, s, _ = colorsys.rgb_to_hsv(float(r), float(g), float(b))
+    return None if s < 0.25 else h * 360.0
+
+
+def _blur(image: np.ndarray, radius: float) -> np.ndarray:
+    pil = Image.fromarray(np.round(image * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(radius))
+    return np.asarray(pil, dtype=np.float32) / 255.0
+
+
+_HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] * 360.0 for name, rgb in COLORS.items()}
+
+
+class ShapeChecker:
+    """Reads color, shape and position off a picture (float (H, W, 3) in 0..1 or uint8).
+
+    Fitted once on the generator's own jittered pictures (``fit_images`` per label, seed ``seed``); never on
+    a model's outputs. Shape: nearest class mean of standardised :func:`shape_features`."""
+
+    def __init__(self, fit_images: int = 240, seed: int = 12345, size: int = SIZE) -> None:
+        images, _, labels = dataset(fit_images, seed=seed, size=size, p_no_position=0.0)
+        # half of them softened: a decoder's pictures have rounder corners than a rasteriser's
+        rng = np.random.default_rng(seed)
+        images = [_blur(im, rng.uniform(0.3, 1.0)) if i % 2 else im for i, im in enumerate(images)]
+        feats = np.stack([shape_features(_largest_component(_foreground(im))) for im in images])
+        self.mean, self.std = feats.mean(0), feats.std(0) + 1e-9
+        z = (feats - self.mean) / self.std
+        names = np.array([lab.shape for lab in labels])
+        self.centroids = {s: z[names == s].mean(0) for s in SHAPES}
+
+    def read(self, image: np.ndarray) -> Label | None:
+        """The label the picture shows, or None when no colored shape stands out."""
+        image = np.asarray(image, dtype=np.float32)
+        if image.max() > 1.5:
+            image = image / 255.0
+        mask = _largest_component(_foreground(image))
+        hue = hue_of(image, mask)
+        if hue is None or mask.sum() < 4:
+            return None
+        color = min(_HUES, key=lambda c: min(abs(hue - _HUES[c]), 360 - abs(hue - _HUES[c])))
+        z = (shape_features(mask) - self.mean) / self.std
+        shape = min(self.centroids, key=lambda s: float(((z - self.centroids[s]) ** 2).sum()))
+        h, w = mask.shape
+        ys, xs = np.nonzero(mask)
+        cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h  # pixel i covers [i, i + 1) / w
+        position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+        return Label(color, shape, position)
+
+    def matches(self, image: np.ndarray, prompt: str | Label) -> bool:
+        """True when the picture shows what ``prompt`` asks for (its position only when it names one)."""
+        want = parse_caption(prompt) if isinstance(prompt, str) else prompt
+        got = self.read(image)
+        if got is None:
+            return False
+        return (
+            got.color == want.color
+            and got.shape == want.shape
+            and (want.position is None or got.position == want.position)
+        )
+
+    def recognition_rate(self, images: Sequence[np.ndarray], prompts: Sequence[str | Label]) -> float:
+        """Share of pictures that show their prompt."""
+        if len(images) != len(prompts):
+            raise InputError(f"{len(images)} images for {len(prompts)} prompts")
+        return sum(self.matches(im, p) for im, p in zip(images, prompts, strict=True)) / max(len(images), 1)
