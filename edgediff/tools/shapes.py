@@ -265,3 +265,30 @@ class ShapeChecker:
         if len(images) != len(prompts):
             raise InputError(f"{len(images)} images for {len(prompts)} prompts")
         return sum(self.matches(im, p) for im, p in zip(images, prompts, strict=True)) / max(len(images), 1)
+
+
+def labelled_grid(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    verdicts: Sequence[bool],
+    cols: int = 8,
+    cell: int = 96,
+) -> Image.Image:
+    """A PNG-ready grid: each picture (HWC, uint8 or 0..1 floats) enlarged to ``cell`` pixels, its caption
+    under it, and a green (read as its prompt) or red (not) corner mark."""
+    rows = -(-len(images) // cols)
+    text_h = 24
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), (255, 255, 255))
+    pen = ImageDraw.Draw(grid)
+    for k, (image, caption, ok) in enumerate(zip(images, captions, verdicts, strict=True)):
+        r, c = divmod(k, cols)
+        x, y = c * cell, r * (cell + text_h)
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+        grid.paste(Image.fromarray(array).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        words = caption.removeprefix("a ").replace(" at the ", " ").replace(" in the ", " ")
+        pen.text((x + 2, y + cell), words[:17], fill=(0, 0, 0))
+        pen.text((x + 2, y + cell + 11), words[17:34], fill=(0, 0, 0))
+        pen.rectangle([x, y, x + 7, y + 7], fill=(0, 170, 0) if ok else (220, 0, 0))
+    return grid
