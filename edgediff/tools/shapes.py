@@ -139,14 +139,19 @@ def dataset(
 # ------------------------------------------------------------------------------------------------ checker
 
 
-def _foreground(image: np.ndarray) -> np.ndarray:
-    """Soft foreground mask: how far each pixel is from the background (the border's median color),
-    normalised by the strongest pixel's distance, thresholded at half (robust to blurred edges)."""
+def _distance(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """How far each pixel is from the background (the border's median color), and the strongest
+    distance (99th percentile, so that one stray pixel does not set it)."""
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    bg = np.median(border, axis=0)
-    dist = np.abs(image - bg).max(axis=-1)
-    peak = np.percentile(dist, 99)
-    if peak < 0.15:  # nothing stands out: an empty (or noise-free flat) picture
+    dist = np.abs(image - np.median(border, axis=0)).max(axis=-1)
+    return dist, float(np.percentile(dist, 99))
+
+
+def _foreground(image: np.ndarray) -> np.ndarray:
+    """Foreground mask: pixels over half the strongest distance from the background (robust to blurred
+    edges); empty when nothing stands out (a flat picture)."""
+    dist, peak = _distance(image)
+    if peak < 0.15:
         return np.zeros(dist.shape, dtype=bool)
     return dist > 0.5 * peak
 
@@ -177,23 +182,33 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def shape_features(mask: np.ndarray) -> np.ndarray:
-    """Scale- and translation-invariant features of a mask: fill of its bounding box, normalised central
-    moments eta20, eta02, eta11, eta03, eta30, eta22 (a square's corners weigh in x^2 y^2, a circle's rim
-    does not; a triangle is skewed in y) and the 90th percentile of the distance from the centroid over
-    sqrt(area) (corners stick out)."""
+def shape_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Scale- and translation-invariant features of the shape ``mask`` (one component) picks out: the fill
+    of its bounding box and normalised central moments eta20, eta02, eta11, eta03, eta30, eta22 and
+    eta40 + eta04 (a square's corners weigh in x^2 y^2, a circle's rim does not; a triangle is skewed in y).
+    The moments weigh each pixel by its distance from the background (over a 15% noise floor), in the
+    mask's bounding box grown by 2 pixels: a soft mask's area and centroid do not change when a decoder
+    blurs the edges, where a thresholded one rounds a square's corners off."""
     ys, xs = np.nonzero(mask)
-    area = float(len(xs))
-    if area < 4:
+    if len(xs) < 4:
         return np.zeros(8)
-    bbox = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-    dx, dy = xs - xs.mean(), ys - ys.mean()
+    dist, peak = _distance(image)
+    weight = np.zeros_like(dist)
+    y0, y1, x0, x1 = max(ys.min() - 2, 0), ys.max() + 3, max(xs.min() - 2, 0), xs.max() + 3
+    # below 15% of the shape's distance is background noise, not shape
+    weight[y0:y1, x0:x1] = np.clip((dist[y0:y1, x0:x1] / peak - 0.15) / 0.85, 0, 1)
+    yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    area = float(weight.sum())
+    dx = xx - (weight * xx).sum() / area
+    dy = yy - (weight * yy).sum() / area
 
     def eta(p: int, q: int) -> float:
-        return float((dx**p * dy**q).sum() / area ** (1 + (p + q) / 2))
+        return float((weight * dx**p * dy**q).sum() / area ** (1 + (p + q) / 2))
 
-    reach = float(np.percentile(np.hypot(dx, dy), 90)) / np.sqrt(area)
-    return np.array([area / bbox, eta(2, 0), eta(0, 2), eta(1, 1), eta(0, 3), eta(3, 0), eta(2, 2), reach])
+    bbox = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
+    return np.array(
+        [area / bbox, eta(2, 0), eta(0, 2), eta(1, 1), eta(0, 3), eta(3, 0), eta(2, 2), eta(4, 0) + eta(0, 4)]
+    )
 
 
 def hue_of(image: np.ndarray, mask: np.ndarray) -> float | None:
@@ -216,19 +231,22 @@ _HUES = {name: colorsys.rgb_to_hsv(*rgb)[0] * 360.0 for name, rgb in COLORS.item
 class ShapeChecker:
     """Reads color, shape and position off a picture (float (H, W, 3) in 0..1 or uint8).
 
-    Fitted once on the generator's own jittered pictures (``fit_images`` per label, seed ``seed``); never on
-    a model's outputs. Shape: nearest class mean of standardised :func:`shape_features`."""
+    Fitted once on the generator's own jittered pictures (``fit_images`` of them, seed ``seed``), half of
+    them blurred (a decoder's pictures are softer than a rasteriser's); never on a model's outputs. Shape:
+    the nearest class mean of :func:`shape_features` under the pooled within-class covariance (linear
+    discriminant analysis)."""
 
-    def __init__(self, fit_images: int = 240, seed: int = 12345, size: int = SIZE) -> None:
+    def __init__(self, fit_images: int = 480, seed: int = 12345, size: int = SIZE) -> None:
         images, _, labels = dataset(fit_images, seed=seed, size=size, p_no_position=0.0)
-        # half of them softened: a decoder's pictures have rounder corners than a rasteriser's
         rng = np.random.default_rng(seed)
-        images = [_blur(im, rng.uniform(0.3, 1.0)) if i % 2 else im for i, im in enumerate(images)]
-        feats = np.stack([shape_features(_largest_component(_foreground(im))) for im in images])
+        images = [_blur(im, rng.uniform(0.3, 1.6)) if i % 2 else im for i, im in enumerate(images)]
+        feats = np.stack([shape_features(im, _largest_component(_foreground(im))) for im in images])
         self.mean, self.std = feats.mean(0), feats.std(0) + 1e-9
         z = (feats - self.mean) / self.std
         names = np.array([lab.shape for lab in labels])
         self.centroids = {s: z[names == s].mean(0) for s in SHAPES}
+        pooled = sum(np.cov(z[names == s].T) for s in SHAPES) / len(SHAPES)
+        self.precision = np.linalg.inv(pooled + 1e-6 * np.eye(len(pooled)))
 
     def read(self, image: np.ndarray) -> Label | None:
         """The label the picture shows, or None when no colored shape stands out."""
@@ -240,8 +258,9 @@ class ShapeChecker:
         if hue is None or mask.sum() < 4:
             return None
         color = min(_HUES, key=lambda c: min(abs(hue - _HUES[c]), 360 - abs(hue - _HUES[c])))
-        z = (shape_features(mask) - self.mean) / self.std
-        shape = min(self.centroids, key=lambda s: float(((z - self.centroids[s]) ** 2).sum()))
+        z = (shape_features(image, mask) - self.mean) / self.std
+        gaps = {s: z - c for s, c in self.centroids.items()}
+        shape = min(gaps, key=lambda s: float(gaps[s] @ self.precision @ gaps[s]))
         h, w = mask.shape
         ys, xs = np.nonzero(mask)
         cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h  # pixel i covers [i, i + 1) / w
