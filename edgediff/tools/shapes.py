@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import colorsys
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -311,3 +311,38 @@ def labelled_grid(
         pen.text((x + 2, y + cell + 11), words[17:34], fill=(0, 0, 0))
         pen.rectangle([x, y, x + 7, y + 7], fill=(0, 170, 0) if ok else (220, 0, 0))
     return grid
+
+
+# Every color x shape once, at rotating places, and two prompts without a place: what the tests, the demo
+# and the model's README measure recognition on.
+EVAL_PROMPTS = tuple(
+    [all_labels()[5 * i + i % 5].caption() for i in range(len(COLORS) * len(SHAPES))]
+    + ["a blue square", "a yellow triangle"]
+)
+
+
+def recognition_rates(
+    generate: Callable[[str, int], np.ndarray],
+    prompts: Sequence[str] = EVAL_PROMPTS,
+    seeds: Sequence[int] = (0, 1),
+    checker: ShapeChecker | None = None,
+) -> dict[str, float]:
+    """Share of the pictures ``generate(prompt, seed)`` makes for every prompt x seed that show the whole
+    prompt ("all"), and its color, shape and place (a prompt without a place counts as right there)."""
+    checker = checker or ShapeChecker()
+    hits = dict.fromkeys(("all", "color", "shape", "position"), 0)
+    for seed in seeds:
+        for prompt in prompts:
+            image = generate(prompt, seed)
+            want, got = parse_caption(prompt), checker.read(image)
+            if got is None:
+                continue
+            hits["color"] += got.color == want.color
+            hits["shape"] += got.shape == want.shape
+            hits["position"] += want.position is None or got.position == want.position
+            hits["all"] += (
+                got.color == want.color
+                and got.shape == want.shape
+                and (want.position is None or got.position == want.position)
+            )
+    return {k: v / (len(seeds) * len(prompts)) for k, v in hits.items()}
