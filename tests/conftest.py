@@ -82,3 +82,15 @@ def host_int8() -> TargetSpec:
     data["dtypes"] = ["float32", "float16", "int8"]
     data["compute"]["peak_gflops"]["int8"] = 300
     return TargetSpec.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The torch references are tiny; on 2 cores their intra-op threads only fight TVM's thread pool. The
+    thread count is restored after the module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.precision.models import fragile_model
 
@@ -14,9 +13,5 @@ def fragile():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # the tiny models here run fastest on one thread (the machine is shared); restored after each module
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every precision test module runs its tiny torch models on one thread (``one_torch_thread``)."""

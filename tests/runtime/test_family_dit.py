@@ -22,12 +22,7 @@ LATENT = 8  # the tiny DiT's sample_size (64 pixels)
 GUIDANCE, STEPS = 4.0, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ LATENT, PIXELS = 8, 32  # the tiny DC-AE is 4x
 GUIDANCE, STEPS = 4.5, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

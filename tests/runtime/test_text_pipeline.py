@@ -26,13 +26,7 @@ PROMPTS = ["a red fox", "A photograph of an astronaut riding a horse, 8k!", ""]
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The torch references are tiny; on 2 cores their intra-op threads only fight TVM's thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
