@@ -681,19 +681,8 @@ def compile_pipeline(
         tile_dec = _set_component(decoder, "decoder", latent_size=decoder_tile)
 
     with atomic_directory(Path(output_dir)) as staging:
-        roles = (("denoiser", den), ("decoder", dec), ("text_encoder", enc), ("decoder_tile", tile_dec))
-        for role, model in roles:
-            if model is not None:
-                compile_model(
-                    model,
-                    target=target,
-                    output_dir=staging / role,
-                    progress=progress,
-                    require_cross_compiler=require_cross_compiler,
-                    # the text encoder's output does not depend on the image size; the tile decoder's input
-                    # is one tile, whatever the image size
-                    resolutions=resolutions if role in ("denoiser", "decoder") else None,
-                )
+        roles = {"denoiser": den, "decoder": dec, "text_encoder": enc, "decoder_tile": tile_dec}
+        _compile_roles(staging, roles, target, progress, require_cross_compiler, resolutions)
         if tok is not None and tok.path is not None:
             (staging / "tokenizer").mkdir()
             for name in TOKENIZER_FILES:
@@ -736,20 +725,35 @@ def _compile_family_set(
         root, batch=batch, decoder=(root / "vae").is_dir(), max_sequence_length=max_sequence_length
     )
     with atomic_directory(Path(output_dir)) as staging:
-        for role, model in plan.models.items():
+        _compile_roles(staging, plan.models, target, progress, require_cross_compiler, resolutions)
+        for name, source in plan.tokenizers.items():
+            shutil.copytree(source, staging / name)
+        if plan.conditioning is not None:
+            (staging / CONDITIONING_FILE).write_text(json.dumps(plan.conditioning, indent=1) + "\n")
+    return Path(output_dir)
+
+
+def _compile_roles(
+    staging: Path,
+    models: Mapping[str, Any],
+    target: Any,
+    progress: bool,
+    require_cross_compiler: bool,
+    resolutions: Any,
+) -> None:
+    """Compile each model of an artifact set into ``staging/<role>`` (None: the set has no such role)."""
+    for role, model in models.items():
+        if model is not None:
             compile_model(
                 model,
                 target=target,
                 output_dir=staging / role,
                 progress=progress,
                 require_cross_compiler=require_cross_compiler,
+                # the text encoders' outputs do not depend on the image size; the tile decoder's input is
+                # one tile, whatever the image size
                 resolutions=resolutions if role in ("denoiser", "decoder") else None,
             )
-        for name, source in plan.tokenizers.items():
-            shutil.copytree(source, staging / name)
-        if plan.conditioning is not None:
-            (staging / CONDITIONING_FILE).write_text(json.dumps(plan.conditioning, indent=1) + "\n")
-    return Path(output_dir)
 
 
 def _set_component(model: Any, role: str, **options: Any) -> Any:
