@@ -149,19 +149,20 @@ def make_text_encoder(vocab_size: int, bos: int, eos: int):
     return CLIPTextModel(cfg)
 
 
-def make_unet():
+def make_unet(heads: int = 8, cross_attention_at_4x4: bool = False):
     from diffusers import UNet2DConditionModel
 
+    low = "CrossAttn" if cross_attention_at_4x4 else ""
     return UNet2DConditionModel(
         sample_size=shapes.SIZE // 4,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", f"{low}DownBlock2D"),
+        up_block_types=(f"{low}UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
         cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
+        attention_head_dim=heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=16,
     )
 
@@ -228,15 +229,20 @@ def train_diffusion(
     seed: int,
     p_drop: float,
     high_noise_share: float = 0.0,
+    lr: float = 1e-3,
+    ema_decay: float = 0.0,
 ) -> float:
+    """Train the UNet and text encoder together; with ``ema_decay`` > 0 both end holding the exponential
+    moving average of their weights (what is sampled from), not the last step's."""
     gen = torch.Generator().manual_seed(seed)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    averaged = [p.detach().clone() for p in params] if ema_decay > 0 else None
     alphas = sched.alphas_cumprod.float()
     ema = None
     for step in (bar := tqdm(range(steps), desc="unet+text", mininterval=5)):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 1e-3)
+            g["lr"] = lr_at(step, steps, lr)
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         z0 = latents[idx]
         tok = ids[idx].clone()
@@ -258,8 +264,15 @@ def train_diffusion(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if averaged is not None:
+            # warm-up as in Karras et al.: early steps average over a shorter window
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(averaged, [p.detach() for p in params], 1 - decay)
         ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
+    if averaged is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, averaged)
     return ema
 
 
@@ -295,6 +308,15 @@ def main() -> None:
         type=float,
         default=0.0,
         help="share of each UNet batch drawn at high noise only (t >= 400); 0: uniform t",
+    )
+    ap.add_argument("--unet-batch", type=int, help="batch of the UNet stage (default: --batch)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet stage")
+    ap.add_argument("--ema-decay", type=float, default=0.0, help="sample from an EMA of the weights; 0: off")
+    ap.add_argument("--heads", type=int, default=8, help="attention heads in the UNet's transformer blocks")
+    ap.add_argument(
+        "--cross-attention-at-4x4",
+        action="store_true",
+        help="cross-attention also in the 4x4 level's down and up blocks (not only 8x8 and mid)",
     )
     ap.add_argument(
         "--vae-from",
@@ -353,7 +375,7 @@ def main() -> None:
     )
 
     text_encoder = make_text_encoder(tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = make_unet()
+    unet = make_unet(args.heads, args.cross_attention_at_4x4)
     sched = make_scheduler()
     from diffusers import DDPMScheduler
 
@@ -366,10 +388,12 @@ def main() -> None:
         null_ids,
         train_sched,
         args.unet_steps,
-        args.batch,
+        args.unet_batch or args.batch,
         args.seed + 1,
         0.1,
         args.high_noise_share,
+        args.lr,
+        args.ema_decay,
     )
     train_minutes = (time.time() - start) / 60
     print(f"unet+text: loss {loss:.4f}; training took {train_minutes:.1f} min")
