@@ -297,7 +297,10 @@ def _cmd_targets_validate(args: argparse.Namespace) -> int:
 def _cmd_calibrate_target(args: argparse.Namespace) -> int:
     from edgediff.targets.calibrate import calibrate_target
 
-    argv = [a for a in sys.argv[1:] if a != "calibrate-target"] if args.argv is None else args.argv
+    # the command that re-measures, recorded in the measured block
+    argv = ["--target", args.target] + (["--output", args.output] if args.output else [])
+    argv += (["--formats", *args.formats] if args.formats else []) + (["--rpc", args.rpc] if args.rpc else [])
+    argv += ["--key", args.key] if args.key else []
     device = None
     if args.rpc:
         device = remote.open_device(
@@ -491,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--formats", nargs="+", help="formats to measure (default: all the target has)")
     calibrate.add_argument("--runs", type=int, default=5, help="timed calls per format (least is kept)")
     remote.add_remote_arguments(calibrate, required=False)
-    calibrate.set_defaults(run=_cmd_calibrate_target, argv=None)
+    calibrate.set_defaults(run=_cmd_calibrate_target)
 
     passes = commands.add_parser("passes", help="list the passes (and which a target runs)")
     passes.add_argument("--target", help="mark the passes this target runs by default")

@@ -138,3 +138,31 @@ def test_write_measured_sidecar_and_full_yaml(tmp_path: Path) -> None:
     again = load_target(full)
     assert again.name == "host-pinned-measured" and again.measured.threads == 4
     assert again.dtypes == host.dtypes and again.compute == host.compute
+
+
+def test_calibrate_target_cli_measures_and_writes_a_sidecar(tmp_path: Path, monkeypatch, capsys) -> None:
+    from edgediff.cli import main as cli_main
+
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # what the CLI sets; restored after the test
+    data = pinned_host().to_dict()
+    data["name"] = "here"
+    path = tmp_path / "here.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert cli_main(["calibrate-target", "--target", str(path), "--formats", "fp32", "--runs", "1"]) == 0
+    assert f"wrote {tmp_path / 'here.measured.yaml'}" in capsys.readouterr().out
+    spec = load_target(path)
+    assert spec.measured is not None and list(spec.measured.gflops) == ["fp32"]
+    assert spec.measured.gflops["fp32"] > 0 and spec.measured.threads == 1
+    assert spec.measured.command == f"python -m edgediff calibrate-target --target {path} --formats fp32"
+    assert CostModel(spec).figure_source("fp32") == "measured"
+
+
+def test_calibrate_refuses_a_cross_target_without_a_device(tmp_path: Path) -> None:
+    from edgediff.targets.calibrate import measure
+
+    with pytest.raises(TargetSpecError, match="target 'arm-a78' does not run on this machine"):
+        measure(load_target("arm-a78"))
+    with pytest.raises(TargetSpecError, match="unknown format 'int9'"):
+        measure(pinned_host(), ["int9"])
+    with pytest.raises(Exception, match="does not support int8"):
+        measure(pinned_host(), ["w8"])
