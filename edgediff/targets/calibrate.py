@@ -157,7 +157,7 @@ def measure(
         where = cpu_description()
     else:
         threads = spec.compute.cores
-        where = f"{device.name()} ({device.arch or 'unknown arch'}) over RPC"
+        where = f"{device.name} ({device.arch or 'unknown arch'}) over RPC"
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="edgediff-calibrate-") as tmp:
         for fmt in formats:
