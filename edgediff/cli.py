@@ -273,6 +273,9 @@ def _cmd_targets_list(_args: argparse.Namespace) -> int:
     for name in list_targets():
         spec = load_target(name)
         print(f"{name:<12} {spec.kind:<4} {spec.description}")
+        print(f"{'':<17} dtypes {', '.join(spec.dtypes)}; {spec.cost_figures()}")
+        if spec.detected is not None:
+            print(f"{'':<17} detected {spec.detected}")
     return 0
 
 
@@ -288,6 +291,38 @@ def _cmd_targets_validate(args: argparse.Namespace) -> int:
 
     spec = validate_target_file(args.file)
     print(f"{args.file}: valid target spec '{spec.name}' ({spec.kind})")
+    return 0
+
+
+def _cmd_calibrate_target(args: argparse.Namespace) -> int:
+    from edgediff.targets.calibrate import calibrate_target
+
+    # the command that re-measures, recorded in the measured block
+    argv = ["--target", args.target] + (["--output", args.output] if args.output else [])
+    argv += (["--formats", *args.formats] if args.formats else []) + (["--rpc", args.rpc] if args.rpc else [])
+    argv += ["--key", args.key] if args.key else []
+    device = None
+    if args.rpc:
+        device = remote.open_device(
+            args.rpc, args.key, timeout=args.timeout, session_timeout=args.session_timeout
+        )
+    try:
+        calibration, path = calibrate_target(
+            args.target,
+            args.output,
+            args.formats,
+            args.runs,
+            argv=argv,
+            device=device,
+            progress=lambda text: print(f"  {text}", flush=True),
+        )
+    finally:
+        if device is not None:
+            device.close()
+    print(f"measured on {calibration.cpu}, {calibration.threads} thread(s):")
+    for fmt, gflops in calibration.gflops.items():
+        print(f"  {fmt:<11} {calibration.seconds[fmt] * 1e3:8.2f} ms  {gflops:8.2f} GFLOP/s")
+    print(f"wrote {path}")
     return 0
 
 
@@ -445,6 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate = target_commands.add_parser("validate", help="validate a target YAML file")
     validate.add_argument("file")
     validate.set_defaults(run=_cmd_targets_validate)
+
+    calibrate = commands.add_parser(
+        "calibrate-target",
+        help="measure a target's kernel throughput per precision format (the cost model's figures)",
+        description="Compile a small conv + feed-forward probe at each precision format the target computes "
+        "in, time it (here: least CPU time on one thread; with --rpc: on the device) and store GFLOP/s per "
+        "format with the target: a <name>.measured.yaml sidecar next to a target YAML, or for a built-in "
+        "target a full target YAML (default edgediff-out/targets/<name>-measured.yaml) to pass as --target.",
+    )
+    calibrate.add_argument("--target", default="host", help="built-in name or YAML path (default: host)")
+    calibrate.add_argument("--output", help="file to write (a *.measured.yaml name writes only the block)")
+    calibrate.add_argument("--formats", nargs="+", help="formats to measure (default: all the target has)")
+    calibrate.add_argument("--runs", type=int, default=5, help="timed calls per format (least is kept)")
+    remote.add_remote_arguments(calibrate, required=False)
+    calibrate.set_defaults(run=_cmd_calibrate_target)
 
     passes = commands.add_parser("passes", help="list the passes (and which a target runs)")
     passes.add_argument("--target", help="mark the passes this target runs by default")

@@ -63,13 +63,20 @@ AARCH64 = 183
 # machine. The LLVM target stays this machine's, so the artifacts still run here (LLVM splits a 512-bit
 # vector into what the CPU has; only speed would differ).
 PINNED_HOST = {"vector_bits": 512, "cores": 2}
+# ... and the dtypes `host` detects from CPU flags: those of a CPU without VNNI, BF16 or fp16 arithmetic.
+PINNED_HOST_DTYPES = {"float32": 150.0, "float16": 75.0}
 
 
 def pinned_host(name: str = "host-pinned", **compute: int) -> TargetSpec:
-    """The host spec with :data:`PINNED_HOST` (or ``compute`` overrides) instead of this machine's values."""
+    """The host spec with :data:`PINNED_HOST` (or ``compute`` overrides) and :data:`PINNED_HOST_DTYPES`
+    instead of this machine's values."""
     data = load_target("host").to_dict()
     data["name"] = name
     data["compute"].update(PINNED_HOST, **compute)
+    data["compute"]["peak_gflops"] = dict(PINNED_HOST_DTYPES)
+    data["dtypes"] = list(PINNED_HOST_DTYPES)
+    data["features"] = {}
+    data["measured"] = None
     return TargetSpec.from_dict(data)
 
 

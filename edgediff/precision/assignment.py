@@ -108,7 +108,8 @@ def weight_bytes(info: LayerInfo, fmt: Format) -> int:
 def estimate_latency(
     info: LayerInfo, fmt: Format, cost_model: Any, dtypes: Sequence[str], batch: int
 ) -> float:
-    """Roofline time of one layer call at ``fmt``: its MACs at the format's compute dtype against the DRAM
+    """Roofline time of one layer call at ``fmt``: its MACs at the format's measured throughput (else the
+    compute dtype's peak; see :meth:`CostModel.estimate_seconds`) against the DRAM
     traffic of its weights, input and output (float outputs; int8 inputs are written by the producer's
     fused quantize step). w4 weights also pay for their dequantization kernel, which FuseOps leaves apart
     from the consumer (it writes the float weight, the layer reads it back)."""
@@ -128,7 +129,7 @@ def estimate_latency(
             traffic += 2 * int(np.prod(info.weight_shape)) * float_bytes
         if fmt.activations == "token":
             traffic += batch * info.input_elems * float_bytes
-    return cost_model.estimate_seconds(2.0 * info.macs * batch, traffic, compute)
+    return cost_model.estimate_seconds(2.0 * info.macs * batch, traffic, compute, fmt=fmt.name)
 
 
 def candidate_formats(kind: str, dtypes: Sequence[str]) -> list[str]:

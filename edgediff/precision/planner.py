@@ -167,6 +167,8 @@ def make_plan(
             )
             for info in layers
         }
+        # Say which latency figures are measured on the device and which are the spec's roofline.
+        notes.append(cost_model.sources_note(sorted({f for fmts in candidates.values() for f in fmts})))
         planned = {info.weight for info in layers if info.weight}
         fixed = sum(
             aligned(_nbytes(shape, dtype)) for name, (shape, dtype) in weights.items() if name not in planned

@@ -3,6 +3,11 @@
 Passes use it to make target-aware decisions without running anything: whether an op is compute- or
 memory-bound, whether a tile fits a memory level, how many lanes a vector holds. A roofline is coarse,
 but it only has to rank alternatives on the same target, and it needs nothing beyond the spec's figures.
+
+When the spec has a ``measured`` block (``edgediff calibrate-target``), the compute side of a precision
+format's estimate uses the throughput its kernels were measured at instead of the dtype's peak: peaks say
+what the hardware could do, the measurement what edgediff's kernels do (int8 kernels without a dot-product
+schedule can be slower than fp32 although int8's peak is 4x).
 """
 
 from __future__ import annotations
@@ -38,14 +43,43 @@ class CostModel:
         """Peak DRAM bandwidth in bytes/s (the spec gives GB/s, decimal)."""
         return self.spec.memory.dram_bandwidth_gbps * 1e9
 
-    def estimate_seconds(self, flops: float, dram_bytes: float, dtype: str = "float32") -> float:
+    def measured_flops(self, fmt: str | None) -> float | None:
+        """Measured throughput (FLOP/s) of precision format ``fmt``'s kernels, or None if not measured."""
+        measured = self.spec.measured
+        if fmt is None or measured is None or fmt not in measured.gflops:
+            return None
+        return measured.gflops[fmt] * 1e9
+
+    def figure_source(self, fmt: str) -> str:
+        """``"measured"`` when format ``fmt``'s estimates use a measured throughput, else ``"spec"``."""
+        return "measured" if self.measured_flops(fmt) is not None else "spec"
+
+    def sources_note(self, formats: list[str] | tuple[str, ...]) -> str:
+        """One line saying which formats' latency figures are measured (where, when) and which are spec."""
+        measured = [f for f in formats if self.figure_source(f) == "measured"]
+        spec = [f for f in formats if f not in measured]
+        parts = []
+        if measured:
+            m = self.spec.measured
+            assert m is not None
+            parts.append(f"measured for {', '.join(measured)} ({m.cpu}, {m.threads} threads, {m.date})")
+        if spec:
+            parts.append(f"spec peak_gflops roofline for {', '.join(spec)} (not measured)")
+        return f"latency figures on target '{self.spec.name}': " + "; ".join(parts)
+
+    def estimate_seconds(
+        self, flops: float, dram_bytes: float, dtype: str = "float32", fmt: str | None = None
+    ) -> float:
         """Lower-bound run time of work doing ``flops`` operations and moving ``dram_bytes`` through DRAM.
 
         Compute and memory traffic are assumed to overlap perfectly, so the slower of the two dominates.
+        The compute side runs at precision format ``fmt``'s measured throughput when the spec has one,
+        else at ``dtype``'s peak.
         """
         if flops < 0 or dram_bytes < 0:
             raise ValueError(f"flops and dram_bytes must be non-negative, got {flops} and {dram_bytes}")
-        return max(flops / self.peak_flops(dtype), dram_bytes / self.dram_bytes_per_second)
+        rate = self.measured_flops(fmt) or self.peak_flops(dtype)
+        return max(flops / rate, dram_bytes / self.dram_bytes_per_second)
 
     def arithmetic_intensity_ridge(self, dtype: str = "float32") -> float:
         """FLOP per DRAM byte above which work is compute-bound here: the roofline's ridge point."""

@@ -30,6 +30,8 @@ DTYPE_BITS: dict[str, int] = {
     "uint8": 8,
 }
 KINDS: tuple[str, ...] = ("cpu", "gpu", "npu")
+#: Precision formats a `measured.gflops` block may give figures for (edgediff.runtime.quantize.FORMATS).
+MEASURED_FORMATS: tuple[str, ...] = ("fp32", "fp16", "bf16", "w8", "w8a8", "w8a8-token", "w4", "a8")
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NCHW4c", "NCHW8c")
 #: The placeholder a native host spec may use for values only known on the machine that loads it.
 AUTO = "auto"
@@ -165,9 +167,10 @@ SCHEMA: dict[str, Field] = {
     "compute.peak_gflops": Field(
         "a mapping of dtype to peak GFLOP/s",
         lambda v: _is_mapping(v) and len(v) > 0,
-        "Peak throughput per dtype in GFLOP/s (GOP/s for integers), one entry per listed dtype.",
+        "Peak throughput per dtype in GFLOP/s (GOP/s for integers), one entry per listed dtype; "
+        f"'{AUTO}' (native llvm only) = float32's figure scaled by what the CPU flags say this dtype gets.",
         keys=tuple(DTYPE_BITS),
-        value=_positive_number(""),
+        value=Field(f"{_POSITIVE_NUMBER} or '{AUTO}'", lambda v: (_is_number(v) and v > 0) or v == AUTO, ""),
     ),
     "memory": _section("Memory hierarchy used by the cost model and tiling passes."),
     "memory.sram_bytes": _non_negative_int("On-chip scratchpad (NPU SRAM / GPU local memory); 0 if none."),
@@ -175,9 +178,10 @@ SCHEMA: dict[str, Field] = {
     "memory.l2_bytes": _non_negative_int("L2 cache, bytes."),
     "memory.dram_bandwidth_gbps": _positive_number("Peak DRAM bandwidth in GB/s."),
     "dtypes": Field(
-        "a non-empty list of distinct dtypes",
-        _is_distinct_list,
-        "Dtypes the device computes in natively.",
+        f"a non-empty list of distinct dtypes or '{AUTO}'",
+        lambda v: v == AUTO or _is_distinct_list(v),
+        f"Dtypes the device computes in natively; '{AUTO}' (native llvm only) = detected from the CPU flags "
+        "(int8 with VNNI / Arm dotprod, bfloat16 with AVX512-BF16; see edgediff.targets.detect).",
         item=_choice(tuple(DTYPE_BITS), ""),
     ),
     "layout": _choice(LAYOUTS, "Preferred activation layout."),
@@ -202,6 +206,25 @@ SCHEMA: dict[str, Field] = {
         required=False,
         nullable=True,
         item=Field("a pass name", _is_text, ""),
+    ),
+    "measured": _section(
+        "Kernel throughput measured on the device by `edgediff calibrate-target`; the cost model prefers it "
+        "to the peak_gflops roofline for the formats it lists.",
+        required=False,
+    ),
+    "measured.date": Field("a date string (ISO 8601)", _is_text, "When the figures were measured (UTC)."),
+    "measured.cpu": Field(
+        "a non-empty string", _is_text, "The CPU (model name and flags) or device they were measured on."
+    ),
+    "measured.command": Field("a non-empty string", _is_text, "The command that re-measures them."),
+    "measured.threads": _positive_int("Threads the kernels ran on while measured."),
+    "measured.gflops": Field(
+        "a mapping of precision format to measured GFLOP/s",
+        lambda v: _is_mapping(v) and len(v) > 0,
+        "Effective throughput (2 x MACs / second) of the compiled conv/linear/attention kernels per "
+        "precision format (fp32, fp16, w8, w8a8, w8a8-token, w4, a8).",
+        keys=MEASURED_FORMATS,
+        value=_positive_number(""),
     ),
     "npu": _section("NPU-only parameters of the simulated accelerator.", required=False),
     "npu.tensor_engine": Field(
@@ -299,6 +322,18 @@ def _check_consistency(data: Mapping[str, Any], source: str) -> None:
     """Checks that relate several keys, run once every key is known to be well-formed."""
     dtypes = data["dtypes"]
     peaks = data["compute"]["peak_gflops"]
+    target = data["tvm"]["target"]
+    auto_peaks = [f"compute.peak_gflops.{d}" for d, v in peaks.items() if v == AUTO]
+    if auto_peaks and not _is_number(peaks.get("float32")):
+        raise _error(
+            source,
+            auto_peaks[0],
+            f"expected a number; '{AUTO}' scales compute.peak_gflops.float32, which must then be a number",
+        )
+    if dtypes == AUTO:
+        # Detection may add any dtype, so every one it can add needs a figure (a number or 'auto').
+        floats = ["float32", "float16"]
+        dtypes = floats + [d for d in DTYPE_BITS if d in peaks and d not in floats]
     missing = [d for d in dtypes if d not in peaks]
     if missing:
         raise _error(
@@ -315,8 +350,9 @@ def _check_consistency(data: Mapping[str, Any], source: str) -> None:
             )
 
     # 'auto' reads this machine, which is only meaningful when the code is compiled for this machine too.
-    target = data["tvm"]["target"]
     autos = [f"compute.{k}" for k in ("cores", "vector_bits") if data["compute"][k] == AUTO]
+    autos += ["dtypes"] if data["dtypes"] == AUTO else []
+    autos += auto_peaks
     if isinstance(target, Mapping) and target.get("mcpu") == AUTO:
         autos.append("tvm.target.mcpu")
     if autos and not _is_native_llvm(target):
@@ -413,6 +449,13 @@ def validate(data: Any, source: str) -> None:
     _check_section(data, "", source)
     _check_consistency(data, source)
     _check_tvm(data, source)
+
+
+def validate_measured(block: Any, source: str) -> None:
+    """Raise :class:`TargetSpecError` unless ``block`` is a valid ``measured`` section (e.g. the contents
+    of a ``<target>.measured.yaml`` sidecar); messages name ``source`` and the key, like :func:`validate`."""
+    _check_value(block, "measured", SCHEMA["measured"], source)
+    _check_section(block, "measured.", source)
 
 
 def schema_reference() -> str:

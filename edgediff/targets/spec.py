@@ -21,13 +21,22 @@ import yaml
 
 from edgediff.errors import TargetSpecError
 from edgediff.runtime.arch import machine_arch, normalise_arch
-from edgediff.targets.schema import AUTO, validate
+from edgediff.targets.detect import Detected, detect_dtypes
+from edgediff.targets.schema import AUTO, validate, validate_measured
 
 if TYPE_CHECKING:
     import tvm
 
 _BUILTIN_PREFIX = "builtin:"
 _YAML_SUFFIXES = (".yaml", ".yml")
+#: A user target ``board.yaml`` takes its measured figures from ``board.measured.yaml`` next to it.
+MEASURED_SUFFIX = ".measured.yaml"
+
+
+def measured_sidecar(path: str | os.PathLike[str]) -> Path:
+    """Where ``edgediff calibrate-target`` stores the measured figures of the target YAML at ``path``."""
+    path = Path(path)
+    return path.with_name(path.name[: -len(path.suffix)] + MEASURED_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,31 @@ class NpuSpec:
 
 
 @dataclass(frozen=True)
+class MeasuredSpec:
+    """Kernel throughput measured on the device (``edgediff calibrate-target``), per precision format.
+
+    ``gflops[fmt]`` is 2 x MACs / second of the compiled conv/linear/attention kernels at that format; the
+    cost model uses it instead of the ``peak_gflops`` roofline for the formats listed, and says which
+    figures were measured and which come from the spec.
+    """
+
+    date: str
+    cpu: str
+    command: str
+    threads: int
+    gflops: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "date": self.date,
+            "cpu": self.cpu,
+            "command": self.command,
+            "threads": self.threads,
+            "gflops": dict(self.gflops),
+        }
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     """A validated, fully resolved description of one deployment target.
 
@@ -79,7 +113,10 @@ class TargetSpec:
     features: dict[str, bool]
     passes: tuple[str, ...] | None
     npu: NpuSpec | None = None
+    measured: MeasuredSpec | None = None
     source: str = field(default="<dict>", compare=False)
+    # What `dtypes: auto` / `peak_gflops: auto` were resolved from (this machine's CPU flags), for reports.
+    detected: str | None = field(default=None, compare=False)
 
     # Frozen dataclasses with dict fields are unhashable by default; hashing the resolved content keeps
     # specs usable as cache keys and stays consistent with __eq__ (which also ignores ``source``).
@@ -87,13 +124,23 @@ class TargetSpec:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "<dict>") -> TargetSpec:
+    def from_dict(
+        cls,
+        data: Any,
+        source: str = "<dict>",
+        *,
+        cpu_flags: set[str] | None = None,
+        arch: str | None = None,
+    ) -> TargetSpec:
         """Validate a parsed spec document, resolve its ``auto`` values for this machine and build the spec.
 
         Also the way back from a manifest: ``TargetSpec.from_dict(spec.to_dict())`` equals ``spec``.
+        ``cpu_flags``/``arch`` replace this machine's CPU flags and architecture for ``auto`` values (tests
+        resolve the host spec for made-up CPUs this way).
         """
         validate(data, source)
-        data = _resolve_auto(data)
+        data, detected = _resolve_auto(data, cpu_flags, arch)
+        measured = data.get("measured")
         compute, memory, ops, passes = data["compute"], data["memory"], data["ops"], data.get("passes")
         npu = None
         if data.get("npu") is not None:
@@ -123,7 +170,17 @@ class TargetSpec:
             features=dict(data.get("features") or {}),
             passes=None if passes is None else tuple(passes),
             npu=npu,
+            measured=None
+            if measured is None
+            else MeasuredSpec(
+                date=str(measured["date"]),
+                cpu=str(measured["cpu"]),
+                command=str(measured["command"]),
+                threads=int(measured["threads"]),
+                gflops={k: float(v) for k, v in measured["gflops"].items()},
+            ),
             source=source,
+            detected=None if detected is None else detected.summary(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +213,7 @@ class TargetSpec:
                 "tensor_engine": list(self.npu.tensor_engine),
                 "dma_bandwidth_gbps": self.npu.dma_bandwidth_gbps,
             },
+            "measured": None if self.measured is None else self.measured.to_dict(),
         }
 
     def build_target(self) -> tvm.target.Target:
@@ -192,6 +250,17 @@ class TargetSpec:
         """Whether the device runs Relax op ``op_name`` (e.g. ``"relax.nn.conv2d"``); True if ``ops: all``."""
         return self.supported_ops is None or op_name in self.supported_ops
 
+    def cost_figures(self) -> str:
+        """Where the cost model's throughput figures come from: measured (when, where, per format) or spec."""
+        if self.measured is None:
+            return "spec peak_gflops (roofline; not measured: run `edgediff calibrate-target`)"
+        m = self.measured
+        formats = ", ".join(f"{fmt} {g:.3g}" for fmt, g in m.gflops.items())
+        return (
+            f"measured GFLOP/s {formats} ({m.threads} thread{'s' if m.threads > 1 else ''}, {m.date}, "
+            f"{m.cpu}); other formats: spec peak_gflops"
+        )
+
     def describe(self) -> str:
         """A readable multi-line summary, as printed by ``edgediff targets show``."""
         peaks = ", ".join(f"{dtype} {gflops:g}" for dtype, gflops in self.compute.peak_gflops.items())
@@ -217,6 +286,9 @@ class TargetSpec:
         if self.npu is not None:
             engine = "x".join(str(n) for n in self.npu.tensor_engine)
             rows.append(("npu", f"{engine} tensor engine, DMA {self.npu.dma_bandwidth_gbps:g} GB/s"))
+        if self.detected is not None:
+            rows.append(("detected", self.detected))
+        rows.append(("cost figures", self.cost_figures()))
         rows.append(("runs on host", "yes" if self.runs_on_host else "no"))
         width = max(len(label) for label, _ in rows)
         return "\n".join(
@@ -240,7 +312,7 @@ def _host_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _host_cpu_flags() -> set[str]:
+def host_cpu_flags() -> set[str]:
     """CPU feature flags the OS reports (x86 'flags' / arm 'Features' in /proc/cpuinfo), else LLVM's view."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -257,8 +329,7 @@ def _host_cpu_flags() -> set[str]:
     return {str(f) for f in codegen.llvm_get_cpu_features(host)}
 
 
-def _host_vector_bits() -> int:
-    flags = _host_cpu_flags()
+def _host_vector_bits(flags: set[str]) -> int:
     if "avx512f" in flags:
         return 512
     if "avx2" in flags:
@@ -276,14 +347,37 @@ def _host_mcpu() -> str | None:
     return cpu
 
 
-def _resolve_auto(data: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of validated ``data`` with every ``auto`` replaced by this machine's value."""
+def _resolve_auto(
+    data: Mapping[str, Any], cpu_flags: set[str] | None = None, arch: str | None = None
+) -> tuple[dict[str, Any], Detected | None]:
+    """A deep copy of validated ``data`` with every ``auto`` replaced by this machine's value (CPU flags and
+    arch from ``cpu_flags``/``arch`` when given), and the dtype detection when ``auto`` asked for one."""
     data = copy.deepcopy(dict(data))
     compute = data["compute"]
+    flags: set[str] | None = cpu_flags
+
+    def cpu() -> set[str]:
+        nonlocal flags
+        if flags is None:
+            flags = host_cpu_flags()
+        return flags
+
     if compute["cores"] == AUTO:
         compute["cores"] = _host_cores()
     if compute["vector_bits"] == AUTO:
-        compute["vector_bits"] = _host_vector_bits()
+        compute["vector_bits"] = _host_vector_bits(cpu())
+    detected = None
+    peaks = compute["peak_gflops"]
+    if data["dtypes"] == AUTO or AUTO in peaks.values():
+        detected = detect_dtypes(cpu(), normalise_arch(arch) if arch else machine_arch())
+    if data["dtypes"] == AUTO:
+        data["dtypes"] = list(detected.dtypes)
+        compute["peak_gflops"] = peaks = {d: peaks[d] for d in data["dtypes"]}
+        # Detected capabilities become features (explicit entries in the YAML win).
+        data["features"] = {**detected.features, **(data.get("features") or {})}
+    for dtype, value in peaks.items():
+        if value == AUTO:
+            peaks[dtype] = round(float(peaks["float32"]) * detected.peak_ratio(dtype), 3)
     target = data["tvm"]["target"]
     if isinstance(target, dict) and target.get("mcpu") == AUTO:
         mcpu = _host_mcpu()
@@ -292,7 +386,7 @@ def _resolve_auto(data: Mapping[str, Any]) -> dict[str, Any]:
             del target["mcpu"]
         else:
             target["mcpu"] = mcpu
-    return data
+    return data, detected
 
 
 def _parse_yaml(text: str, source: str) -> Any:
@@ -325,7 +419,14 @@ def _load_file(path: str | os.PathLike[str]) -> TargetSpec:
         raise TargetSpecError(f"{source}: target file does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TargetSpecError(f"{source}: cannot read target file ({exc})") from None
-    return TargetSpec.from_dict(_parse_yaml(text, source), source)
+    data = _parse_yaml(text, source)
+    sidecar = measured_sidecar(resolved)
+    if isinstance(data, dict) and sidecar.is_file():
+        # The sidecar is newer than any measured block in the YAML itself (calibrate-target wrote it).
+        block = _parse_yaml(sidecar.read_text(encoding="utf-8"), str(sidecar))
+        validate_measured(block, str(sidecar))
+        data = {**data, "measured": block}
+    return TargetSpec.from_dict(data, source)
 
 
 def load_target(name_or_path: str | os.PathLike[str] | TargetSpec) -> TargetSpec:

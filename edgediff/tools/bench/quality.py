@@ -19,8 +19,9 @@ def host_int8() -> Any:
     from edgediff.targets.spec import TargetSpec
 
     data = load_target("host").to_dict()
-    data.update(name="host-int8", dtypes=["float32", "float16", "int8"])
-    data["compute"]["peak_gflops"]["int8"] = 300
+    # keep what the host detected (e.g. bfloat16, whose peak entry must stay matched by a dtype)
+    data.update(name="host-int8", dtypes=[*[d for d in data["dtypes"] if d != "int8"], "int8"])
+    data["compute"]["peak_gflops"].setdefault("int8", 300)
     return TargetSpec.from_dict(data)
 
 
