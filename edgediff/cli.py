@@ -295,7 +295,7 @@ def _cmd_targets_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate_target(args: argparse.Namespace) -> int:
-    from edgediff.targets.calibrate import calibrate_target
+    from edgediff.tools.calibrate_target import calibrate_target
 
     # the command that re-measures, recorded in the measured block
     argv = ["--target", args.target] + (["--output", args.output] if args.output else [])

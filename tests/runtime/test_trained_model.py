@@ -1,14 +1,17 @@
 """The project's trained text-to-image model (models/tiny-shapes-t2i) through the compiled pipeline: the
-compiled loop must follow diffusers' StableDiffusionPipeline, and the pictures must show (what the model
-has learned of) their prompts, read by the independent shapes checker, at fp32 and at fp16."""
+compiled loop must follow diffusers' StableDiffusionPipeline, and the pictures must show their prompts,
+read by the independent shapes checker, at fp32, at fp16 and in the default low-precision plan."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edgediff import compile_model, compile_pipeline, zoo
 from edgediff.runtime.pipeline import Pipeline
@@ -31,11 +34,16 @@ def fp32_set(tmp_path_factory) -> Path:
     return compile_pipeline(MODEL, MODEL, MODEL, target="host", output_dir=out, progress=False)
 
 
-def _with_denoiser(base: Path, out: Path, **options) -> Path:
-    """A copy of the fp32 set whose denoiser is rebuilt with ``options`` (a precision plan)."""
+def _with_denoiser(base: Path, out: Path, conditioning: np.ndarray | None = None, **options) -> Path:
+    """A copy of the fp32 set whose denoiser is rebuilt with ``options`` (a precision plan); ``conditioning``
+    replaces the example (calibration) text embeddings."""
     shutil.copytree(base, out)
     shutil.rmtree(out / "denoiser")
     unet = zoo.load_local(MODEL, subfolder="unet", batch=2, seq_len=16)  # as compile_pipeline builds it
+    if conditioning is not None:
+        inputs = list(unet.example_inputs)
+        inputs[2] = torch.from_numpy(conditioning)
+        unet = dataclasses.replace(unet, example_inputs=tuple(inputs))
     compile_model(unet, output_dir=out / "denoiser", progress=False, **options)
     return out
 
@@ -56,21 +64,39 @@ def test_compiled_latents_follow_diffusers(fp32_set):
         assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
 
-# The committed model (1200 UNet steps, see models/tiny-shapes-t2i/README.md) has learned the colors of its
-# prompts but not yet their shapes and places (measured: color 100%, shape 29%, place 14% of these 28
-# pictures). The tests hold it to what it does: the color of every prompt, at fp32 and at fp16.
-MIN_COLOR = 0.9
+# The whole prompt (color, shape and place, by the independent checker) in at least this share of the 28
+# pictures, at fp32 and in the low-precision builds (measured on the committed model: see its README).
+MIN_WHOLE_PROMPT = 0.9
 
 
-def test_fp32_pictures_show_their_prompts_color(fp32_set, checker):
+def test_fp32_pictures_show_their_prompts(fp32_set, checker):
     rates = _rates(Pipeline.from_directory(fp32_set), checker)
-    assert rates["color"] >= MIN_COLOR, rates
+    assert rates["all"] >= MIN_WHOLE_PROMPT, rates
 
 
-def test_fp16_pictures_show_their_prompts_color(fp32_set, checker, tmp_path):
+def test_fp16_pictures_show_their_prompts(fp32_set, checker, tmp_path):
     out = _with_denoiser(fp32_set, tmp_path / "fp16", target="host", precision="fp16")
     rates = _rates(Pipeline.from_directory(out), checker)
-    assert rates["color"] >= MIN_COLOR, rates
+    assert rates["all"] >= MIN_WHOLE_PROMPT, rates
+
+
+def test_default_low_precision_plan_pictures_show_their_prompts(fp32_set, checker, tmp_path, host_int8):
+    """``precision="auto"`` with no budget (the smallest plan whose measured prediction SQNR meets the
+    default floor), calibrated on the model's real prompt embeddings, int8 allowed."""
+    pipeline = Pipeline.from_directory(fp32_set)
+    conditioning = np.concatenate([pipeline.encode_prompt(""), pipeline.encode_prompt(EVAL_PROMPTS[0])])
+    out = _with_denoiser(
+        fp32_set, tmp_path / "auto", target=host_int8, precision="auto", conditioning=conditioning
+    )
+    formats = {
+        layer["format"]
+        for p in json.loads((out / "denoiser" / "manifest.json").read_text())["passes"]
+        if p["name"] == "mixed-precision"
+        for layer in p["report"]["plan"]["layers"]
+    }
+    assert formats - {"fp32"}, formats  # the plan did lower some layers
+    rates = _rates(Pipeline.from_directory(out), checker)
+    assert rates["all"] >= MIN_WHOLE_PROMPT, rates
 
 
 def test_generate_cli_draws_blue(fp32_set, checker, tmp_path):

@@ -12,7 +12,7 @@ from edgediff.errors import TargetSpecError
 from edgediff.precision import PrecisionConfig
 from edgediff.precision.planner import make_plan
 from edgediff.targets import CostModel, TargetSpec, load_target
-from edgediff.targets.calibrate import Calibration, write_measured
+from edgediff.tools.calibrate_target import Calibration, write_measured
 from edgediff.targets.spec import measured_sidecar
 from tests.conftest import pinned_host
 from tests.precision.models import fragile_model
@@ -158,7 +158,7 @@ def test_calibrate_target_cli_measures_and_writes_a_sidecar(tmp_path: Path, monk
 
 
 def test_calibrate_refuses_a_cross_target_without_a_device(tmp_path: Path) -> None:
-    from edgediff.targets.calibrate import measure
+    from edgediff.tools.calibrate_target import measure
 
     with pytest.raises(TargetSpecError, match="target 'arm-a78' does not run on this machine"):
         measure(load_target("arm-a78"))
