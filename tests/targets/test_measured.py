@@ -12,8 +12,8 @@ from edgediff.errors import TargetSpecError
 from edgediff.precision import PrecisionConfig
 from edgediff.precision.planner import make_plan
 from edgediff.targets import CostModel, TargetSpec, load_target
-from edgediff.tools.calibrate_target import Calibration, write_measured
 from edgediff.targets.spec import measured_sidecar
+from edgediff.tools.calibrate_target import Calibration, write_measured
 from tests.conftest import pinned_host
 from tests.precision.models import fragile_model
 
