@@ -319,6 +319,12 @@ def main() -> None:
         help="cross-attention also in the 4x4 level's down and up blocks (not only 8x8 and mid)",
     )
     ap.add_argument(
+        "--unet-from",
+        type=Path,
+        help="continue from the UNet and text encoder of an earlier output (a second stage: its own warm-up "
+        "and cosine schedule over --unet-steps, batches drawn with a different seed)",
+    )
+    ap.add_argument(
         "--vae-from",
         type=Path,
         help="take the VAE from an earlier output of this script with the same --seed/--images/--vae-steps "
@@ -376,6 +382,14 @@ def main() -> None:
 
     text_encoder = make_text_encoder(tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = make_unet(args.heads, args.cross_attention_at_4x4)
+    if args.unet_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.unet_from / "unet").state_dict())
+        text_encoder.load_state_dict(
+            CLIPTextModel.from_pretrained(args.unet_from / "text_encoder").state_dict()
+        )
     sched = make_scheduler()
     from diffusers import DDPMScheduler
 
@@ -389,7 +403,7 @@ def main() -> None:
         train_sched,
         args.unet_steps,
         args.unet_batch or args.batch,
-        args.seed + 1,
+        args.seed + (2 if args.unet_from is not None else 1),
         0.1,
         args.high_noise_share,
         args.lr,
