@@ -254,8 +254,12 @@ def plan_request(
     precision_request = resolve_request(precision, precision_budget, spec)
     if precision_request is not None:
         pass_names = resolve_pipeline(spec, [*pass_names, "mixed-precision"])
+    # float16 builds get the overflow guard unless it is switched off by name; a list of passes (or a
+    # target spec's own list) is run exactly as given
     guard_off = isinstance(passes, Mapping) and passes.get("fp16-overflow-guard") is False
-    if "cast-to-fp16" in pass_names and "fp16-overflow-guard" not in pass_names and not guard_off:
+    explicit = passes is not None and not isinstance(passes, Mapping)
+    wanted = not (guard_off or explicit or "fp16-overflow-guard" in pass_names)
+    if "cast-to-fp16" in pass_names and wanted:
         pass_names = resolve_pipeline(spec, [*pass_names, "fp16-overflow-guard"])
     linear_config = resolve_linear_attention(linear_attention)
     if linear_config is not None:

@@ -48,7 +48,7 @@ def _dtype(expr: Any) -> str:
 @register_pass("fp16-overflow-guard")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.FP16OverflowGuard")
 class FP16OverflowGuard:
-    """Keep the conv2d / matmul of layers that overflow float16 in float32 (after ``cast-to-fp16``).
+    """Keep conv2d / matmul / norm layers that overflow float16 in float32 (after ``cast-to-fp16``).
 
     Options: ``guard`` (an :class:`OverflowGuard` or its dict, from calibration; ``compile_model`` measures
     it), ``weight_names`` (``main``'s weight parameters in order, as the import names them). Without a

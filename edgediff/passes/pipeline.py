@@ -78,7 +78,7 @@ def default_pipeline(spec: TargetSpec) -> list[str]:
         return resolve_pipeline(spec, list(spec.passes))
     names = ["decompose-for-inference"]
     if not spec.supports_dtype("float32"):
-        names.append("cast-to-fp16")
+        names += ["cast-to-fp16", "fp16-overflow-guard"]
     if spec.kind == "npu":
         names += ["npu-op-coverage", "npu-tiling"]
     if spec.kind == "cpu":

@@ -156,6 +156,10 @@ def test_npu_build_runs_the_guarded_layers_on_the_host(overflowing, tmp_path):
     artifact = edgediff.compile_model(
         overflowing, _inputs(), target="ane-like", input_names=NAMES, output_dir=tmp_path, progress=False
     )
+    from edgediff.passes.pipeline import default_pipeline
+    from edgediff.targets import load_target
+
+    assert "fp16-overflow-guard" in default_pipeline(load_target("ane-like"))
     passes = _passes(artifact)
     assert set(passes["fp16-overflow-guard"]["kept_fp32"]) == GUARDED
     assert "host ops (relax.nn.conv2d)" in passes["npu-tiling"]["summary"]
