@@ -44,12 +44,15 @@ class GuardedLayer:
     input_max: float
     output_max: float
     weight: str | None = None  # state-dict name of the weight (conv2d / linear)
+    weight_max: float = 0.0  # max |weight|, when that is what overflows float16 storage
 
     @property
     def peak(self) -> float:
         return max(self.input_max, self.output_max)
 
     def reason(self, limit: float) -> str:
+        if self.weight_max > FP16_MAX:
+            return f"max |weight| {self.weight_max:.4g} > {FP16_MAX:g} (fp16 max)"
         where = "input" if self.input_max >= self.output_max else "output"
         return f"max |{where}| {self.peak:.4g} > {limit:.6g} (fp16 max {FP16_MAX:g} / headroom)"
 
@@ -107,15 +110,24 @@ class OverflowGuard:
         return cls(**data, layers=layers, largest=tuple(largest) if largest else None)
 
 
-def find_overflows(calibration: Calibration, headroom: float = DEFAULT_HEADROOM) -> OverflowGuard:
-    """The layers of ``calibration`` whose recorded peaks times ``headroom`` exceed the float16 range."""
+def find_overflows(
+    calibration: Calibration, headroom: float = DEFAULT_HEADROOM, module: Any = None
+) -> OverflowGuard:
+    """The layers of ``calibration`` whose recorded peaks times ``headroom`` exceed the float16 range; given
+    the calibrated ``module``, also conv / linear layers with a weight beyond 65504 (not storable in fp16;
+    weights do not vary with the input, so no headroom)."""
     guard = OverflowGuard(headroom=float(headroom), checked=len(calibration.activation_max))
     weights = {info.name: info.weight for info in calibration.layers}
+    modules = dict(module.named_modules()) if module is not None else {}
     for name, (kind, peak_in, peak_out) in calibration.activation_max.items():
         peak = max(peak_in, peak_out)
         if guard.largest is None or peak > guard.largest[1]:
             guard.largest = (name, peak)
-        if peak > guard.limit:
+        weight = getattr(modules.get(name), "weight", None) if kind in ("conv2d", "linear") else None
+        weight_max = float(weight.detach().abs().max()) if weight is not None else 0.0
+        if weight_max > FP16_MAX:
+            guard.layers.append(GuardedLayer(name, kind, peak_in, peak_out, weights.get(name), weight_max))
+        elif peak > guard.limit:
             # a norm layer is found in the graph by its scale parameter (an affine GroupNorm / LayerNorm)
             weight = weights.get(name) or (f"{name}.weight" if kind == "norm" else None)
             guard.layers.append(GuardedLayer(name, kind, peak_in, peak_out, weight))
@@ -148,4 +160,4 @@ def measure_overflow(
             keep=config.keep,
             seeds=config.seeds,
         )
-    return find_overflows(calibration, config.fp16_headroom)
+    return find_overflows(calibration, config.fp16_headroom, module)

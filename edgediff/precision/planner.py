@@ -144,7 +144,7 @@ def make_plan(
         candidates = {
             info.name: [pins.get(info.name) or _uniform(config.mode, info.kind, float_fmt)] for info in layers
         }
-    guard, guarded = _overflow_guard(calibration, config, layers, pins, candidates, dtypes, notes)
+    guard, guarded = _overflow_guard(calibration, module, config, layers, pins, candidates, dtypes, notes)
     # on a float16-only target the guarded fp32 layers run on the host: fake quantization cannot emulate
     # them (it would round to float16), so they are not measured and count as exact
     unmeasured = {} if "float32" in dtypes else guarded
@@ -288,6 +288,7 @@ def _fp16_compute(fmt: str, dtypes: Sequence[str]) -> bool:
 
 def _overflow_guard(
     calibration: Any,
+    module: nn.Module,
     config: PrecisionConfig,
     layers: Sequence[LayerInfo],
     pins: Mapping[str, str],
@@ -301,7 +302,7 @@ def _overflow_guard(
     Returns the guard and the guarded layers' reasons (pinned layers keep their pin, with a note)."""
     if config.fp16_headroom is None:
         return None, {}
-    guard = find_overflows(calibration, config.fp16_headroom)
+    guard = find_overflows(calibration, config.fp16_headroom, module)
     guarded: dict[str, str] = {}
     for layer in guard.layers:
         fmts = candidates.get(layer.name)

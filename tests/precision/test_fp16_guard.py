@@ -119,6 +119,17 @@ def test_calibration_records_activation_peaks_and_finds_the_overflowing_layers(o
     assert OverflowGuard.from_dict(guard.to_dict()).names() == guard.names()
 
 
+def test_a_weight_beyond_the_fp16_range_is_guarded(overflowing):
+    """A weight above 65504 becomes inf in fp16 storage, whatever the activations: guarded too."""
+    model = OverflowDecoder(overflow=False)
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = 1e5
+    calibration = calibrate(model, _inputs(), NAMES)
+    guard = find_overflows(calibration, module=model)
+    assert guard.names() == ["conv2"]
+    assert guard.weights()["conv2.weight"].reason(guard.limit) == "max |weight| 1e+05 > 65504 (fp16 max)"
+
+
 def test_fp16_plan_overflows_without_the_guard_and_matches_fp32_with_it(overflowing, builds):
     reference = _reference(overflowing)
     assert not np.isfinite(_run(builds["fp16-unguarded"])).all()
