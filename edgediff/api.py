@@ -254,6 +254,13 @@ def plan_request(
     precision_request = resolve_request(precision, precision_budget, spec)
     if precision_request is not None:
         pass_names = resolve_pipeline(spec, [*pass_names, "mixed-precision"])
+    # float16 builds get the overflow guard unless it is switched off by name; a list of passes (or a
+    # target spec's own list) is run exactly as given
+    guard_off = isinstance(passes, Mapping) and passes.get("fp16-overflow-guard") is False
+    explicit = passes is not None and not isinstance(passes, Mapping)
+    wanted = not (guard_off or explicit or "fp16-overflow-guard" in pass_names)
+    if "cast-to-fp16" in pass_names and wanted:
+        pass_names = resolve_pipeline(spec, [*pass_names, "fp16-overflow-guard"])
     linear_config = resolve_linear_attention(linear_attention)
     if linear_config is not None:
         pass_names = resolve_pipeline(spec, [*pass_names, "rewrite-linear-attention"])
@@ -327,6 +334,12 @@ def plan_stage(
             request.spec,
             progress=lambda s: bar.stage(f"precision: {s}"),
         )
+    guard_options = pass_options.get("fp16-overflow-guard", {})
+    if "fp16-overflow-guard" in request.pass_names and "guard" not in guard_options:
+        bar.stage("fp16 overflow guard: calibration")
+        pass_options.setdefault("fp16-overflow-guard", {})["guard"] = _overflow_guard(
+            captured, plan, request.precision
+        )
     config = request.linear_attention
     if config is not None:
         records = None
@@ -343,6 +356,27 @@ def plan_stage(
     for one in captures:
         one.exported_program = one.torch_module = None
     return Plans(plan, pass_options)
+
+
+def _overflow_guard(captured: CapturedModel, plan: Any, request: Any) -> Any:
+    """The fp16 overflow guard of a float16 build: the plan's (same calibration), else measured on the
+    torch model with the planner's calibration; None where there is no torch model or it is switched off."""
+    from edgediff.precision.overflow import OverflowGuard, measure_overflow
+    from edgediff.precision.plan import PrecisionConfig
+
+    if plan is not None:
+        return OverflowGuard.from_dict(plan.fp16_guard) if plan.fp16_guard else None
+    config = request if isinstance(request, PrecisionConfig) else PrecisionConfig()
+    if config.fp16_headroom is None or captured.source != "torch" or captured.torch_module is None:
+        return None
+    from edgediff.errors import PrecisionError
+
+    try:
+        return measure_overflow(
+            captured.torch_module, captured.example_inputs, captured.input_names, captured.meta, config
+        )
+    except PrecisionError as err:  # e.g. no conv/linear/attention layer: nothing to guard, the build goes on
+        return OverflowGuard(note=f"fp16 overflow guard: not checked ({err})")
 
 
 @dataclass
@@ -377,6 +411,8 @@ def passes_stage(
                 "plan": plan_at(plans.precision, *latents),
                 "weight_names": imported[index].weight_names,
             }
+        if "fp16-overflow-guard" in options:  # the guard finds its layers by weight name, like the plan
+            options["fp16-overflow-guard"]["weight_names"] = imported[index].weight_names
         if len(sizes) > 1:
             bar.stage(f"passes at {format_resolution(sizes[index])}")
         mod, results[index] = run_passes(

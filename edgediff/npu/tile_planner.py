@@ -59,6 +59,14 @@ def npu_supports(node: Node, spec: TargetSpec) -> bool:
     return op_ok and node.dtype in (*spec.dtypes, "float32")
 
 
+def _float32_operands(node: Node, graph: Graph, spec: TargetSpec) -> bool:
+    """A conv2d / matmul computing on float32 operands, which a float16-only NPU cannot: the fp16 overflow
+    guard keeps such layers in float32, so they run on the host CPU."""
+    if "float32" in spec.dtypes or node.op not in ("relax.nn.conv2d", "relax.matmul"):
+        return False
+    return any(graph.dtype_of(a) == "float32" for a in node.var_args())
+
+
 # --- regions --------------------------------------------------------------------------------------------
 
 
@@ -121,7 +129,7 @@ def form_groups(graph: Graph, spec: TargetSpec, *, chain: bool = True) -> list[G
     for node in graph.nodes:
         if node.weight or node.op in VIEW_OPS:
             continue
-        if not npu_supports(node, spec):
+        if not npu_supports(node, spec) or _float32_operands(node, graph, spec):
             group = Group(len(groups), [node], "host")
         else:
             producers = [owner[a] for a in node.var_args() if a in owner and owner[a].device == "npu"]

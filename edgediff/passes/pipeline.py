@@ -17,6 +17,7 @@ from edgediff.passes import (  # noqa: F401
     apply_schedules,
     cast_to_fp16,
     decompose_for_inference,
+    fp16_overflow_guard,
     fuse_attention,
     fuse_linear_attention,
     fuse_norm_activation,
@@ -39,6 +40,9 @@ PASS_ORDER: tuple[str, ...] = (
     # graph level (Relax operators)
     "decompose-for-inference",
     "cast-to-fp16",
+    # added by compile_model wherever cast-to-fp16 runs: layers whose calibrated activations overflow
+    # float16 get their float32 conv2d/matmul back (precision/overflow.py)
+    "fp16-overflow-guard",
     # only with compile_model(precision=...), which measures the plan; after cast-to-fp16, whose
     # ToMixedPrecision would turn int8 x int8 -> int32 accumulators into float16
     "mixed-precision",
@@ -74,7 +78,7 @@ def default_pipeline(spec: TargetSpec) -> list[str]:
         return resolve_pipeline(spec, list(spec.passes))
     names = ["decompose-for-inference"]
     if not spec.supports_dtype("float32"):
-        names.append("cast-to-fp16")
+        names += ["cast-to-fp16", "fp16-overflow-guard"]
     if spec.kind == "npu":
         names += ["npu-op-coverage", "npu-tiling"]
     if spec.kind == "cpu":

@@ -5,7 +5,8 @@ trajectory, and activation ranges drift with it (seed notes §5.1-5.3). So, as Q
 model is driven by one of the runtime's samplers on random conditioning for several seeds, and the model
 inputs of evaluations spread uniformly over the trajectory are kept. At those evaluations every
 quantizable layer's input range is recorded; the kept inputs and the float outputs are what the sensitivity
-measurement replays.
+measurement replays. The largest |input| and |output| of every conv/linear/attention/norm layer over all
+kept evaluations is recorded as well: the fp16 overflow guard (``overflow.py``) reads it.
 
 Quantizable layers are ``nn.Conv2d``, ``nn.Linear`` and the two matmuls of every scaled-dot-product
 attention call (QK^T and PV; named ``<attention module>.sdpa``). Models that are not denoisers (a VAE
@@ -87,6 +88,9 @@ class Calibration:
     num_steps: int = 0
     seeds: tuple[int, ...] = ()
     model_batch: int = 1  # the batch the model is compiled for (cost estimates are per call at that batch)
+    # layer -> (kind, max |input|, max |output|) over every kept evaluation; also norm layers, which are not
+    # quantizable but whose inputs are as exposed to fp16 overflow as any conv's
+    activation_max: dict[str, tuple[str, float, float]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -224,6 +228,7 @@ def calibrate(
         num_steps=num_steps if sampler_name else 0,
         seeds=tuple(int(s) for s in seeds),
         model_batch=int(example_inputs[0].shape[0]),
+        activation_max=dict(recorder.extremes),
     )
 
 
@@ -330,10 +335,34 @@ class _Recorder(ModelHooks):
         self.step: int | None = None
         self.infos: dict[str, LayerInfo] = {}
         self.absmax: dict[str, list[float]] = {}
+        self.extremes: dict[str, tuple[str, float, float]] = {}  # see Calibration.activation_max
+
+    def __enter__(self) -> _Recorder:
+        super().__enter__()
+        for name, sub in self.module.named_modules():
+            if isinstance(sub, (nn.GroupNorm, nn.LayerNorm)):
+                self._handles.append(sub.register_forward_hook(self._norm_hook(name)))
+        return self
+
+    def _extreme(self, name: str, kind: str, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> None:
+        if self.step is None:
+            return
+        _, seen_in, seen_out = self.extremes.get(name, (kind, 0.0, 0.0))
+        # nan_to_num: an inf already in the float32 model is reported as the float32 maximum, not lost
+        peak_in = max(float(torch.nan_to_num(x.detach().float()).abs().max()) for x in inputs)
+        peak_out = float(torch.nan_to_num(out.detach().float()).abs().max())
+        self.extremes[name] = (kind, max(seen_in, peak_in), max(seen_out, peak_out))
+
+    def _norm_hook(self, name: str) -> Any:
+        def hook(sub: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._extreme(name, "norm", args[:1], output)
+
+        return hook
 
     def layer_output(self, name: str, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         if self.step is None:
             return
+        self._extreme(name, "conv2d" if isinstance(layer, nn.Conv2d) else "linear", (x,), out)
         ranges = self.absmax.setdefault(name, [])
         ranges.extend([0.0] * (self.step + 1 - len(ranges)))
         ranges[self.step] = max(ranges[self.step], float(x.detach().abs().max()))
@@ -370,7 +399,9 @@ class _Recorder(ModelHooks):
                 output_elems=heads * queries * dim_v,
                 attention_shape=(heads, queries, keys, dim),
             )
-        return original(q, k, v, *a, **kw)
+        out = original(q, k, v, *a, **kw)
+        self._extreme(name, "attention", (q, k, v), out)
+        return out
 
 
 @contextlib.contextmanager

@@ -31,6 +31,9 @@ class PrecisionConfig:
     keep: int = 4
     seeds: tuple[int, ...] = (0, 1)
     timestep_aware: bool = True  # int8 activation scales per timestep range (early / late)
+    # fp16 overflow guard (precision/overflow.py): layers whose activations x this exceed 65504 keep fp32
+    # instead of fp16; None switches the guard off
+    fp16_headroom: float | None = 4.0
 
 
 @dataclass
@@ -50,6 +53,7 @@ class LayerPlan:
     sqnr_db: dict[str, float] = field(default_factory=dict)  # candidate format -> measured SQNR
     sqnr_per_step: list[float] = field(default_factory=list)  # chosen format, per kept evaluation
     pinned: bool = False
+    overflow: str | None = None  # why the fp16 overflow guard kept this layer in fp32 (the peak seen)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class PrecisionPlan:
     totals: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    fp16_guard: dict[str, Any] = field(default_factory=dict)  # OverflowGuard.to_dict(); {}: not checked
 
     def layer(self, name: str) -> LayerPlan:
         for layer in self.layers:
@@ -90,6 +95,9 @@ class PrecisionPlan:
         )
         if t.get("measured_sqnr_db") is not None:
             text += f", prediction SQNR {t['measured_sqnr_db']:.1f} dB"
+        guarded = [layer.name for layer in self.layers if layer.overflow]
+        if guarded:
+            text += f"; fp16 overflow guard kept {len(guarded)} in fp32 ({', '.join(guarded[:4])})"
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +130,8 @@ def resolve_request(
         if budget is not None:
             raise PrecisionError("precision_budget applies to precision='auto', not to a ready plan")
         for layer in precision.layers:
+            if layer.overflow and layer.format == "fp32":
+                continue  # kept in fp32 by the overflow guard: on a float16-only target it runs on the host
             require_supported(
                 get_format(layer.format), spec.dtypes, spec.name, f"layer {layer.name}'s format"
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,10 +26,12 @@ from edgediff.precision.assignment import (
     candidate_formats,
     layer_options,
     require_supported,
+    weight_bytes,
 )
 from edgediff.precision.calibration import LayerInfo, calibrate
+from edgediff.precision.overflow import OverflowGuard, find_overflows
 from edgediff.precision.plan import LayerPlan, PrecisionConfig, PrecisionPlan
-from edgediff.precision.quantizers import UNIFORM_FALLBACK, float_format, get_format
+from edgediff.precision.quantizers import UNIFORM_FALLBACK, compute_dtype, float_format, get_format
 from edgediff.precision.sensitivity import measure_assignment, measure_sensitivity
 
 if TYPE_CHECKING:
@@ -141,6 +144,10 @@ def make_plan(
         candidates = {
             info.name: [pins.get(info.name) or _uniform(config.mode, info.kind, float_fmt)] for info in layers
         }
+    guard, guarded = _overflow_guard(calibration, module, config, layers, pins, candidates, dtypes, notes)
+    # on a float16-only target the guarded fp32 layers run on the host: fake quantization cannot emulate
+    # them (it would round to float16), so they are not measured and count as exact
+    unmeasured = {} if "float32" in dtypes else guarded
 
     macs = sum(info.macs for info in layers) * calibration.model_batch
     threads = 1 if macs < SINGLE_THREAD_MACS else None
@@ -151,13 +158,16 @@ def make_plan(
             sensitivity = measure_sensitivity(
                 module,
                 calibration,
-                candidates,
+                {n: c for n, c in candidates.items() if n not in unmeasured},
                 dtypes,
                 scales=scales,
                 timestep_split=split,
                 progress=lambda done, total: say(f"sensitivity {done}/{total}"),
             )
-            errors = {n: {f: sensitivity.relative_mse(n, f) for f in fmts} for n, fmts in candidates.items()}
+            errors = {
+                n: {f: 0.0 if n in unmeasured else sensitivity.relative_mse(n, f) for f in fmts}
+                for n, fmts in candidates.items()
+            }
         else:
             sensitivity = None
             errors = {n: {} for n in candidates}
@@ -165,6 +175,8 @@ def make_plan(
             info.name: layer_options(
                 info, candidates[info.name], errors[info.name], cost_model, dtypes, calibration.model_batch
             )
+            if info.name not in guarded
+            else _guarded_options(info, candidates[info.name], cost_model, dtypes, calibration.model_batch)
             for info in layers
         }
         # Say which latency figures are measured on the device and which are the spec's roofline.
@@ -181,7 +193,12 @@ def make_plan(
         say("assign")
         chosen = assign(options, budget, fixed_bytes=fixed, target=spec.name)
         measured = measure_assignment(
-            module, calibration, chosen.formats, dtypes, scales=scales, timestep_split=split
+            module,
+            calibration,
+            _measured(chosen.formats, unmeasured),
+            dtypes,
+            scales=scales,
+            timestep_split=split,
         )
         # The additive error model can be optimistic (errors of consecutive layers compound); tighten the
         # SQNR target by the shortfall and assign again, a few times at most.
@@ -196,7 +213,12 @@ def make_plan(
             except PrecisionError:
                 break
             again = measure_assignment(
-                module, calibration, retry.formats, dtypes, scales=scales, timestep_split=split
+                module,
+                calibration,
+                _measured(retry.formats, unmeasured),
+                dtypes,
+                scales=scales,
+                timestep_split=split,
             )
             chosen, measured, budget = retry, again, tighter
         if auto and budget.sqnr_db is not None and measured[-1] < budget.sqnr_db:
@@ -226,12 +248,13 @@ def make_plan(
                 float_bytes=float_options[info.name].bytes,
                 latency_s=option.latency_s,
                 sqnr_db={f: round(sensitivity.sqnr_db(info.name, f), 2) for f in candidates[info.name]}
-                if sensitivity
+                if sensitivity and info.name not in unmeasured
                 else {},
                 sqnr_per_step=[round(x, 2) for x in sensitivity.sqnr_per_step(info.name, fmt)]
-                if sensitivity
+                if sensitivity and info.name not in unmeasured
                 else [],
                 pinned=info.name in pins,
+                overflow=guarded[info.name] if info.name in guarded and fmt == "fp32" else None,
             )
         )
     totals = {
@@ -253,7 +276,69 @@ def make_plan(
         totals=totals,
         calibration={**calibration.summary(), "threads": threads or torch.get_num_threads()},
         notes=notes,
+        fp16_guard=guard.to_dict() if guard is not None else {},
     )
+
+
+def _fp16_compute(fmt: str, dtypes: Sequence[str]) -> bool:
+    """Whether a layer at ``fmt`` computes on float16 activations (fp16; weight-only formats and the float
+    format on float16-only targets), so that an activation beyond 65504 becomes inf."""
+    return get_format(fmt).activations is None and compute_dtype(get_format(fmt), dtypes) == "float16"
+
+
+def _overflow_guard(
+    calibration: Any,
+    module: nn.Module,
+    config: PrecisionConfig,
+    layers: Sequence[LayerInfo],
+    pins: Mapping[str, str],
+    candidates: dict[str, list[str]],
+    dtypes: Sequence[str],
+    notes: list[str],
+) -> tuple[OverflowGuard | None, dict[str, str]]:
+    """Apply the fp16 overflow guard to ``candidates`` (in place): a layer whose calibrated activations
+    exceed the float16 range (with headroom) loses its float16-computing formats, fp32 if none is left
+    (always fp32 on a float16-only target).
+    Returns the guard and the guarded layers' reasons (pinned layers keep their pin, with a note)."""
+    if config.fp16_headroom is None:
+        return None, {}
+    guard = find_overflows(calibration, config.fp16_headroom, module)
+    guarded: dict[str, str] = {}
+    for layer in guard.layers:
+        fmts = candidates.get(layer.name)
+        if not fmts or not any(_fp16_compute(f, dtypes) for f in fmts):
+            continue
+        if layer.name in pins:
+            notes.append(f"{layer.name} is pinned to {pins[layer.name]} but {layer.reason(guard.limit)}")
+            continue
+        # with float32 on the target, formats keeping float32 activations (w8, w4, int8) remain choices; a
+        # float16-only target runs the layer in fp32 on its host CPU (the cast-to-fp16 guard does the same)
+        safe = [f for f in fmts if not _fp16_compute(f, dtypes)] if "float32" in dtypes else []
+        candidates[layer.name] = safe or ["fp32"]
+        if candidates[layer.name] == ["fp32"]:
+            guarded[layer.name] = layer.reason(guard.limit)
+    if guarded and "float32" not in dtypes:
+        notes.append(
+            f"{len(guarded)} layers overflow float16 and keep fp32 on the host CPU ({', '.join(guarded)})"
+        )
+    return guard, guarded
+
+
+def _guarded_options(
+    info: LayerInfo, fmts: Sequence[str], cost_model: Any, dtypes: Sequence[str], batch: int
+) -> list[Any]:
+    """Options of a layer the overflow guard keeps in fp32. A float16-only target has no float32 figures
+    (its fp32 layers run on the host CPU): the latency is then estimated at the target's float16 rate."""
+    if "float32" in dtypes:
+        return layer_options(info, fmts, {}, cost_model, dtypes, batch)
+    estimate = layer_options(info, ["fp16"], {}, cost_model, dtypes, batch)[0]
+    return [replace(estimate, format="fp32", bytes=weight_bytes(info, get_format("fp32")))]
+
+
+def _measured(formats: Mapping[str, str], guarded: Mapping[str, str]) -> dict[str, str]:
+    """The formats the fake-quantized measurement applies: a guarded fp32 layer runs in float32 even on a
+    float16-only target (on its host CPU), so it is left out (the float model computes it)."""
+    return {name: fmt for name, fmt in formats.items() if not (name in guarded and fmt == "fp32")}
 
 
 def _nbytes(shape: Sequence[int], dtype: str) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgediff.precision.assignment import format_bytes
+from edgediff.precision.overflow import OverflowGuard
 from edgediff.precision.plan import PrecisionPlan
 from edgediff.precision.quantizers import FORMATS, MAX_SQNR_DB
 from edgediff.runtime.image import encode_png
@@ -181,6 +182,10 @@ def render_text(plan: PrecisionPlan) -> str:
             f"kept timesteps {cal['kept_timesteps']}"
         )
     lines += [f"  note          {note}" for note in plan.notes]
+    if plan.fp16_guard:
+        guard = OverflowGuard.from_dict(plan.fp16_guard)
+        lines.append(f"  fp16 guard    {guard.summary()}")
+        lines += [f"                {line}" for line in guard.lines()]
     formats = [f for f in FORMATS if any(f in layer.sqnr_db for layer in plan.layers)]
     width = max([len(layer.name) for layer in plan.layers] + [5])
     header = f"{'layer':<{width}}  {'kind':<9} {'chosen':<10} {'bytes':>10} {'float':>10}"
@@ -188,7 +193,7 @@ def render_text(plan: PrecisionPlan) -> str:
         header += "  SQNR dB: " + " ".join(f"{f:>10}" for f in formats)
     lines += ["", header, "-" * len(header)]
     for layer in plan.layers:
-        mark = "*" if layer.pinned else " "
+        mark = "*" if layer.pinned else "!" if layer.overflow else " "
         row = f"{layer.name:<{width}}  {layer.kind:<9} {layer.format + mark:<10} "
         row += f"{layer.bytes:>10,} {layer.float_bytes:>10,}"
         if formats:
@@ -196,6 +201,8 @@ def render_text(plan: PrecisionPlan) -> str:
         lines.append(row)
     if any(layer.pinned for layer in plan.layers):
         lines.append("(* pinned by the user)")
+    if any(layer.overflow for layer in plan.layers):
+        lines.append("(! kept in fp32 by the fp16 overflow guard: its activations exceed the float16 range)")
     return "\n".join(lines) + "\n"
 
 
