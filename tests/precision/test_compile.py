@@ -352,8 +352,8 @@ def test_int8_artifact_runs_its_linear_layers_on_the_int8_kernel(fragile_artifac
 
 
 def test_per_token_int8_build_matches_the_measurement(fragile, host_int8, tmp_path):
-    """w8a8-token: the dynamic per-token scale and the int8 rows come from one kernel, the GEMM from the
-    int8 kernel; the artifact computes what the torch fake-quant measurement says."""
+    """w8a8-token: per-token scales computed at run time, the GEMM on the int8 kernel; the artifact
+    computes what the torch fake-quant measurement says."""
     model, inputs, names = fragile
     artifact = edgediff.compile_model(
         model,
