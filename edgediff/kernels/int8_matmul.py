@@ -36,6 +36,11 @@ ACTIVATION_OFFSET = 128  # uint8 activations of vpdpbusd: int8 a -> a + 128
 KERNEL_NAME = "int8_matmul"
 AVX2_NAME = "avx2 vpmaddwd"  # x86 without VNNI: two exact int16 pair products per 4-byte step
 PMADDWD = "llvm.x86.avx2.pmadd.wd"
+# The names of TVM's TensorIntrins for the two instructions (tvm.s_tir.tensor_intrin.x86 / .arm_cpu), for
+# reports: the kernel calls the LLVM intrinsics itself, and importing those modules parses every TVMScript
+# intrinsic TVM ships (CUDA's included), minutes on a loaded 2-core machine, on each compile.
+VNNI_INTRIN = "dot_16x4_vnni"
+SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
 
 
 @dataclass(frozen=True)
@@ -75,18 +80,14 @@ def dot_instruction(target: Any) -> DotInstruction:
     arch = triple.split("-")[0] if triple else _host_arch()
     if arch in ("x86_64", "i686", "x86"):
         if codegen.target_has_features(["avx512vnni", "avx512bw"], target):
-            import tvm.s_tir.tensor_intrin.x86 as x86  # registers the intrinsics
-
-            return DotInstruction("avx512-vnni vpdpbusd", x86.VNNI_DOT_16x4_INTRIN, 16, "uint8", 32)
+            return DotInstruction("avx512-vnni vpdpbusd", VNNI_INTRIN, 16, "uint8", 32)
         registers = 32 if codegen.target_has_features("avx512f", target) else 16
         if registers == 16 and codegen.target_has_features("avx2", target):
             return DotInstruction(AVX2_NAME, None, 8, "int8", 16)
         return DotInstruction("portable", None, 16 if registers == 32 else 8, "int8", registers)
     if arch in ("aarch64", "arm64"):
         if bool(target.features.has_dotprod):
-            import tvm.s_tir.tensor_intrin.arm_cpu as arm  # registers the intrinsics
-
-            return DotInstruction("neon sdot", arm.ARM_DOT_4x4_i8_SDOT_INTRIN, 4, "int8", 32)
+            return DotInstruction("neon sdot", SDOT_INTRIN, 4, "int8", 32)
         return DotInstruction("portable", None, 4, "int8", 32)
     return DotInstruction("portable", None, 4, "int8", 16)
 

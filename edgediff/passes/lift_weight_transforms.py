@@ -125,7 +125,7 @@ class LiftWeightTransforms:
                 source
                 for out, ty in zip(outputs, _output_types(transform_fn), strict=True)
                 for source in out.sources
-                if _bits(ty.dtype) > _bits(weights[source].ty.dtype)
+                if _widens(ty, weights[source].ty)
             }
             if not widened:
                 break
@@ -197,6 +197,28 @@ def _output_types(func: relax.Function) -> list[Any]:
 
 def _bits(dtype: Any) -> int:
     return tvm.runtime.DataType(str(dtype)).bits
+
+
+def _widens(out: Any, source: Any) -> bool:
+    """Whether storing ``out`` would take more bytes than its ``source`` weight (a dequantization). A
+    reduction of a quantized weight to a wider dtype (the int32 column sums the vpdpbusd int8 kernel
+    subtracts, ``kernels/int8_linear.py``) is smaller than the weight and lifts."""
+    if _bits(out.dtype) <= _bits(source.dtype):
+        return False
+    sizes = [_elements(t) for t in (out, source)]
+    if None in sizes:
+        return True
+    return sizes[0] * _bits(out.dtype) > sizes[1] * _bits(source.dtype)
+
+
+def _elements(ty: Any) -> int | None:
+    dims = getattr(ty.shape, "values", None) if ty.shape is not None else None
+    if dims is None or any(not isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return None
+    count = 1
+    for d in dims:
+        count *= int(d)
+    return count
 
 
 def _describe_outputs(func: relax.Function, lifted_inputs: list[int]) -> list[LiftedOutput]:

@@ -32,9 +32,11 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
+from edgediff.kernels.int8_matmul import dot_instruction
 from edgediff.passes.analysis import relax_op_histogram
 from edgediff.passes.registry import register_pass
-from edgediff.passes.relax_utils import op_name
+from edgediff.passes.relax_utils import op_name, static_shape
 from edgediff.passes.report import PassReport
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.plan import LayerPlan, PrecisionPlan
@@ -154,9 +156,17 @@ def _float32(x: relax.Expr) -> relax.Expr:
 class _Rewriter:
     """Rebuilds ``main`` binding by binding with a BlockBuilder, substituting the quantized layers."""
 
-    def __init__(self, func: relax.Function, plan: PrecisionPlan, weight_names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        func: relax.Function,
+        plan: PrecisionPlan,
+        weight_names: Sequence[str],
+        int8_kernel: Int8LinearEmitter | None = None,
+    ) -> None:
         self.func = func
         self.plan = plan
+        self.int8_kernel = int8_kernel  # w8a8 Linear layers on the int8 GEMM kernel (None: Relax matmul)
+        self.fused_bias: dict[relax.Var, relax.Var] = {}  # bias add -> the matmul whose kernel adds it
         num_input = int(func.attrs["num_input"])
         params = list(func.params)
         if len(params) - num_input != len(weight_names):
@@ -379,13 +389,73 @@ class _Rewriter:
 
         return self._layerop_name(bb, layer, fmt, x, stored, conv, out_dtype)
 
-    def _linear(self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str) -> relax.Expr:
+    def _linear(
+        self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str, out: relax.Var
+    ) -> relax.Expr:
         layer = self.layers[var]
         x = self._subst(bb, call.args[0])
+        if (kernel := self._int8_kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
+            return kernel
         if var not in self.transposed:  # one transpose of the stored (int8 / float16) weight per block
             self.transposed[var] = bb.emit(relax.op.permute_dims(self.stored[var][0], [1, 0]))
         stored = [self.transposed[var], *self.stored[var][1:]]
         return self._layerop_name(bb, layer, get_format(layer.format), x, stored, relax.op.matmul, out_dtype)
+
+    def _bias_of(self, out: relax.Var) -> relax.Var | None:
+        """The bias a Linear's only consumer adds (``add(out, b)`` / ``add(b, out)``, ``b`` a float32 ``[N]``
+        weight passed through as it is), so that the int8 kernel's epilogue adds it."""
+        uses = self.uses.get(out, [])
+        if len(uses) != 1 or uses[0] is None or op_name(uses[0]) != "relax.add":
+            return None
+        add = uses[0]
+        bias = add.args[1] if add.args[0].same_as(out) else add.args[0]
+        weights = self.func.params[len(self.inputs) :]
+        columns = list(out.ty.shape)[-1] if out.ty.shape is not None else None
+        if (
+            not isinstance(bias, relax.Var)
+            or bias not in weights
+            or bias in self.layers
+            or _dtype(bias) != "float32"
+            or _dtype(out) != "float32"
+            or len(bias.ty.shape) != 1
+            or columns is None
+            or int(bias.ty.shape[0]) != int(columns)
+        ):
+            return None
+        added = next((v for v, value in self.values.items() if value.same_as(add)), None)
+        if added is None:
+            return None
+        self.fused_bias[added] = out
+        return bias
+
+    def _int8_kernel_linear(
+        self,
+        bb: relax.BlockBuilder,
+        layer: LayerPlan,
+        x: relax.Expr,
+        var: relax.Var,
+        out: relax.Var,
+        dtype: str,
+    ) -> relax.Expr | None:
+        """A w8a8 Linear on the int8 GEMM kernel (kernels/int8_linear.py), or None where it does not apply
+        (no kernel for the target, a shape it does not take): then the Relax int8 matmul below."""
+        fmt = get_format(layer.format)
+        shape = [int(d) for d in self.stored[var][0].ty.shape]
+        x_shape = static_shape(x)
+        if self.int8_kernel is None or fmt.activations is None or fmt.weight_bits != 8 or x_shape is None:
+            return None
+        columns, depth = shape
+        rows = int(np.prod(x_shape[:-1]))
+        if len(x_shape) not in (2, 3) or not int8_linear_fits(self.int8_kernel.dot, rows, depth, columns):
+            return None
+        self._count(f"{layer.kind} {fmt.name}")
+        self._count(f"int8 kernel ({self.int8_kernel.dot.name})")
+        static = None if fmt.activations != "static" else self._scale_expr(bb, layer.scales or [1.0])
+        bias = self._bias_of(out)
+        if bias is not None:
+            self._count("int8 kernel bias fused")
+        stored = self.stored[var]
+        return self.int8_kernel.linear(bb, x, static, stored[0], stored[1], bias, dtype)
 
     def _layerop_name(self, bb, layer, fmt, x, stored, op, out_dtype: str) -> relax.Expr:
         """The conv/matmul ``op`` of a layer at its format (stored = [weight, scale...])."""
@@ -425,7 +495,7 @@ class _Rewriter:
         if op == "relax.nn.conv2d" and (weight := self._weight_of(value.args[1], "conv")) is not None:
             return self._conv(bb, value, weight, out_dtype)
         if op == "relax.matmul" and (weight := self._weight_of(value.args[1], "linear")) is not None:
-            return self._linear(bb, value, weight, out_dtype)
+            return self._linear(bb, value, weight, out_dtype, var)
         if op == "relax.matmul" and var in self.attention and self.attention[var][0].format != "fp32":
             return self._attention(bb, value, self.attention[var][0], out_dtype)
         return self._subst(bb, value)
@@ -450,6 +520,10 @@ class _Rewriter:
                             continue  # a view of a weight whose consumers now read the stored arrays
                         if isinstance(binding, relax.MatchCast):
                             new = bb.match_cast(self._subst(bb, binding.value), binding.ty)
+                        elif binding.var in self.fused_bias:  # the int8 kernel added the bias already
+                            new = self.remap[self.fused_bias[binding.var]]
+                            if dataflow and not isinstance(binding.var, relax.DataflowVar):
+                                new = bb.emit_output(new, binding.var.name)
                         else:
                             value = self._value(bb, binding.var, binding.value)
                             is_output = dataflow and not isinstance(binding.var, relax.DataflowVar)
@@ -484,6 +558,18 @@ class _nothing:  # noqa: N801 - a no-op context manager for non-dataflow binding
         return None
 
 
+def _int8_emitter(spec: TargetSpec) -> Int8LinearEmitter | None:
+    """The int8 GEMM kernel for a CPU target with an int8 dot-product step (VNNI, Arm dotprod, AVX2), or
+    None: other targets keep the Relax int8 matmul (the kernel's portable step is no faster than it)."""
+    if spec.kind != "cpu" or not spec.supports_dtype("int8"):
+        return None
+    target = spec.build_target()
+    if target.kind.name != "llvm":
+        return None
+    dot = dot_instruction(target)
+    return None if dot.name == "portable" else Int8LinearEmitter(dot)
+
+
 @register_pass("mixed-precision")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.MixedPrecision")
 class MixedPrecision:
@@ -507,7 +593,7 @@ class MixedPrecision:
             raise PassError(
                 "the mixed-precision pass needs a precision plan: compile with precision='auto' (or a format)"
             )
-        rewriter = _Rewriter(mod["main"], self.plan, self.weight_names)
+        rewriter = _Rewriter(mod["main"], self.plan, self.weight_names, _int8_emitter(self.spec))
         before = relax_op_histogram(mod)
         mod = rewriter.rewrite(mod)
         after = relax_op_histogram(mod)

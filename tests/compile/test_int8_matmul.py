@@ -177,3 +177,32 @@ def test_sdot_build_uses_sdot():
 def test_rejects_a_depth_that_is_not_a_multiple_of_four():
     with pytest.raises(PassError, match="multiple of 4"):
         int8_matmul_func(4, 6, 16, _portable(8, "int8"))
+
+
+@pytest.mark.parametrize("out_dtype", ["int8", "uint8"])
+def test_row_quantize_kernel_matches_the_relax_quantizer(out_dtype):
+    """The one-kernel dynamic per-token quantizer (kernels/int8_linear.py) gives the int8 rows and scales of
+    the formula the Relax rewrite and the torch fake-quant use, bit for bit (round half to even), including
+    an all-zero row (scale MIN_SCALE) and the uint8 + 128 encoding of vpdpbusd."""
+    from edgediff.kernels.int8_linear import quantize_rows_func
+    from edgediff.runtime.quantize import MIN_SCALE
+
+    rows, depth = 6, 40
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((rows, depth)) * rng.uniform(0.1, 10, (rows, 1))).astype(np.float32)
+    x[1] = 0.0
+    x[2, :3] = [-4.0, 4.0, 2.0]  # the peak, and values at (or an ulp from) a tie: 63.5 steps
+    x[2, 3:] = 0.0
+    x[2, 3] = 4.0 * 63.5 / 127.0
+    func = quantize_rows_func(rows, depth, "float32", out_dtype, "quantize_rows")
+    ex = tvm.compile(tvm.IRModule({"quantize_rows": func}), tvm.target.Target(GENERIC))
+    dev = tvm.cpu()
+    q = tvm.runtime.tensor(np.zeros((rows, depth), out_dtype), dev)
+    scale = tvm.runtime.tensor(np.zeros(rows, np.float32), dev)
+    ex["quantize_rows"](tvm.runtime.tensor(x, dev), q, scale)
+    want_scale = np.maximum(np.abs(x).max(axis=1) / np.float32(127), np.float32(MIN_SCALE)).astype(np.float32)
+    want = np.clip(np.rint(x / want_scale[:, None]), -128, 127)
+    np.testing.assert_array_equal(scale.numpy(), want_scale)
+    offset = 128 if out_dtype == "uint8" else 0
+    np.testing.assert_array_equal(q.numpy().astype(np.int32), want.astype(np.int32) + offset)
+    assert want[2, 3] == 64 and q.numpy()[2, 3] == 64 + offset

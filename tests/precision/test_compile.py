@@ -238,3 +238,137 @@ def test_where_fuse_ops_puts_the_dequantization(fragile, fragile_artifacts, host
     else:
         assert "conv2d" not in name and dtype == "float32", name
         assert _kernels_reading(mod, f"{FRAGILE}.weight_scale") == readers
+
+
+# ------------------------------------------------------------------ w8a8 Linear layers on the int8 kernel
+
+ZNVER4 = {"kind": "llvm", "mcpu": "znver4"}  # AVX512-VNNI: vpdpbusd, uint8 activations + compensation
+A78 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon", "+dotprod"]}
+ARMV8 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}  # no dotprod: portable
+
+
+def _with_target(spec, target):
+    from edgediff.targets import TargetSpec
+
+    data = spec.to_dict()
+    data["tvm"] = {"target": target, "host": None}
+    return TargetSpec.from_dict(data)
+
+
+def _int8_passes(fragile, fragile_artifacts, spec, precision="int8"):
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
+
+    model, inputs, names = fragile
+    imported = import_to_relax(capture(model, inputs, input_names=names))
+    options = {
+        "mixed-precision": {
+            "plan": plan_of(fragile_artifacts[precision]),
+            "weight_names": imported.weight_names,
+        }
+    }
+    passes = ["mixed-precision", "legalize", "lift-weight-transforms"]
+    return run_passes(imported.mod, spec, passes, options=options)
+
+
+def _report(results, name):
+    return next(r.report for r in results if r.name == name)
+
+
+@pytest.mark.parametrize(("target", "instruction"), [(ZNVER4, "avx512-vnni vpdpbusd"), (A78, "neon sdot")])
+def test_int8_linear_layers_call_the_int8_kernel_with_packed_weights(
+    fragile, fragile_artifacts, host_int8, target, instruction
+):
+    """Each w8a8 Linear becomes one call of the int8 GEMM (bias in its epilogue) on packed int8 weights that
+    lift-weight-transforms computes at compile time: no weight stays behind in main, none widens."""
+    mod, results = _int8_passes(fragile, fragile_artifacts, _with_target(host_int8, target))
+    rewritten = _report(results, "mixed-precision").rewritten
+    assert rewritten[f"int8 kernel ({instruction})"] == rewritten["linear w8a8"] == 5
+    assert rewritten["int8 kernel bias fused"] == 5
+    lifted = _report(results, "lift-weight-transforms")
+    assert lifted.kept_unlifted_weights == 0
+    params = set(mod["main"].params)
+    kernels = [
+        call.args[1].fields
+        for call in _calls(mod["main"])
+        if call.args[0].name_hint.startswith("int8_matmul")
+    ]
+    assert len(kernels) == 5
+    lanes = 16 if instruction.startswith("avx512") else 4
+    for a, w, compensation, _a_scale, _w_scale, bias in kernels:
+        assert str(a.ty.dtype) == ("uint8" if lanes == 16 else "int8")
+        # the packed weight is a parameter of main: packed at compile time, read as stored
+        assert w in params and str(w.ty.dtype) == "int8" and len(w.ty.shape) == 4 and int(w.ty.shape[3]) == 4
+        assert int(w.ty.shape[2]) % lanes == 0
+        assert str(compensation.ty.dtype) == "int32" and (compensation in params) == (lanes == 16)
+        assert bias in params  # the Linear's own bias, not a zero constant
+    # vpdpbusd's compensation (128 * column sums of the weight) is a stored weight, lifted
+    outputs = lifted.weight_transform.outputs
+    assert any("sum" in " ".join(o.kernels) for o in outputs) == (lanes == 16)
+
+
+def _calls(func):
+    from tvm import relax
+
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            found.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def test_int8_linear_without_a_dot_product_step_keeps_the_relax_matmul(fragile, fragile_artifacts, host_int8):
+    """Arm without dotprod has only the kernel's portable step, no faster than TVM's: the Relax int8
+    matmul stays."""
+    mod, results = _int8_passes(fragile, fragile_artifacts, _with_target(host_int8, ARMV8))
+    rewritten = _report(results, "mixed-precision").rewritten
+    assert rewritten["linear w8a8"] == 5 and not any(k.startswith("int8 kernel") for k in rewritten)
+    assert not [c for c in _calls(mod["main"]) if c.args[0].name_hint.startswith("int8_matmul")]
+
+
+def _host_instruction(host_int8) -> str:
+    from edgediff.kernels.int8_matmul import dot_instruction
+
+    return dot_instruction(host_int8.build_target()).name
+
+
+def test_int8_artifact_runs_its_linear_layers_on_the_int8_kernel(fragile_artifacts, host_int8):
+    """The artifact that test_compiled_artifact_computes_what_was_measured[int8] checks against the torch
+    fake-quant reference is the one with the kernel: its report counts it, its weights.bin holds the packed
+    weights."""
+    instruction = _host_instruction(host_int8)
+    if instruction == "portable":
+        pytest.skip("this CPU has no int8 dot-product step (AVX2, VNNI, dotprod): the Relax path is used")
+    artifact = fragile_artifacts["int8"]
+    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
+    assert passes["mixed-precision"]["rewritten"][f"int8 kernel ({instruction})"] == 5
+    tensors = {t["name"]: t for t in artifact.manifest["weights"]["tensors"]}
+    packed = [t for name, t in tensors.items() if name.startswith("attn.to_q.weight:")]
+    assert len(packed) == 1 and packed[0]["dtype"] == "int8" and len(packed[0]["shape"]) == 4
+
+
+def test_per_token_int8_build_matches_the_measurement(fragile, host_int8, tmp_path):
+    """w8a8-token: per-token scales computed at run time, the GEMM on the int8 kernel; the artifact
+    computes what the torch fake-quant measurement says."""
+    model, inputs, names = fragile
+    artifact = edgediff.compile_model(
+        model,
+        inputs,
+        target=host_int8,
+        input_names=names,
+        output_dir=tmp_path / "token",
+        progress=False,
+        precision="w8a8-token",
+    )
+    plan = plan_of(artifact)
+    assert plan.layer("attn.to_q").format == "w8a8-token"
+    rewritten = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]["rewritten"]
+    if _host_instruction(host_int8) != "portable":
+        assert rewritten[f"int8 kernel ({_host_instruction(host_int8)})"] == 5
+    for t in (900.0, 100.0):
+        at_t = (inputs[0], torch.tensor([t]))
+        assert_matches_measurement(artifact.load()(*at_t), model, at_t, plan, 1e-4)
