@@ -153,6 +153,17 @@ def _float32(x: relax.Expr) -> relax.Expr:
     return x if _dtype(x) == "float32" else relax.op.astype(x, "float32")
 
 
+def _half_op(op: Any, fmt: Any, x: relax.Expr, weight: relax.Expr, out_dtype: str) -> relax.Expr:
+    """The conv/matmul ``op`` of a 16-bit float format: operands in the stored dtype (float16/bfloat16),
+    accumulating in float32 (TVM's kernel widens each product), or, for ``fp16-acc16``, in float16 with a
+    float16 result cast back: the loop is then float16 throughout, which is what gives LLVM ``fmla .8h``
+    on Arm +fullfp16."""
+    half = str(fmt.weight_dtype)
+    if fmt.accumulate is None or fmt.accumulate == out_dtype:
+        return op(_cast(x, half), weight, fmt.accumulate or out_dtype)
+    return relax.op.astype(op(_cast(x, half), weight, fmt.accumulate), out_dtype)
+
+
 class _Rewriter:
     """Rebuilds ``main`` binding by binding with a BlockBuilder, substituting the quantized layers."""
 
@@ -461,7 +472,7 @@ class _Rewriter:
         """The conv/matmul ``op`` of a layer at its format (stored = [weight, scale...])."""
         self._count(f"{layer.kind} {fmt.name}")
         if fmt.weight_bits == 16:
-            return op(relax.op.astype(x, "float16"), stored[0], out_dtype)
+            return _half_op(op, fmt, x, stored[0], out_dtype)
         if fmt.activations is None:  # int8 weights: cast inside the kernel, per-channel scale on the output
             return relax.op.multiply(op(x, stored[0], out_dtype), _cast(stored[1], out_dtype))
         xq, x_scale = self._int8_input(bb, layer, x)
@@ -475,8 +486,8 @@ class _Rewriter:
         a, b = (self._subst(bb, arg) for arg in call.args)
         fmt = get_format(layer.format)
         self._count(f"attention matmul {fmt.name}")
-        if fmt.activations is None:  # float16 operands, float32 accumulation
-            return relax.op.matmul(relax.op.astype(a, "float16"), relax.op.astype(b, "float16"), out_dtype)
+        if fmt.activations is None:  # 16-bit float operands
+            return _half_op(relax.op.matmul, fmt, a, _cast(b, str(fmt.weight_dtype)), out_dtype)
         a_scale = self._dynamic_scale(bb, a, -1)  # per row of the left operand
         b_scale = self._dynamic_scale(bb, b, -2)  # per column of the right operand
         quantized = (bb.emit(self._quantize(a, a_scale)), bb.emit(self._quantize(b, b_scale)))

@@ -115,7 +115,7 @@ def estimate_latency(
     from the consumer (it writes the float weight, the layer reads it back)."""
     compute = compute_dtype(fmt, dtypes)
     float_bytes = 4 if "float32" in dtypes else 2
-    act_bytes = {"int8": 1, "float16": 2}.get(compute, float_bytes)
+    act_bytes = {"int8": 1, "float16": 2, "bfloat16": 2}.get(compute, float_bytes)
     traffic = batch * (info.input_elems * act_bytes + info.output_elems * float_bytes)
     if info.kind == "attention":
         heads, queries, keys, _ = info.attention_shape or (0, 0, 0, 0)
@@ -134,7 +134,11 @@ def estimate_latency(
 
 def candidate_formats(kind: str, dtypes: Sequence[str]) -> list[str]:
     """The formats a layer of ``kind`` can take on a target computing in ``dtypes``."""
-    return [name for name, f in FORMATS.items() if kind in f.kinds and all(d in dtypes for d in f.requires)]
+    return [
+        name
+        for name, f in FORMATS.items()
+        if f.auto and kind in f.kinds and all(d in dtypes for d in f.requires)
+    ]
 
 
 def require_supported(fmt: Format, dtypes: Sequence[str], target: str, what: str) -> None:

@@ -102,9 +102,10 @@ def fake_quant_dynamic(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (x / scale).round().clamp(INT8_MIN, INT8_MAX) * scale
 
 
-def round_fp16(x: torch.Tensor) -> torch.Tensor:
-    """Round to float16 and back: the value a float16 input has inside a float32-accumulating kernel."""
-    return x.to(dtype=_torch().float16).to(x.dtype)
+def round_fp16(x: torch.Tensor, half: torch.dtype | None = None) -> torch.Tensor:
+    """Round to float16 (or ``half``, e.g. bfloat16) and back: the value a 16-bit float input has inside a
+    float32-accumulating kernel."""
+    return x.to(dtype=half or _torch().float16).to(x.dtype)
 
 
 def _torch():  # torch is imported lazily: the weight quantizers above are numpy-only

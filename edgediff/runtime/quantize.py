@@ -36,7 +36,10 @@ class Format:
     ``activations``: how inputs are quantized to int8 (None: not at all; "static": one calibrated scale
     per tensor; "token": a dynamic scale per token/row). ``compute``: the dtype the layer's arithmetic
     runs in ("float" = the model's float dtype: float32, or float16 on targets without float32).
-    ``requires``: target dtypes the format needs.
+    ``requires``: target dtypes the format needs. ``accumulate``: the accumulator dtype of a float16
+    format's conv/matmul (None: float32). ``storage``: the weight dtype where it is not the IEEE float of
+    ``weight_bits`` (bfloat16). ``auto``: whether the planner may pick it by itself (else only as a uniform
+    precision or a pin).
     """
 
     name: str
@@ -46,9 +49,14 @@ class Format:
     compute: str
     weight_bits: int | None = None
     activations: str | None = None
+    accumulate: str | None = None
+    storage: str | None = None
+    auto: bool = True
 
     @property
     def weight_dtype(self) -> str | None:
+        if self.storage is not None:
+            return self.storage
         return {32: "float32", 16: "float16", 8: "int8", 4: "uint8"}.get(self.weight_bits or 0)
 
 
@@ -63,6 +71,29 @@ FORMATS: dict[str, Format] = {
             ("float16",),
             "float16",
             16,
+        ),
+        # Native half arithmetic (Arm +fullfp16: fmla on .8h vectors, twice the lanes of float32). Not an
+        # auto candidate: the sensitivity measurement rounds inputs to float16 but does not model the
+        # float16 accumulator's error, so only a uniform precision or a pin selects it.
+        Format(
+            "fp16-acc16",
+            "float16 weights, inputs and accumulation (native fp16 arithmetic, Arm fmla .8h)",
+            LAYER_KINDS,
+            ("float16",),
+            "float16",
+            16,
+            accumulate="float16",
+            auto=False,
+        ),
+        # AVX512-BF16 (vdpbf16ps: bf16 pairs, float32 accumulation); targets list bfloat16 to offer it.
+        Format(
+            "bf16",
+            "bfloat16 weights and inputs, float32 accumulation (x86 AVX512-BF16 vdpbf16ps)",
+            LAYER_KINDS,
+            ("bfloat16",),
+            "bfloat16",
+            16,
+            storage="bfloat16",
         ),
         Format("w8", "int8 weights (per-output-channel scales)", ("conv2d", "linear"), ("int8",), "float", 8),
         Format(
@@ -105,7 +136,7 @@ FORMATS: dict[str, Format] = {
 
 # Spellings accepted for a uniform precision (``--precision int8``): int8 is what int8 hardware (dotprod,
 # the NPU) computes in, i.e. int8 weights and activations.
-ALIASES = {"float32": "fp32", "float16": "fp16", "int8": "w8a8", "int4": "w4"}
+ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "w8a8", "int4": "w4"}
 # What a uniform precision gives layer kinds it does not apply to (None: the model's float format).
 UNIFORM_FALLBACK = {"w8a8": {"attention": "a8"}, "w8a8-token": {"conv2d": "w8a8", "attention": "a8"}}
 
@@ -196,6 +227,10 @@ def quantize_weight(weight: np.ndarray, fmt: Format) -> list[np.ndarray]:
     if fmt.weight_bits == 32:
         return [weight.astype(np.float32)]
     if fmt.weight_bits == 16:
+        if fmt.weight_dtype == "bfloat16":
+            import ml_dtypes  # TVM's own dependency; numpy has no bfloat16 (round to nearest even)
+
+            return [weight.astype(np.float32).astype(ml_dtypes.bfloat16)]
         return [weight.astype(np.float16)]
     if fmt.weight_bits == 8:
         q, scale = quantize_per_channel(weight)

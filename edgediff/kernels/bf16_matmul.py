@@ -1,0 +1,208 @@
+"""bfloat16 x bfloat16 -> float32 GEMM on x86 AVX512-BF16 (``vdpbf16ps``), with a portable path elsewhere.
+
+``vdpbf16ps`` computes, per float32 lane ``l`` of 16, a 2-element dot product of bfloat16 pairs accumulated
+in float32: ``C[l] += A[2l] * B[2l] + A[2l + 1] * B[2l + 1]``. The kernel is the register tile of
+``kernels/int8_matmul.py`` with that step: ``rows`` rows x ``col_vectors`` vectors of 16 output columns stay
+in registers over the reduction; per step of 2 along k, each row broadcasts one 32-bit word of A (two
+bfloat16) and each vector loads 64 contiguous bytes of the weight.
+
+Weight layout (packed at compile time by :func:`pack_bf16_weight`): ``[N / P, K / 2, P, 2]`` - column panels
+of ``P`` columns and, inside a panel, the 2 k-values of one column next to each other: the ``[16, 2]`` block
+the instruction multiplies.
+
+As for ``vpdpbusd``, the instruction is reached through its LLVM intrinsic
+(``llvm.x86.avx512bf16.dpbf16ps.512``) from low-level TIR, not through ``Schedule.tensorize`` (which
+segfaults in apache-tvm 0.27, see int8_matmul.py). Targets without AVX512-BF16 get the same loop nest with
+each bfloat16 widened to float32 (exact: a bfloat16 is the top half of a float32) and two float32 FMAs per
+step, so the portable path computes the same products, summed in float32 in the same pair order up to FMA
+contraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgediff.errors import PassError
+
+PAIR = 2  # bfloat16 values per float32 lane that one vdpbf16ps reduces
+KERNEL_NAME = "bf16_matmul"
+DPBF16PS = "llvm.x86.avx512bf16.dpbf16ps.512"  # LLVM 22: (<16 x float>, <32 x bfloat>, <32 x bfloat>)
+DPBF16_FUNCTION = "edgediff_dpbf16ps"
+# TVM 0.27 cannot hand the intrinsic its <32 x bfloat> operands: BF16ComputeLegalize rewrites every bfloat16
+# vector of the TIR into float32 (the call then fails LLVM's verifier, "Call parameter type does not match
+# function signature"), and without that pass CodeGenLLVM has no LLVM type for bfloat16 and segfaults. So
+# the kernel calls this function on <16 x i32> words (pairs of bfloat16 bits) and the module imports it as
+# LLVM IR (``pragma_import_llvm``): it bitcasts to <32 x bfloat>, and LLVM inlines it into the loop.
+DPBF16_LLVM_IR = f"""
+declare <16 x float> @{DPBF16PS}(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+define internal <16 x float> @{DPBF16_FUNCTION}(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) #0 {{
+  %ab = bitcast <16 x i32> %a to <32 x bfloat>
+  %bb = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @{DPBF16PS}(<16 x float> %acc, <32 x bfloat> %ab, <32 x bfloat> %bb)
+  ret <16 x float> %r
+}}
+attributes #0 = {{ alwaysinline nounwind }}
+"""
+
+
+@dataclass(frozen=True)
+class BF16Tile:
+    """Register tile: ``rows`` x ``col_vectors`` vectors of ``lanes`` float32 accumulators."""
+
+    rows: int
+    col_vectors: int
+    lanes: int
+
+    @property
+    def panel(self) -> int:
+        return self.col_vectors * self.lanes
+
+
+def has_avx512bf16(target: Any) -> bool:
+    """Whether an LLVM ``target`` (Target or JSON dict) has ``vdpbf16ps`` (``mcpu`` such as
+    sapphirerapids / znver4, or ``mattr`` +avx512bf16)."""
+    import tvm
+    from tvm.target import codegen
+
+    target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        return False
+    return bool(codegen.target_has_features(["avx512bf16", "avx512f"], target))
+
+
+def choose_bf16_tile(lanes: int, rows: int, columns: int, registers: int = 32) -> BF16Tile:
+    """The largest register tile (accumulators within 3/4 of the register file) dividing the output."""
+    if columns % lanes:
+        raise PassError(f"bf16 matmul: {columns} output columns are not a multiple of {lanes} lanes")
+    budget = max(1, registers * 3 // 4 if registers >= 32 else registers // 2)
+    best: tuple[int, int, int, int] | None = None
+    for col_vectors in (4, 3, 2, 1):
+        if (columns // lanes) % col_vectors:
+            continue
+        limit = max(1, budget // col_vectors)
+        tile_rows = max(d for d in range(1, min(rows, limit) + 1) if rows % d == 0)
+        key = (tile_rows * col_vectors, -abs(tile_rows - col_vectors), tile_rows, col_vectors)
+        if best is None or key > best:
+            best = key
+    assert best is not None
+    return BF16Tile(best[2], best[3], lanes)
+
+
+def pack_bf16_weight(weight: np.ndarray, panel: int) -> np.ndarray:
+    """``W[k, n]`` (bfloat16 ``[K, N]``: ``out = a @ W``) -> ``[N / P, K / 2, P, 2]`` bfloat16 (K zero-padded
+    to even)."""
+    weight = np.asarray(weight)
+    if str(weight.dtype) != "bfloat16" or weight.ndim != 2:
+        raise PassError(
+            f"bf16 weight packing: expected a 2-D bfloat16 array, got {weight.dtype}{list(weight.shape)}"
+        )
+    depth, columns = weight.shape
+    if columns % panel:
+        raise PassError(f"bf16 weight packing: {columns} columns are not a multiple of the panel {panel}")
+    depth2 = -(-depth // PAIR)
+    padded = np.zeros((depth2 * PAIR, columns), weight.dtype)
+    padded[:depth] = weight
+    packed = padded.reshape(depth2, PAIR, columns // panel, panel).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(packed)
+
+
+def bf16_matmul_func(
+    rows: int, depth: int, columns: int, tile: BF16Tile, *, use_dpbf16: bool, parallel: bool = True
+) -> Any:
+    """The GEMM as a scheduled TIR PrimFunc ``bf16_matmul(a, w, bias, out)``: ``a`` ``[rows, depth]``
+    bfloat16, ``w`` packed ``[columns / P, depth / 2, P, 2]`` bfloat16, ``bias`` ``[columns]`` float32,
+    ``out`` ``[rows, columns]`` float32 ``= a @ W + bias`` (accumulated in float32 in registers)."""
+    from tvm.script import tirx as T
+
+    if depth % PAIR:
+        raise PassError(f"bf16 matmul: reduction depth {depth} is not even; pad it")
+    if rows % tile.rows or columns % tile.panel:
+        raise PassError(f"bf16 matmul: tile {tile} does not fit a {rows} x {columns} output")
+    if use_dpbf16 and tile.lanes != 16:
+        raise PassError(f"bf16 matmul: vdpbf16ps has 16 float32 lanes, the tile has {tile.lanes}")
+    lanes, vecs, rt, panel = tile.lanes, tile.col_vectors, tile.rows, tile.panel
+    depth2, panels, blocks = depth // PAIR, columns // panel, rows // rt
+    acc_vec = f"float32x{lanes}"
+    tiles, acc_size = panels * blocks, rt * vecs * lanes
+    outer_loop = T.parallel if parallel else T.serial
+    llvm_ir = DPBF16_LLVM_IR if use_dpbf16 else "; nothing to import on the portable path\n"
+
+    @T.prim_func
+    def kernel(
+        a: T.Buffer((rows, depth), "bfloat16"),
+        w: T.Buffer((panels, depth2, panel, PAIR), "bfloat16"),
+        bias: T.Buffer((columns,), "float32"),
+        out: T.Buffer((rows, columns), "float32"),
+    ) -> None:
+        T.func_attr({"global_symbol": KERNEL_NAME, "tirx.noalias": True, "tirx.is_scheduled": True})
+        w_flat = T.decl_buffer((panels * depth2 * panel * PAIR,), "bfloat16", data=w.data)
+        a_words = T.decl_buffer((rows * depth2,), "int32", data=a.data)
+        w_words = T.decl_buffer((panels * depth2 * panel,), "int32", data=w.data)
+        with T.attr(T.int32(0), "pragma_import_llvm", llvm_ir):
+            for t in outer_loop(tiles):
+                acc = T.decl_buffer((acc_size,), "float32", scope="local")
+                for r in T.unroll(rt):
+                    for v in T.unroll(vecs):
+                        acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+                for ko in range(depth2):
+                    for r in T.unroll(rt):
+                        for v in T.unroll(vecs):
+                            if use_dpbf16:
+                                # A's k pair as one broadcast 32-bit word, 16 words of W: int32 views of
+                                # the bfloat16 buffers, bitcast to <32 x bfloat> by the imported function
+                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = T.call_extern(
+                                    acc_vec,
+                                    DPBF16_FUNCTION,
+                                    acc[T.ramp((r * vecs + v) * lanes, 1, lanes)],
+                                    T.broadcast(a_words[(t % blocks * rt + r) * depth2 + ko], lanes),
+                                    w_words[
+                                        T.ramp((t // blocks * depth2 + ko) * panel + v * lanes, 1, lanes)
+                                    ],
+                                )
+                            else:
+                                # portable: widen each bfloat16 to float32 (exact) and multiply-add
+                                for s in T.unroll(PAIR):
+                                    acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = acc[
+                                        T.ramp((r * vecs + v) * lanes, 1, lanes)
+                                    ] + T.broadcast(
+                                        T.Cast("float32", a[t % blocks * rt + r, ko * PAIR + s]), lanes
+                                    ) * T.Cast(
+                                        acc_vec,
+                                        w_flat[
+                                            T.ramp(
+                                                ((t // blocks * depth2 + ko) * panel + v * lanes) * PAIR + s,
+                                                PAIR,
+                                                lanes,
+                                            )
+                                        ],
+                                    )
+                for r in T.unroll(rt):
+                    for v in T.unroll(vecs):
+                        out[t % blocks * rt + r, T.ramp(t // blocks * panel + v * lanes, 1, lanes)] = (
+                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
+                            + bias[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
+                        )
+
+    return kernel
+
+
+def build_bf16_matmul(
+    rows: int,
+    depth: int,
+    columns: int,
+    target: Any,
+    *,
+    tile: BF16Tile | None = None,
+    parallel: bool = True,
+) -> tuple[Any, bool, BF16Tile]:
+    """A standalone kernel module for ``target``: ``(IRModule, uses vdpbf16ps, tile)``; build it with
+    ``tvm.compile(mod, target)``. The portable path uses 8 lanes (one AVX2 register of float32)."""
+    import tvm
+
+    use_dpbf16 = has_avx512bf16(target)
+    tile = tile or choose_bf16_tile(16 if use_dpbf16 else 8, rows, columns, 32 if use_dpbf16 else 16)
+    func = bf16_matmul_func(rows, depth, columns, tile, use_dpbf16=use_dpbf16, parallel=parallel)
+    return tvm.IRModule({KERNEL_NAME: func}), use_dpbf16, tile
