@@ -34,6 +34,10 @@ class PrecisionConfig:
     # fp16 overflow guard (precision/overflow.py): layers whose activations x this exceed 65504 keep fp32
     # instead of fp16; None switches the guard off
     fp16_headroom: float | None = 4.0
+    # Per-layer sensitivity is measured on the same model run at this latent size (largest side) and
+    # transferred to the full-size plan by layer name: one replay per (layer, format) costs ~(full/this)^2
+    # less. None measures at the model's own size (exact, the slow exhaustive reference).
+    sensitivity_latent: int | None = 16
 
 
 @dataclass
