@@ -367,6 +367,7 @@ class _ReplayBar:
         self.start = 0.0
 
     def __enter__(self) -> _ReplayBar:
+        self.start = time.monotonic()
         return self
 
     def __call__(self, done: int, total: int) -> None:
@@ -375,7 +376,6 @@ class _ReplayBar:
         from tqdm.auto import tqdm
 
         if self.bar is None:
-            self.start = time.monotonic()
             self.bar = tqdm(
                 total=total, desc="sensitivity", unit="replay", leave=False, disable=not sys.stderr.isatty()
             )
