@@ -168,6 +168,7 @@ def config_from_options(
     max_latency_ms: float | None = None,
     min_sqnr_db: float | None = None,
     pins: list[str] | None = None,
+    sensitivity_latent: int | None = 16,
 ) -> PrecisionConfig | None:
     """The request of ``edgediff compile --precision ... --max-bytes ... --pin LAYER=FORMAT``: a budget alone
     implies ``auto``; pins are ``LAYER=FORMAT`` with ``LAYER`` a name or glob."""
@@ -186,4 +187,9 @@ def config_from_options(
         pinned[layer.strip()] = fmt.strip()
     if precision is None and not budget and not pinned:
         return None
-    return PrecisionConfig(mode=precision or "auto", budget=budget or None, pins=pinned)
+    return PrecisionConfig(
+        mode=precision or "auto",
+        budget=budget or None,
+        pins=pinned,
+        sensitivity_latent=sensitivity_latent or None,
+    )
