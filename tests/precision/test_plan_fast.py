@@ -37,3 +37,11 @@ def test_small_latent_sensitivity_transfers_and_progress_counts_every_replay(fra
     counts = [m for m in small_messages if m.startswith("sensitivity ")]
     assert len(counts) == total
     assert re.fullmatch(rf"sensitivity {total}/{total} ETA 00:00", counts[-1])
+
+
+def test_cli_option_zero_means_exact_full_size_sensitivity():
+    from edgediff.precision.plan import config_from_options
+
+    assert config_from_options("auto").sensitivity_latent == 16
+    assert config_from_options("auto", sensitivity_latent=0).sensitivity_latent is None
+    assert PrecisionConfig().sensitivity_latent == 16
