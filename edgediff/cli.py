@@ -49,6 +49,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             max_latency_ms=args.max_latency_ms,
             min_sqnr_db=args.min_sqnr,
             pins=args.pin,
+            sensitivity_latent=args.sensitivity_latent,
         ),
         linear_attention=linear_attention_from_options(
             args.linear_attention,
@@ -374,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--max-bytes", help="auto precision: largest weights size, e.g. 800MB or 1GiB")
     compile_.add_argument("--max-latency-ms", type=float, help="auto precision: largest estimated latency")
     compile_.add_argument("--min-sqnr", type=float, help="auto precision: smallest prediction SQNR in dB")
+    compile_.add_argument(
+        "--sensitivity-latent",
+        type=int,
+        default=16,
+        help="auto precision: measure layer sensitivity at this latent size and transfer it by layer name "
+        "(0 = at the model's full size: exact, slow)",
+    )
     compile_.add_argument(
         "--pin", action="append", default=[], metavar="LAYER=FORMAT", help="fix a layer's format (glob ok)"
     )

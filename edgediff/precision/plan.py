@@ -34,6 +34,10 @@ class PrecisionConfig:
     # fp16 overflow guard (precision/overflow.py): layers whose activations x this exceed 65504 keep fp32
     # instead of fp16; None switches the guard off
     fp16_headroom: float | None = 4.0
+    # Per-layer sensitivity is measured on the same model run at this latent size (largest side) and
+    # transferred to the full-size plan by layer name: one replay per (layer, format) costs ~(full/this)^2
+    # less. None measures at the model's own size (exact, the slow exhaustive reference).
+    sensitivity_latent: int | None = 16
 
 
 @dataclass
@@ -164,6 +168,7 @@ def config_from_options(
     max_latency_ms: float | None = None,
     min_sqnr_db: float | None = None,
     pins: list[str] | None = None,
+    sensitivity_latent: int | None = 16,
 ) -> PrecisionConfig | None:
     """The request of ``edgediff compile --precision ... --max-bytes ... --pin LAYER=FORMAT``: a budget alone
     implies ``auto``; pins are ``LAYER=FORMAT`` with ``LAYER`` a name or glob."""
@@ -182,4 +187,9 @@ def config_from_options(
         pinned[layer.strip()] = fmt.strip()
     if precision is None and not budget and not pinned:
         return None
-    return PrecisionConfig(mode=precision or "auto", budget=budget or None, pins=pinned)
+    return PrecisionConfig(
+        mode=precision or "auto",
+        budget=budget or None,
+        pins=pinned,
+        sensitivity_latent=sensitivity_latent or None,
+    )

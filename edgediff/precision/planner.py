@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,7 @@ from edgediff.precision.assignment import (
     require_supported,
     weight_bytes,
 )
-from edgediff.precision.calibration import LayerInfo, calibrate
+from edgediff.precision.calibration import Calibration, LayerInfo, calibrate, is_denoiser
 from edgediff.precision.overflow import OverflowGuard, find_overflows
 from edgediff.precision.plan import LayerPlan, PrecisionConfig, PrecisionPlan
 from edgediff.precision.quantizers import UNIFORM_FALLBACK, compute_dtype, float_format, get_format
@@ -155,15 +157,28 @@ def make_plan(
     with _torch_threads(threads):
         if auto:
             say("sensitivity")
-            sensitivity = measure_sensitivity(
-                module,
-                calibration,
-                {n: c for n, c in candidates.items() if n not in unmeasured},
-                dtypes,
-                scales=scales,
-                timestep_split=split,
-                progress=lambda done, total: say(f"sensitivity {done}/{total}"),
+            small = _sensitivity_calibration(
+                module, example_inputs, input_names, meta, config, calibration, layers, notes
             )
+            small_scales = (
+                scales
+                if small is calibration
+                else {
+                    info.name: small.activation_scales(info.name, split)
+                    for info in layers
+                    if info.kind != "attention"
+                }
+            )
+            with _ReplayBar(say, enabled=progress is not None) as bar:
+                sensitivity = measure_sensitivity(
+                    module,
+                    small,
+                    {n: c for n, c in candidates.items() if n not in unmeasured},
+                    dtypes,
+                    scales=small_scales,
+                    timestep_split=split,
+                    progress=bar,
+                )
             errors = {
                 n: {f: 0.0 if n in unmeasured else sensitivity.relative_mse(n, f) for f in fmts}
                 for n, fmts in candidates.items()
@@ -339,6 +354,86 @@ def _measured(formats: Mapping[str, str], guarded: Mapping[str, str]) -> dict[st
     """The formats the fake-quantized measurement applies: a guarded fp32 layer runs in float32 even on a
     float16-only target (on its host CPU), so it is left out (the float model computes it)."""
     return {name: fmt for name, fmt in formats.items() if not (name in guarded and fmt == "fp32")}
+
+
+class _ReplayBar:
+    """Progress of the sensitivity replays: a tqdm bar with rate and ETA (drawn on a terminal), and the
+    same ``done/total`` and ETA through the compile's stage callback (seen in logs and pipes too)."""
+
+    def __init__(self, say: Callable[[str], None], *, enabled: bool) -> None:
+        self.say = say
+        self.enabled = enabled
+        self.bar: Any = None
+        self.start = 0.0
+
+    def __enter__(self) -> _ReplayBar:
+        self.start = time.monotonic()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc="sensitivity", unit="replay", leave=False, disable=not sys.stderr.isatty()
+            )
+        self.bar.update(1)
+        elapsed = time.monotonic() - self.start
+        eta = tqdm.format_interval(elapsed / done * (total - done)) if done else "?"
+        self.say(f"sensitivity {done}/{total} ETA {eta}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sensitivity_calibration(
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    meta: Mapping[str, Any] | None,
+    config: PrecisionConfig,
+    calibration: Calibration,
+    layers: Sequence[LayerInfo],
+    notes: list[str],
+) -> Calibration:
+    """The calibration the sensitivity replays run on: the same sampler trajectory at a latent whose
+    largest side is ``config.sensitivity_latent`` (layer errors transfer by name to the full-size plan), or
+    the full-size one when that is off, not smaller, not a denoiser, or the model does not run there."""
+    sample = example_inputs[0]
+    target = config.sensitivity_latent
+    if not target or not is_denoiser(input_names) or sample.ndim != 4 or max(sample.shape[2:]) <= target:
+        return calibration
+    height, width = (max(1, round(int(d) * target / max(sample.shape[2:]))) for d in sample.shape[2:])
+    small_inputs = (torch.zeros((*sample.shape[:2], height, width), dtype=sample.dtype), *example_inputs[1:])
+    try:
+        with torch.no_grad():
+            small = calibrate(
+                module,
+                small_inputs,
+                input_names,
+                dict(meta or {}),
+                sampler=config.sampler,
+                num_steps=config.num_steps,
+                keep=config.keep,
+                seeds=config.seeds,
+            )
+    except Exception as error:  # a model tied to its size (fixed position embeddings): measure at full size
+        notes.append(f"sensitivity at full size: the model does not run at latent {height}x{width} ({error})")
+        return calibration
+    missing = {info.name for info in layers} - {info.name for info in small.layers}
+    if missing:
+        notes.append(
+            f"sensitivity at full size: {sorted(missing)[0]} does not run at latent {height}x{width}"
+        )
+        return calibration
+    notes.append(
+        f"sensitivity measured at latent {height}x{width} and transferred by layer name "
+        f"(full size {tuple(int(d) for d in sample.shape[2:])}; sensitivity_latent=None measures it exactly)"
+    )
+    return small
 
 
 def _nbytes(shape: Sequence[int], dtype: str) -> int:
