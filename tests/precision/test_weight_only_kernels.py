@@ -89,7 +89,7 @@ def _run_kernel(sch, arrays: list[np.ndarray], out_shape: tuple[int, ...]) -> np
 
 @pytest.mark.parametrize("channels", [4, 48])
 def test_conv2d_rule_widens_int8_weight_per_chunk(channels):
-    from tvm import s_tir, te, topi
+    from tvm import te, topi
 
     from edgediff.kernels.dequantize import DEQUANTIZE_BLOCK, weight_dequantize_te
     from edgediff.schedules import Conv2d
@@ -105,7 +105,7 @@ def test_conv2d_rule_widens_int8_weight_per_chunk(channels):
     stage = sch.get_sblock(DEQUANTIZE_BLOCK)
     assert sch.get(stage).writes[0].source.scope() == "local"
     # under a reduction chunk of 16 input channels (48), or around the whole (short) reduction (4)
-    region = [int(r.extent) for r in s_tir.Schedule(sch.mod["main"]).get(stage).writes[0].region]
+    region = [int(r.extent) for r in sch.get(stage).writes[0].region]
     assert region[1:] == [min(channels, 16), 3, 3] or region[1] == 1
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((1, channels, 9, 9)).astype("float32")
