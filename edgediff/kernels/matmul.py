@@ -57,10 +57,15 @@ def geglu_te(x: Any, weight: Any, bias: Any) -> Any:
 
 def packed_matmul_te(a: Any, weight: Any, out_dtype: str) -> Any:
     """``a @ W`` with ``W[k, j]`` stored as ``weight[j // P, k, j % P]`` (panels of ``P`` columns); both
-    operands are cast to ``out_dtype`` in the product, as Relax's matmul does it (int8 weights)."""
+    operands are cast to ``out_dtype`` in the product, as Relax's matmul does it. An integer weight with
+    a float output (weight-only int8) is widened by a stage of its own (``kernels/dequantize.py``)."""
     from tvm import te
 
+    from edgediff.kernels.dequantize import is_weight_only, weight_dequantize_te
+
     panels, depth, panel = weight.shape
+    if is_weight_only(str(weight.dtype), out_dtype):  # widened by a stage the schedule places per chunk
+        weight = weight_dequantize_te(weight, out_dtype)
     k = te.reduce_axis((0, depth), name="k")
 
     def product(*idx: Any) -> Any:

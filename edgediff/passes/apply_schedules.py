@@ -11,6 +11,7 @@ import tvm
 from edgediff.errors import first_line
 from edgediff.passes.registry import register_pass
 from edgediff.passes.report import PassReport
+from edgediff.schedules.common import widened_in_kernel
 from edgediff.schedules.rules import is_scheduled, schedule_rules
 
 if TYPE_CHECKING:
@@ -24,6 +25,10 @@ class ApplySchedulesReport(PassReport):
     scheduled: int = 0
     kernels: int = 0
     rule_failures: list[str] = field(default_factory=list)  # "<rule> on <kernel>: <error>"
+    # weight-only int8 kernels (kernels/dequantize.py) by rule: the integer weight widened inside the
+    # register-tiled loop nest; and the kernels that widen their whole weight ahead of the reduction
+    widened_in_kernel: dict[str, int] = field(default_factory=dict)
+    widened_whole: list[str] = field(default_factory=list)
 
 
 @register_pass("schedule")
@@ -47,6 +52,8 @@ class ApplySchedules:
         rules = schedule_rules(self.spec)
         target = tvm.target.Target.current(allow_none=False)
         by_rule: Counter[str] = Counter()
+        widened: Counter[str] = Counter()
+        whole: list[str] = []
         failures: list[str] = []
         updated = {}
         kernels = 0
@@ -68,6 +75,11 @@ class ApplySchedules:
                 sch = sch[0] if isinstance(sch, list) else sch
                 updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
                 by_rule[type(rule).__name__] += 1
+                in_kernel = widened_in_kernel(updated[gvar])
+                if in_kernel:
+                    widened[type(rule).__name__] += 1
+                elif in_kernel is False:
+                    whole.append(f"{gvar.name_hint} ({type(rule).__name__})")
                 break
         # a module pass must not change its input: callers (kernel tests, tuning) keep the unscheduled module
         mod = mod.clone()
@@ -81,5 +93,7 @@ class ApplySchedules:
             scheduled=scheduled,
             kernels=kernels,
             rule_failures=failures,
+            widened_in_kernel=dict(widened.most_common()),
+            widened_whole=whole,
         )
         return mod

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import tvm
 from tvm import relax
 
+from edgediff.kernels.dequantize import LEGALIZATIONS
 from edgediff.passes.analysis import kernel_count, relax_op_histogram
 from edgediff.passes.registry import register_pass
 from edgediff.passes.report import PassReport
@@ -37,7 +38,8 @@ class LegalizeOps:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         ops = relax_op_histogram(mod)
-        mod = relax.transform.LegalizeOps()(mod)
+        # weight-only int8 conv2d: the weight widened by a stage of its own (kernels/dequantize.py)
+        mod = relax.transform.LegalizeOps(customize_legalize_map=LEGALIZATIONS)(mod)
         mod = relax.transform.AnnotateTIROpPattern()(mod)
         left = {op: n for op, n in relax_op_histogram(mod).items() if not op.startswith("relax.call")}
         self.report = LegalizeOpsReport(

@@ -13,6 +13,7 @@ from typing import Any
 
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
+from edgediff.kernels.dequantize import DEQUANTIZE_BLOCK
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 
@@ -172,6 +173,7 @@ class TiledLoops:
 
     write_back: Any  # block copying the accumulators out (epilogues are inlined into it)
     reduction: Any  # outermost reduction loop (where the reduction init goes)
+    serial: tuple[Any, ...] = ()  # the spatial loops left serial inside the parallel ones (``parallel``)
 
 
 def schedule_register_tiled(
@@ -184,6 +186,7 @@ def schedule_register_tiled(
     row: Any,
     col: Any,
     reductions: list[Any],
+    parallel: int | None = None,
 ) -> TiledLoops:
     """Tile a reduction block so that ``tile.rows`` x ``tile.col_vectors`` vectors accumulate in registers
     over the whole reduction, and parallelize it over the cores.
@@ -194,7 +197,9 @@ def schedule_register_tiled(
     buffer of exactly the register tile, with constant indices once unrolled, so LLVM keeps it in
     registers; it is written back once per tile, and callers inline elementwise epilogues into that
     write-back. Call :func:`finish_reduction` after that: TVM only vectorizes and parallelizes loops over
-    complete reduction blocks, so the reduction init is split off last.
+    complete reduction blocks, so the reduction init is split off last. ``parallel``: only that many
+    leading spatial loops are fused and parallel, the rest run serially inside them (returned as
+    ``serial``), so that work hoisted above them (a widened weight panel) is shared by their tiles.
     """
     row_o, row_i = sch.split(row, [None, tile.rows])
     col_o, col_m, col_i = sch.split(col, [None, tile.col_vectors, tile.width])
@@ -212,8 +217,119 @@ def schedule_register_tiled(
     work = tile.rows * tile.col_vectors * tile.width
     for loop in spatial:
         work *= extent(sch, loop) or 1
-    parallelize_outer(sch, block, spatial, cost, work)
-    return TiledLoops(write_back, reductions[0])
+    depth = len(spatial) if parallel is None else parallel
+    parallelize_outer(sch, block, spatial[:depth], cost, work)
+    return TiledLoops(write_back, reductions[0], tuple(spatial[depth:]))
+
+
+# Reduction steps whose integer weights one dequantized chunk covers (see dequantize_weights): enough
+# that the chunk's conversion is a few full vectors, few enough that the float chunk stays in L1.
+DEQUANT_CHUNK = 16
+
+
+def dequantize_stages(sch: Any, block: Any) -> list[Any]:
+    """The blocks widening an integer weight for ``block`` (``kernels/dequantize.py``; weight-only int8)."""
+    return [b for b in sch.get_producers(block) if sch.get(b).name_hint.startswith(DEQUANTIZE_BLOCK)]
+
+
+def split_for_dequantize(sch: Any, block: Any, loop: Any) -> list[Any]:
+    """``[loop]``, or ``[outer, inner]`` with an inner chunk of up to :data:`DEQUANT_CHUNK` steps when
+    ``block`` reads a widened integer weight (:func:`dequantize_weights` then widens it chunk by chunk)."""
+    n = extent(sch, loop)
+    if not dequantize_stages(sch, block) or n is None:
+        return [loop]
+    chunk = largest_divisor(n, DEQUANT_CHUNK)
+    if chunk in (1, n):
+        return [loop]
+    return list(sch.split(loop, [None, chunk]))
+
+
+def loop_above(sch: Any, block: Any, loop: Any) -> Any | None:
+    """The loop directly around ``loop`` among ``block``'s loops (None for the outermost)."""
+    loops = sch.get_loops(block)
+    position = next(i for i, each in enumerate(loops) if sch.get(each).same_as(sch.get(loop)))
+    return loops[position - 1] if position else None
+
+
+def dequantize_weights(sch: Any, block: Any, at: Any | None, lanes: int, scope: str = "local") -> int:
+    """Widen the integer weights a register-tiled reduction reads once per iteration of loop ``at``, into
+    a float buffer the micro-kernel reads instead; returns how many weights are widened so.
+
+    A weight-only int8 conv2d/matmul that casts each weight element where it is used pays, in a register
+    tile where one weight is broadcast to a vector of accumulators, a scalar load, sign extension and
+    int-to-float conversion per FMA instead of one broadcast load: ``w8`` convolutions ran at half the
+    speed of fp32. Widened here a vector at a time, once per ``at`` iteration (a reduction chunk of the
+    conv's weights, contiguous in the weight and L1-resident; a matmul's whole weight panel, shared by the
+    row tiles below ``at``), the loops inside are exactly the fp32 micro-kernel. The per-channel scale
+    stays on the output (the epilogue). ``at`` None: nothing to hold the widening, the cast stays where
+    it is used.
+    """
+    stages = dequantize_stages(sch, block)
+    if not stages or at is None:
+        return 0
+    for stage in stages:
+        sch.set_scope(stage, 0, scope)
+        sch.compute_at(stage, at, preserve_unit_loops=True)
+        _vectorize_copy(sch, stage, at, lanes)
+    return len(stages)
+
+
+def widened_in_kernel(func: Any) -> bool | None:
+    """For a scheduled kernel: None when it widens no integer weight; else whether every widening stage
+    was placed inside the reduction's loop nest (by :func:`dequantize_weights`) rather than left to widen
+    the whole weight ahead of it (a rule fallback, which writes a float copy of the weight per call)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    stages = [b for b in child_blocks_all(sch) if sch.get(b).name_hint.startswith(DEQUANTIZE_BLOCK)]
+    if not stages:
+        return None
+    for stage in stages:
+        loops = sch.get_loops(stage)
+        consumers = sch.get_consumers(stage)
+        if not loops or not consumers:
+            return False
+        if not any(
+            sch.get_loops(c) and sch.get(sch.get_loops(c)[0]).same_as(sch.get(loops[0])) for c in consumers
+        ):
+            return False
+    return True
+
+
+def child_blocks_all(sch: Any) -> list[Any]:
+    """Every block of the function (at any depth), in program order."""
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    found: list[Any] = []
+
+    def walk(block: Any) -> None:
+        for child in sch.get_child_blocks(block):
+            found.append(child)
+            walk(child)
+
+    walk(get_root_block(sch))
+    return found
+
+
+def _vectorize_copy(sch: Any, block: Any, at: Any, lanes: int) -> None:
+    """Vectorize a copy block placed under ``at``: its loops below ``at`` (one per buffer dimension) are
+    fused from the innermost outwards while the region stays contiguous in the source buffer (each inner
+    loop spans its whole dimension), and the fused loop is split by the vector width."""
+    loops = sch.get_loops(block)
+    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(at))) + 1
+    inner = loops[depth:]
+    shape = [int(d) for d in sch.get(block).reads[0].source.shape]
+    if not inner or len(inner) != len(shape):
+        return
+    first = len(inner) - 1
+    while first > 0 and extent(sch, inner[first]) == shape[first]:
+        first -= 1
+    run = inner[first:]
+    fused = sch.fuse(*run) if len(run) > 1 else run[0]
+    width = vector_width(extent(sch, fused) or 1, lanes)
+    if width > 1:
+        _, vec = sch.split(fused, [None, width])
+        sch.vectorize(vec)
 
 
 def finish_reduction(sch: Any, block: Any, tiled: TiledLoops, lanes: int) -> None:

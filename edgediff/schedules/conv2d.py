@@ -8,11 +8,15 @@ from edgediff.schedules.common import (
     CostModelRule,
     child_blocks,
     choose_register_tile,
+    dequantize_stages,
+    dequantize_weights,
     finish_reduction,
     iter_kinds,
+    loop_above,
     output_dtype,
     parallelize_outer,
     schedule_register_tiled,
+    split_for_dequantize,
     try_inline_all,
     vectorize_innermost,
 )
@@ -56,13 +60,20 @@ class Conv2d(CostModelRule):
         dtype = output_dtype(sch, conv)
         lanes = self.cost.vector_lanes(dtype)
         tile = choose_register_tile(self.cost, dtype, int(sch.get(f).extent), int(sch.get(x).extent))
+        # int8 weights (weight-only w8): converted a chunk of input channels at a time, see
+        # dequantize_weights
+        chunks = split_for_dequantize(sch, conv, rc)
         tiled = schedule_register_tiled(
-            sch, conv, self.cost, tile, outer=[n, f, y, x], row=f, col=x, reductions=[rc, ry, rx]
+            sch, conv, self.cost, tile, outer=[n, f, y, x], row=f, col=x, reductions=[*chunks, ry, rx]
         )
-        done = {sch.get(b) for b in (conv, tiled.write_back, *pads)}
+        done = {sch.get(b) for b in (conv, tiled.write_back, *pads, *dequantize_stages(sch, conv))}
         epilogue = [b for b in child_blocks(sch) if sch.get(b) not in done]
         for block in try_inline_all(sch, epilogue) + pads:
             self._schedule_rest(sch, block, lanes)
+        # the widened weights: per chunk of input channels, or around a reduction too short to split
+        dequantize_weights(
+            sch, conv, chunks[0] if len(chunks) > 1 else loop_above(sch, conv, chunks[0]), lanes
+        )
         finish_reduction(sch, conv, tiled, lanes)
         return sch
 

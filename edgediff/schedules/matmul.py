@@ -8,9 +8,12 @@ from edgediff.schedules.common import (
     CostModelRule,
     child_blocks,
     choose_register_tile,
+    dequantize_stages,
+    dequantize_weights,
     extent,
     finish_reduction,
     iter_kinds,
+    loop_above,
     output_dtype,
     parallelize_outer,
     schedule_register_tiled,
@@ -59,15 +62,41 @@ class Matmul(CostModelRule):
             return None  # panels of another width than the tile: a tile would straddle two panels
         # column blocks outside row blocks: one B panel (k x tile columns) stays in cache while the row
         # blocks of A stream past it
+        stages = dequantize_stages(sch, block)
+        if stages:
+            # weight-only int8: each weight panel is widened once per group of row tiles, so the groups
+            # are the parallel work and the row tiles of a group run serially under the widened panel
+            groups = self._row_groups(
+                extent(sch, i) // tile.rows, extent(sch, j) // (tile.col_vectors * tile.width), batch, sch
+            )
+            i_group, i_rows = sch.split(i, [groups, None])
+            outer, row, parallel = [*batch, j, i_group, i_rows], i_rows, len(batch) + 2
+        else:
+            outer, row, parallel = [*batch, j, i], i, None
         tiled = schedule_register_tiled(
-            sch, block, self.cost, tile, outer=[*batch, j, i], row=i, col=j, reductions=[k]
+            sch, block, self.cost, tile, outer=outer, row=row, col=j, reductions=[k], parallel=parallel
         )
-        done = {sch.get(b) for b in (block, tiled.write_back)}
+        done = {sch.get(b) for b in (block, tiled.write_back, *stages)}
         left = try_inline_all(sch, [b for b in child_blocks(sch) if sch.get(b) not in done])
         if left:
             return None  # an epilogue that is not elementwise: not a plain matmul kernel
+        if stages:
+            # the panel (depth x tile columns) is depth x 64-128 bytes: a global (heap) buffer per task
+            dequantize_weights(sch, block, loop_above(sch, block, tiled.serial[0]), lanes, scope="global")
         finish_reduction(sch, block, tiled, lanes)
         return sch
+
+    def _row_groups(self, row_tiles: int, column_tiles: int, batch: list[Any], sch: Any) -> int:
+        """How many groups the row tiles are split into: the fewest (each group widens each weight panel
+        once) that still give every core several tasks; all row tiles in one group on a single core."""
+        tasks = column_tiles
+        for loop in batch:
+            tasks *= extent(sch, loop) or 1
+        wanted = 4 * self.cost.spec.compute.cores if self.cost.spec.compute.cores > 1 else 1
+        for groups in range(1, row_tiles + 1):
+            if row_tiles % groups == 0 and tasks * groups >= wanted:
+                return groups
+        return row_tiles
 
 
 def _column_layout(block: Any) -> int | None:
