@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# The name of the stage that widens an integer weight (the schedule rules look for it).
-DEQUANTIZE_BLOCK = "weight_dequantize"
+from edgediff.schedules.common import DEQUANTIZE_BLOCK
 
 
 def is_weight_only(weight_dtype: str, out_dtype: str) -> bool:

@@ -13,7 +13,6 @@ from typing import Any
 
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 
-from edgediff.kernels.dequantize import DEQUANTIZE_BLOCK
 from edgediff.targets import CostModel
 from edgediff.targets.schema import DTYPE_BITS
 
@@ -221,6 +220,10 @@ def schedule_register_tiled(
     parallelize_outer(sch, block, spatial[:depth], cost, work)
     return TiledLoops(write_back, reductions[0], tuple(spatial[depth:]))
 
+
+# The stage of a weight-only kernel that widens its integer weight (kernels/dequantize.py makes it; the
+# rules below look for it by this name).
+DEQUANTIZE_BLOCK = "weight_dequantize"
 
 # Reduction steps whose integer weights one dequantized chunk covers (see dequantize_weights): enough
 # that the chunk's conversion is a few full vectors, few enough that the float chunk stays in L1.
