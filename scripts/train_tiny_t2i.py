@@ -439,9 +439,9 @@ def main() -> None:
             {
                 "command": "scripts/train_tiny_t2i.py "
                 + " ".join(
-                    f"--{k.replace('_', '-')} {v}"
+                    f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
                     for k, v in vars(args).items()
-                    if k not in ("output", "grid")
+                    if k not in ("output", "grid") and v not in (None, False)
                 ),
                 "args": {
                     k: v for k, v in vars(args).items() if k in ("seed", "images", "vae_steps", "batch")

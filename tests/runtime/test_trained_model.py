@@ -99,7 +99,7 @@ def test_default_low_precision_plan_pictures_show_their_prompts(fp32_set, checke
     assert rates["all"] >= MIN_WHOLE_PROMPT, rates
 
 
-def test_generate_cli_draws_blue(fp32_set, checker, tmp_path):
+def test_generate_cli_draws_a_blue_square(fp32_set, checker, tmp_path):
     from PIL import Image
 
     from edgediff.cli import main
@@ -109,4 +109,4 @@ def test_generate_cli_draws_blue(fp32_set, checker, tmp_path):
     image = np.asarray(Image.open(png).convert("RGB"))
     assert image.shape == (32, 32, 3)
     got = checker.read(image)
-    assert got is not None and got.color == "blue", got
+    assert got is not None and (got.color, got.shape) == ("blue", "square"), got
