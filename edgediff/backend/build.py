@@ -64,6 +64,13 @@ def build_for_host(mod: Any) -> Any:
 
     target = load_target("host").build_target()
     passes = tvm.transform.Sequential([relax.transform.LegalizeOps(), _finalize_passes(target, "cpu")])
+    # The lifted module carries every kernel of the model, the target's own (an Arm `sdot` kernel) among
+    # them: only what ``main`` calls may be compiled for this machine.
+    called = {gv.name_hint for gv in relax.analysis.all_global_vars(mod["main"])}
+    mod = tvm.IRModule(
+        {gv: func for gv, func in mod.functions.items() if gv.name_hint == "main" or gv.name_hint in called},
+        attrs=mod.attrs,
+    )
     try:
         with target:
             return tvm.compile(mod, target=target, relax_pipeline=passes)
