@@ -232,6 +232,27 @@ def calibrate(
     )
 
 
+def calibrate_as_configured(
+    config: Any,
+    module: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    meta: dict[str, Any] | None = None,
+) -> Calibration:
+    """:func:`calibrate` with the sampler, steps, kept evaluations and seeds of a ``PrecisionConfig``."""
+    with torch.no_grad():
+        return calibrate(
+            module,
+            example_inputs,
+            input_names,
+            dict(meta or {}),
+            sampler=config.sampler,
+            num_steps=config.num_steps,
+            keep=config.keep,
+            seeds=config.seeds,
+        )
+
+
 def _conditioning(
     example: torch.Tensor, name: str, meta: dict[str, Any], batch: int, gen: torch.Generator
 ) -> torch.Tensor:

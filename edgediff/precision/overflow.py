@@ -143,21 +143,10 @@ def measure_overflow(
 ) -> OverflowGuard:
     """Calibrate ``module`` as the precision planner does (same sampler loop, seeds and kept evaluations)
     and find its overflowing layers: what a float16 build without ``precision=`` needs."""
-    import torch
 
-    from edgediff.precision.calibration import calibrate
+    from edgediff.precision.calibration import calibrate_as_configured
     from edgediff.precision.plan import PrecisionConfig
 
     config = config or PrecisionConfig()
-    with torch.no_grad():
-        calibration = calibrate(
-            module,
-            example_inputs,
-            input_names,
-            dict(meta or {}),
-            sampler=config.sampler,
-            num_steps=config.num_steps,
-            keep=config.keep,
-            seeds=config.seeds,
-        )
+    calibration = calibrate_as_configured(config, module, example_inputs, input_names, meta)
     return find_overflows(calibration, config.fp16_headroom, module)

@@ -30,7 +30,7 @@ from edgediff.precision.assignment import (
     require_supported,
     weight_bytes,
 )
-from edgediff.precision.calibration import Calibration, LayerInfo, calibrate, is_denoiser
+from edgediff.precision.calibration import Calibration, LayerInfo, calibrate_as_configured, is_denoiser
 from edgediff.precision.overflow import OverflowGuard, find_overflows
 from edgediff.precision.plan import LayerPlan, PrecisionConfig, PrecisionPlan
 from edgediff.precision.quantizers import UNIFORM_FALLBACK, compute_dtype, float_format, get_format
@@ -105,17 +105,7 @@ def make_plan(
 
     say = progress or (lambda _text: None)
     say("calibrate")
-    with torch.no_grad():
-        calibration = calibrate(
-            module,
-            example_inputs,
-            input_names,
-            dict(meta or {}),
-            sampler=config.sampler,
-            num_steps=config.num_steps,
-            keep=config.keep,
-            seeds=config.seeds,
-        )
+    calibration = calibrate_as_configured(config, module, example_inputs, input_names, meta)
     layers = [info for info in calibration.layers if info.kind == "attention" or info.weight in weights]
     skipped = [info.name for info in calibration.layers if info not in layers]
     if skipped:
@@ -409,17 +399,7 @@ def _sensitivity_calibration(
     height, width = (max(1, round(int(d) * target / max(sample.shape[2:]))) for d in sample.shape[2:])
     small_inputs = (torch.zeros((*sample.shape[:2], height, width), dtype=sample.dtype), *example_inputs[1:])
     try:
-        with torch.no_grad():
-            small = calibrate(
-                module,
-                small_inputs,
-                input_names,
-                dict(meta or {}),
-                sampler=config.sampler,
-                num_steps=config.num_steps,
-                keep=config.keep,
-                seeds=config.seeds,
-            )
+        small = calibrate_as_configured(config, module, small_inputs, input_names, meta)
     except Exception as error:  # a model tied to its size (fixed position embeddings): measure at full size
         notes.append(f"sensitivity at full size: the model does not run at latent {height}x{width} ({error})")
         return calibration
