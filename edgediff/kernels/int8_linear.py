@@ -142,6 +142,32 @@ class Int8LinearEmitter:
         )
         return bb.emit(relax.TupleGetItem(both, 0)), bb.emit(relax.TupleGetItem(both, 1))
 
+    def pack_weight(self, bb: Any, weight: Any, panel: int) -> tuple[Any, Any]:
+        """(packed ``[N / P, K / 4, P, 4]``, int32 ``[N]`` compensation) of an ``[N, K]`` int8 weight, as
+        Relax ops on the weight only: ``lift-weight-transforms`` runs them once, at compile time."""
+        from tvm import relax
+
+        columns, depth = (int(d) for d in weight.ty.shape)
+        # [N, K] -> [N / P, P, K / 4, 4] -> [N / P, K / 4, P, 4]
+        split = bb.emit(relax.op.reshape(weight, [columns // panel, panel, depth // DOT_DEPTH, DOT_DEPTH]))
+        packed = bb.emit(relax.op.permute_dims(split, [0, 2, 1, 3]))
+        if self.dot.compensated:
+            sums = relax.op.sum(relax.op.astype(weight, "int32"), axis=[1])
+            compensation = bb.emit(relax.op.multiply(sums, relax.const(ACTIVATION_OFFSET, "int32")))
+        else:
+            compensation = relax.const(np.zeros(columns, np.int32))
+        return packed, compensation
+
+    def gemm(self, bb: Any, rows: int, depth: int, columns: int, tile: Any) -> Any:
+        """The GlobalVar of the GEMM with the dequantize epilogue for this shape (one per shape)."""
+        name = f"{KERNEL_NAME}_{rows}x{depth}x{columns}"
+        return self._kernel(
+            bb,
+            ("gemm", rows, depth, columns),
+            lambda: int8_matmul_func(rows, depth, columns, self.dot, tile, epilogue="dequantize"),
+            name,
+        )
+
     def linear(
         self,
         bb: Any,
@@ -178,27 +204,12 @@ class Int8LinearEmitter:
             if len(shape) != 2:
                 xq = bb.emit(relax.op.reshape(xq, [rows, depth]))
             a_scale = bb.emit(relax.op.broadcast_to(static_scale, [rows]))
-        # [N, K] -> [N / P, P, K / 4, 4] -> [N / P, K / 4, P, 4]: weight-only, lifted to compile time
-        panel = tile.panel
-        split = bb.emit(relax.op.reshape(weight, [columns // panel, panel, depth // DOT_DEPTH, DOT_DEPTH]))
-        packed = bb.emit(relax.op.permute_dims(split, [0, 2, 1, 3]))
-        if self.dot.compensated:
-            sums = relax.op.sum(relax.op.astype(weight, "int32"), axis=[1])
-            compensation = bb.emit(relax.op.multiply(sums, relax.const(ACTIVATION_OFFSET, "int32")))
-        else:
-            compensation = relax.const(np.zeros(columns, np.int32))
+        packed, compensation = self.pack_weight(bb, weight, tile.panel)
         if bias is None:
             bias = relax.const(np.zeros(columns, np.float32))
-        name = f"{KERNEL_NAME}_{rows}x{depth}x{columns}"
-        gvar = self._kernel(
-            bb,
-            ("gemm", rows, depth, columns),
-            lambda: int8_matmul_func(rows, depth, columns, self.dot, tile, epilogue="dequantize"),
-            name,
-        )
         out = bb.emit(
             relax.call_tir(
-                gvar,
+                self.gemm(bb, rows, depth, columns, tile),
                 [xq, packed, compensation, a_scale, w_scale, bias],
                 relax.TensorType((rows, columns), "float32"),
             )
