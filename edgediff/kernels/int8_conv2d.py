@@ -17,8 +17,9 @@
   bias when its only consumer adds one), float32 ``[N * OH * OW, O]`` out;
 - back to NCHW by a Relax reshape + transpose (FuseOps fuses it into the consumer where it can).
 
-Only ``groups == 1``, NCHW/OIHW, a static activation scale and ``O`` a multiple of the instruction's lanes
-are taken (:func:`int8_conv2d_fits`); other convs keep the Relax int8 conv2d.
+``O`` not a multiple of the instruction's lanes (a 4-channel ``conv_out``) is padded with zero weight rows
+at compile time and the extra output columns sliced off. Only ``groups == 1``, NCHW/OIHW and a static
+activation scale are taken (:func:`int8_conv2d_fits` and the pass); other convs keep the Relax int8 conv2d.
 """
 
 from __future__ import annotations
@@ -94,12 +95,7 @@ class ConvShape:
 
 def int8_conv2d_fits(dot: DotInstruction | None, shape: ConvShape | None) -> bool:
     """Whether the kernel takes a conv of this shape (else the pass keeps the Relax int8 conv2d)."""
-    return (
-        dot is not None
-        and shape is not None
-        and shape.out_channels % dot.lanes == 0
-        and min(shape.out_size) > 0
-    )
+    return dot is not None and shape is not None and min(shape.out_size) > 0
 
 
 def _vector_width(size: int) -> int:
@@ -271,13 +267,11 @@ class Int8Conv2dEmitter:
         from tvm import relax
 
         dot, emitter = self.dot, self.linear
-        rows, depth, columns = shape.rows, shape.depth, shape.out_channels
+        rows, depth, channels = shape.rows, shape.depth, shape.out_channels
+        columns = -(-channels // dot.lanes) * dot.lanes  # output channels padded to whole vectors
         in_dtype = str(x.ty.dtype)
-        geometry = (shape.batch, shape.channels, shape.height, shape.width, shape.kernel, shape.stride)
-        key = ("im2col", *geometry, shape.padding, shape.dilation, in_dtype)
-        name = (
-            f"{IM2COL_NAME}_{rows}x{depth}_{'x'.join(map(str, key[1:5]))}_{in_dtype}_{len(emitter.kernels)}"
-        )
+        key = ("im2col", shape, in_dtype)
+        name = f"{IM2COL_NAME}_{rows}x{depth}_{len(emitter.kernels)}"
         im2col = emitter._kernel(
             bb, key, lambda: int8_im2col_func(shape, in_dtype, dot.activation_dtype, name), name
         )
@@ -285,18 +279,22 @@ class Int8Conv2dEmitter:
         patches = bb.emit(
             relax.call_tir(im2col, [x, scale1], relax.TensorType((rows, depth), dot.activation_dtype))
         )
-        # [O, C, KH, KW] -> [O, KH, KW, C] -> [O, K] (-> zero-padded [O, depth]): weight-only, lifted
+        # [O, C, KH, KW] -> [O, KH, KW, C] -> [O, K] (-> zero-padded [columns, depth]): weight-only, lifted
         matrix = bb.emit(
-            relax.op.reshape(relax.op.permute_dims(weight, [0, 2, 3, 1]), [columns, shape.patch])
+            relax.op.reshape(relax.op.permute_dims(weight, [0, 2, 3, 1]), [channels, shape.patch])
         )
-        if depth != shape.patch:
-            matrix = bb.emit(relax.op.nn.pad(matrix, [0, 0, 0, depth - shape.patch]))
+        if (depth, columns) != (shape.patch, channels):
+            matrix = bb.emit(relax.op.nn.pad(matrix, [0, columns - channels, 0, depth - shape.patch]))
         tile = choose_int8_tile(dot, rows, columns)
         packed, compensation = emitter.pack_weight(bb, matrix, tile.panel)
+        w_scale = bb.emit(relax.op.reshape(w_scale, [channels]))
         if bias is None:
             bias = relax.const(np.zeros(columns, np.float32))
+        elif columns != channels:
+            bias = bb.emit(relax.op.nn.pad(bias, [0, columns - channels]))
+        if columns != channels:
+            w_scale = bb.emit(relax.op.nn.pad(w_scale, [0, columns - channels]))
         a_scale = bb.emit(relax.op.broadcast_to(scale1, [rows]))
-        w_scale = bb.emit(relax.op.reshape(w_scale, [columns]))
         out = bb.emit(
             relax.call_tir(
                 emitter.gemm(bb, rows, depth, columns, tile),
@@ -304,8 +302,10 @@ class Int8Conv2dEmitter:
                 relax.TensorType((rows, columns), "float32"),
             )
         )
+        if columns != channels:
+            out = bb.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[channels]))
         oh, ow = shape.out_size
-        nhwc = bb.emit(relax.op.reshape(out, [shape.batch, oh, ow, columns]))
+        nhwc = bb.emit(relax.op.reshape(out, [shape.batch, oh, ow, channels]))
         nchw = relax.op.permute_dims(nhwc, [0, 3, 1, 2])
         return nchw if out_dtype == "float32" else relax.op.astype(bb.emit(nchw), out_dtype)
 

@@ -32,6 +32,7 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
 from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
 from edgediff.kernels.int8_matmul import dot_instruction
 from edgediff.passes.analysis import relax_op_histogram
@@ -177,6 +178,7 @@ class _Rewriter:
         self.func = func
         self.plan = plan
         self.int8_kernel = int8_kernel  # w8a8 Linear layers on the int8 GEMM kernel (None: Relax matmul)
+        self.int8_conv = Int8Conv2dEmitter(int8_kernel) if int8_kernel is not None else None  # ... and convs
         self.fused_bias: dict[relax.Var, relax.Var] = {}  # bias add -> the matmul whose kernel adds it
         num_input = int(func.attrs["num_input"])
         params = list(func.params)
@@ -378,11 +380,15 @@ class _Rewriter:
             return relax.TupleGetItem(self._subst(bb, expr.tuple_value), expr.index)
         return expr
 
-    def _conv(self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str) -> relax.Expr:
+    def _conv(
+        self, bb: relax.BlockBuilder, call: relax.Call, var: relax.Var, out_dtype: str, out: relax.Var
+    ) -> relax.Expr:
         layer, stored = self.layers[var], self.stored[var]
         fmt = get_format(layer.format)
         a = call.attrs
         x = self._subst(bb, call.args[0])
+        if (kernel := self._int8_kernel_conv(bb, layer, call, x, var, out, out_dtype)) is not None:
+            return kernel
 
         def conv(data: relax.Expr, weight: relax.Expr, dtype: str) -> relax.Expr:
             return relax.op.nn.conv2d(
@@ -412,16 +418,24 @@ class _Rewriter:
         stored = [self.transposed[var], *self.stored[var][1:]]
         return self._layerop_name(bb, layer, get_format(layer.format), x, stored, relax.op.matmul, out_dtype)
 
-    def _bias_of(self, out: relax.Var) -> relax.Var | None:
-        """The bias a Linear's only consumer adds (``add(out, b)`` / ``add(b, out)``, ``b`` a float32 ``[N]``
-        weight passed through as it is), so that the int8 kernel's epilogue adds it."""
+    def _bias_of(self, out: relax.Var, axis: int = -1) -> relax.Var | None:
+        """The bias a Linear's (``axis`` -1) or NCHW conv's (``axis`` 1) only consumer adds (``add(out, b)`` /
+        ``add(b, out)``, ``b`` a float32 ``[N]`` weight passed through as it is, or its reshape to ``N`` along
+        ``axis`` and 1 elsewhere, as torch.export writes a conv bias), so that the int8 kernel's epilogue
+        adds it."""
         uses = self.uses.get(out, [])
         if len(uses) != 1 or uses[0] is None or op_name(uses[0]) != "relax.add":
             return None
         add = uses[0]
         bias = add.args[1] if add.args[0].same_as(out) else add.args[0]
         weights = self.func.params[len(self.inputs) :]
-        columns = list(out.ty.shape)[-1] if out.ty.shape is not None else None
+        columns = list(out.ty.shape)[axis] if out.ty.shape is not None else None
+        view = self.values.get(bias) if isinstance(bias, relax.Var) else None
+        if op_name(view) == "relax.reshape" and columns is not None:
+            dims = static_shape(bias)
+            broadcast = dims is not None and len(dims) == len(out.ty.shape)
+            if broadcast and dims[axis] == int(columns) and int(np.prod(dims)) == int(columns):
+                bias = view.args[0]
         if (
             not isinstance(bias, relax.Var)
             or bias not in weights
@@ -468,6 +482,36 @@ class _Rewriter:
         stored = self.stored[var]
         return self.int8_kernel.linear(bb, x, static, stored[0], stored[1], bias, dtype)
 
+    def _int8_kernel_conv(
+        self,
+        bb: relax.BlockBuilder,
+        layer: LayerPlan,
+        call: relax.Call,
+        x: relax.Expr,
+        var: relax.Var,
+        out: relax.Var,
+        dtype: str,
+    ) -> relax.Expr | None:
+        """A w8a8 conv2d with a static activation scale on the quantize+im2col and int8 GEMM kernels
+        (kernels/int8_conv2d.py), or None, and then the Relax int8 conv2d: no kernel for the target, a
+        dynamic activation format (its per-row scale is per ``(n, c, h)`` row of the NCHW input, which no
+        GEMM row matches), groups != 1, layouts other than NCHW/OIHW, or shapes that are not static."""
+        fmt = get_format(layer.format)
+        if self.int8_conv is None or fmt.activations != "static" or fmt.weight_bits != 8:
+            return None
+        shape = _conv_shape(call, x, self.stored[var][0])
+        if not int8_conv2d_fits(self.int8_conv.dot, shape):
+            return None
+        self._count(f"{layer.kind} {fmt.name}")
+        # keys of their own: "int8 kernel (...)" counts the Linear layers
+        self._count(f"int8 kernel conv2d ({self.int8_conv.dot.name})")
+        scale = self._scale_expr(bb, layer.scales or [1.0])
+        bias = self._bias_of(out, axis=1)
+        if bias is not None:
+            self._count("int8 kernel conv2d bias fused")
+        stored = self.stored[var]
+        return self.int8_conv.conv2d(bb, x, scale, stored[0], stored[1], bias, shape, dtype)
+
     def _layerop_name(self, bb, layer, fmt, x, stored, op, out_dtype: str) -> relax.Expr:
         """The conv/matmul ``op`` of a layer at its format (stored = [weight, scale...])."""
         self._count(f"{layer.kind} {fmt.name}")
@@ -504,7 +548,7 @@ class _Rewriter:
         op = op_name(value)
         out_dtype = _dtype(var)
         if op == "relax.nn.conv2d" and (weight := self._weight_of(value.args[1], "conv")) is not None:
-            return self._conv(bb, value, weight, out_dtype)
+            return self._conv(bb, value, weight, out_dtype, var)
         if op == "relax.matmul" and (weight := self._weight_of(value.args[1], "linear")) is not None:
             return self._linear(bb, value, weight, out_dtype, var)
         if op == "relax.matmul" and var in self.attention and self.attention[var][0].format != "fp32":
@@ -559,6 +603,32 @@ class MixedPrecisionReport(PassReport):
     rewritten: dict[str, int] = field(default_factory=dict)  # rewrite kind -> sites
     casts_added: int = 0
     plan: PrecisionPlan | None = None
+
+
+def _conv_shape(call: relax.Call, x: relax.Expr, weight: relax.Expr) -> ConvShape | None:
+    """The static geometry of a conv2d call the int8 conv kernel can take (NCHW/OIHW, groups 1), or None."""
+    a = call.attrs
+    layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout))
+    x_shape, w_shape = static_shape(x), static_shape(weight)
+    if layouts != ("NCHW", "OIHW", "NCHW") or int(a.groups) != 1 or x_shape is None or w_shape is None:
+        return None
+    padding = [int(p) for p in a.padding]
+    if len(padding) == 2:
+        padding = padding * 2
+    if len(x_shape) != 4 or len(w_shape) != 4 or len(padding) != 4 or w_shape[1] != x_shape[1]:
+        return None
+    n, c, h, w = x_shape
+    return ConvShape(
+        n,
+        c,
+        h,
+        w,
+        w_shape[0],
+        (w_shape[2], w_shape[3]),
+        tuple(int(s) for s in a.strides),
+        tuple(padding),
+        tuple(int(d) for d in a.dilation),
+    )
 
 
 class _nothing:  # noqa: N801 - a no-op context manager for non-dataflow binding blocks
