@@ -1,5 +1,5 @@
-"""The arm-a78 int8 (w8a8) build runs its Linear layers on ``sdot`` and computes, under qemu, what the host
-int8 build computes: the torch fake-quant measurement of the same plan (issue #14 item 7)."""
+"""The arm-a78 int8 (w8a8) build runs its Linear layers and convs on ``sdot`` and computes, under qemu, what
+the host int8 build computes: the torch fake-quant measurement of the same plan (issue #14 item 7)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def _disassembly(library: Path) -> str:
     return result.stdout
 
 
+def _function(disassembly: str, prefix: str) -> str:
+    """The disassembly of the function whose symbol starts with ``prefix`` (through the next symbol)."""
+    match = re.search(
+        rf"^[0-9a-f]+ <{re.escape(prefix)}[^>]*>:\n(.*?)(?=^[0-9a-f]+ <|\Z)", disassembly, re.M | re.S
+    )
+    assert match, f"no function {prefix}* in the library"
+    return match.group(1)
+
+
 def test_arm_a78_int8_build_uses_sdot_and_matches_the_host_build(
     arm64, host_int8, one_torch_thread, tmp_path
 ):
@@ -58,8 +67,16 @@ def test_arm_a78_int8_build_uses_sdot_and_matches_the_host_build(
     arm = artifacts["arm-a78"]
     rewritten = {p["name"]: p["report"] for p in arm.manifest["passes"]}["mixed-precision"]["rewritten"]
     assert rewritten["int8 kernel (neon sdot)"] == 5
+    # the four 3x3 convs: quantize + im2col, then the same GEMM (conv_out's 4 channels padded to 8)
+    assert rewritten["int8 kernel conv2d (neon sdot)"] == rewritten["conv2d w8a8"] == 4
+    assert rewritten["int8 kernel conv2d bias fused"] == 4
     (library,) = sorted(arm.path.glob("*.so"))
-    assert len(re.findall(r"\bsdot\b", _disassembly(library))) >= 5
+    disassembly = _disassembly(library)
+    assert len(re.findall(r"\bsdot\b", disassembly)) >= 5
+    # the GEMM of the convs' shape (64 output pixels x 3 * 3 * 16 -> 16 channels) is its own sdot kernel
+    conv_gemm = _function(disassembly, "int8_matmul_64x144x16")
+    assert re.search(r"\bsdot\b", conv_gemm), conv_gemm[:2000]
+    assert _function(disassembly, "int8_im2col_64x144")
     plan = plan_of(arm)
 
     def quantization(p: Any) -> list[dict[str, Any]]:  # the same formats and scales; each target its latency
