@@ -140,7 +140,9 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
         scale: T.Buffer((1,), "float32"),
         a: T.Buffer((rows, depth), out_dtype),
     ) -> None:
-        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+        # opaque (8) for FuseOps: analysed, the stores-only loop nest reads as injective and gets fused with
+        # a producing reshape, which FuseTIR then rejects ("Inconsistent buffers T_reshape and x")
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         if direct:
             # 1x1: a[(n, h, w), c] = q(x[n, c, h, w]); a row of x (w) is read once per c, all of it in L1
             for r in T.parallel(n_ * h_):
