@@ -189,3 +189,45 @@ def test_int8_build_runs_its_convs_on_the_kernel_and_matches_the_relax_path(frag
         assert_matches_measurement(got, model, at_t, plan, 1e-4)
         # the same integers and scales; only the float32 order of the epilogue differs (and the ties it flips)
         np.testing.assert_allclose(got, old, rtol=0, atol=1e-3 * np.abs(old).max())
+
+
+class _Block(torch.nn.Module):
+    """Convs fed by a reshape (GroupNorm's, and tokens back to NCHW as after attention), a stride-2 3x3
+    and a 1x1: the kernel's other shapes, in a graph where FuseOps sees a reshape before the im2col."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.norm = torch.nn.GroupNorm(2, 8)
+        self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.down = torch.nn.Conv2d(16, 16, 3, stride=2, padding=1)
+        self.proj = torch.nn.Conv2d(16, 8, 1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.2
+        self.eval().requires_grad_(False)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        h = self.down(self.conv(self.norm(sample)) * (timestep.float() / 500.0)[:, None, None, None])
+        b, c, hh, ww = h.shape
+        tokens = h.flatten(2).transpose(1, 2) * 0.5  # [b, hw, c]
+        out = self.proj(tokens.transpose(1, 2).reshape(b, c, hh, ww))
+        return torch.nn.functional.interpolate(out, scale_factor=2.0, mode="nearest")  # a denoiser's shape
+
+
+def test_int8_convs_after_reshapes_stride_2_and_1x1(host_int8, tmp_path):
+    """A stride-2 3x3 and a 1x1 conv in a model, each fed by a reshape: the build (FuseOps must not fuse the
+    reshape into the im2col kernel: FuseTIR rejects it, as the sd15-unet int8 build showed) runs them on
+    the kernel and computes what the measurement and the Relax path compute."""
+    instruction = dot_instruction(host_int8.build_target()).name
+    if instruction == "portable":
+        pytest.skip("this CPU has no int8 dot-product step (AVX2, VNNI, dotprod): the Relax path is used")
+    model = _Block()
+    inputs = (torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0]))
+    fragile_like = (model, inputs, ("sample", "timestep"))
+    artifact = _compile(fragile_like, host_int8, tmp_path / "kernel")
+    assert _rewritten(artifact)[f"int8 kernel conv2d ({instruction})"] == 3
+    with mock.patch("edgediff.passes.mixed_precision.int8_conv2d_fits", return_value=False):
+        relax_path = _compile(fragile_like, host_int8, tmp_path / "relax")
+    got, old = artifact.load()(*inputs), relax_path.load()(*inputs)
+    assert_matches_measurement(got, model, inputs, plan_of(artifact), 1e-4)
+    np.testing.assert_allclose(got, old, rtol=0, atol=1e-3 * np.abs(old).max())
