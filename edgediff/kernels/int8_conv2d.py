@@ -126,6 +126,7 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
     tail = depth - patch
     vec = _vector_width(c_)
     chunks = c_ // vec
+    wv = _vector_width(w_)
 
     def q(value: Any, step: Any) -> Any:  # the Relax quantizer's ops in its order: divide, round, clip, +128
         return T.Cast(
@@ -144,30 +145,37 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
         # a producing reshape, which FuseTIR then rejects ("Inconsistent buffers T_reshape and x")
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         if direct:
-            # 1x1: a[(n, h, w), c] = q(x[n, c, h, w]); a row of x (w) is read once per c, all of it in L1
+            # 1x1: a[(n, h, w), c] = q(x[n, c, h, w]); per input row (n, h): quantize it as vectors along w
+            # (contiguous reads, vector divide/round), then transpose the int8 [C, W] tile into [W, C]
             for r in T.parallel(n_ * h_):
+                tile = T.decl_buffer((c_ * w_,), out_dtype, scope="local")
+                for c in range(c_):
+                    for wo in range(w_ // wv):
+                        for v in T.vectorized(wv):
+                            tile[c * w_ + wo * wv + v] = q(x[r // h_, c, r % h_, wo * wv + v], scale[0])
                 for x_w in range(w_):
                     for c in range(c_):
-                        a[r * w_ + x_w, c] = q(x[r // h_, c, r % h_, x_w], scale[0])
+                        a[r * w_ + x_w, c] = tile[c * w_ + x_w]
         else:
             scratch = T.decl_buffer((n_ * hp * wp * c_,), out_dtype)
-            # 1. quantize each input element once into the zero-padded NHWC scratch
+            # 1. quantize each input element once into the NHWC scratch, as in the 1x1 case; its border
+            # (the conv padding) holds the quantized zero
             for r in T.parallel(n_ * hp):
                 for x_w in range(wp):
+                    if r % hp < top or r % hp >= top + h_ or x_w < left or x_w >= left + w_:
+                        for c in range(c_):
+                            scratch[(r * wp + x_w) * c_ + c] = T.Cast(out_dtype, zero)
+            for r in T.parallel(n_ * h_):
+                tile = T.decl_buffer((c_ * w_,), out_dtype, scope="local")
+                for c in range(c_):
+                    for wo in range(w_ // wv):
+                        for v in T.vectorized(wv):
+                            tile[c * w_ + wo * wv + v] = q(x[r // h_, c, r % h_, wo * wv + v], scale[0])
+                for x_w in range(w_):
                     for c in range(c_):
-                        scratch[(r * wp + x_w) * c_ + c] = T.if_then_else(
-                            r % hp >= top and r % hp < top + h_ and x_w >= left and x_w < left + w_,
-                            q(
-                                x[
-                                    r // hp,
-                                    c,
-                                    T.max(T.min(r % hp - top, h_ - 1), 0),
-                                    T.max(T.min(x_w - left, w_ - 1), 0),
-                                ],
-                                scale[0],
-                            ),
-                            T.Cast(out_dtype, zero),
-                        )
+                        scratch[((r // h_ * hp + r % h_ + top) * wp + x_w + left) * c_ + c] = tile[
+                            c * w_ + x_w
+                        ]
             # 2. each patch row: KH * KW contiguous runs of C bytes, then the k padding
             for r in T.parallel(n_ * oh_):
                 for o_w in range(ow_):
