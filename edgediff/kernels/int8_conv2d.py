@@ -4,8 +4,9 @@
 (calibrated) activation scale becomes
 
 - :func:`int8_im2col_func`, one TIR kernel: the float32/float16 NCHW input is quantized exactly as the
-  Relax rewrite quantizes (``clip(round(x / scale), -128, 127)``, ``+ 128`` as uint8 for ``vpdpbusd``) into
-  a zero-padded NHWC scratch (each input element is divided once, not once per patch it falls in), then
+  Relax rewrite quantizes (``clip(round(x / scale), -128, 127)``, ``+ 128`` as uint8 for ``vpdpbusd``) -
+  one input row ``[C, W]`` at a time, as float vectors along ``w``, then transposed as bytes - into a
+  zero-padded NHWC scratch (each input element is divided once, not once per patch it falls in), then
   copied into the patch matrix ``A [N * OH * OW, KH * KW * C]`` (K padded to a multiple of 4 with the
   quantized zero). The patch's k order is ``(i, j, c)``: a patch row is ``KH * KW`` contiguous runs of
   ``C`` bytes of the NHWC scratch, so the copy is contiguous vector moves. A 1x1 conv with stride 1 and no
@@ -106,10 +107,12 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
     """The quantize + im2col kernel ``(x [N, C, H, W] in_dtype, scale [1] float32, a [rows, depth])``.
 
     ``a[(n, oh, ow), (i * KW + j) * C + c] = q(x[n, c, oh * sh + i * dh - top, ow * sw + j * dw - left])``
-    (the quantized zero outside the input and in the k padding), ``q`` the Relax rewrite's quantizer op for
-    op (``_quantize`` in passes/mixed_precision.py, ``Int8LinearEmitter.quantize_static``): float32
-    ``x / scale``, round half to even, clip to [-128, 127], ``+ 128`` for uint8, cast - bit-identical.
-    Both loops are parallel over output/scratch rows; the inner copies are contiguous runs of ``C`` bytes.
+    (the quantized zero outside the input and in the k padding), ``q`` the Relax rewrite's quantizer, the
+    same ops in the same order (``_quantize`` in passes/mixed_precision.py,
+    ``Int8LinearEmitter.quantize_static``): float32 ``x / scale``, round half to even, clip to
+    [-128, 127], ``+ 128`` for uint8, cast - bit-identical. The loops are parallel over rows: the quantize
+    runs as float vectors along an input row (contiguous reads) into a ``[C, W]`` int8 tile that is then
+    transposed into NHWC; the patch copy moves contiguous runs of ``C`` bytes.
     """
     from tvm.script import tirx as T
 
