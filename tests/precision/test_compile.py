@@ -370,8 +370,11 @@ def test_per_token_int8_build_matches_the_measurement(fragile, host_int8, tmp_pa
     plan = plan_of(artifact)
     assert plan.layer("attn.to_q").format == "w8a8-token"
     rewritten = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]["rewritten"]
+    # convs fall back to static w8a8 (runtime/quantize.py UNIFORM_FALLBACK), on the int8 conv kernel
+    assert rewritten["conv2d w8a8"] == 4
     if _host_instruction(host_int8) != "portable":
         assert rewritten[f"int8 kernel ({_host_instruction(host_int8)})"] == 5
+        assert rewritten[f"int8 kernel conv2d ({_host_instruction(host_int8)})"] == 4
     for t in (900.0, 100.0):
         at_t = (inputs[0], torch.tensor([t]))
         assert_matches_measurement(artifact.load()(*at_t), model, at_t, plan, 1e-4)
