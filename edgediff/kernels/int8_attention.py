@@ -17,8 +17,11 @@ emitter adds, to a BlockBuilder:
   b_scale[b, n]``, float32 out.
 
 K is zero-padded to a multiple of 4 before quantizing (a zero changes no peak and adds nothing to a dot
-product). N must be a multiple of the instruction's lanes; where it is not (cross-attention QK^T has 77 keys
-at SD 1.5's text length) :func:`int8_attention_fits` says no and the pass keeps its Relax int8 matmul.
+product). N is zero-padded to a multiple of the instruction's lanes the same way (cross-attention QK^T has 77
+keys at SD 1.5's text length, 80 computed; PV of a 40-wide head is 48 wide on 16-lane vpdpbusd) and the
+padded columns are sliced off the output, a slice FuseOps fuses into the consumer (softmax, the head
+merge). :func:`int8_attention_fits` leaves to the pass's Relax int8 matmul only what the kernel cannot
+express: dynamic shapes and operands whose leading (batch, head) dimensions differ (broadcasting).
 
 The scale and quantization formulas are the Relax rewrite's (``_dynamic_scale`` / ``_quantize`` in
 passes/mixed_precision.py) and the epilogue multiplies in the same order (activation scale, then column
@@ -54,16 +57,11 @@ def int8_attention_fits(
     dot: DotInstruction | None, a_shape: Sequence[int] | None, b_shape: Sequence[int] | None
 ) -> bool:
     """Whether the kernel takes ``a @ b`` (else the pass keeps the Relax int8 matmul): static 3-D or 4-D
-    operands with the same leading dimensions and N a multiple of the instruction's lanes."""
+    operands with the same leading dimensions (K and N are padded as needed)."""
     if dot is None or a_shape is None or b_shape is None or len(a_shape) not in (3, 4):
         return False
-    if (
-        len(b_shape) != len(a_shape)
-        or tuple(a_shape[:-2]) != tuple(b_shape[:-2])
-        or a_shape[-1] != b_shape[-2]
-    ):
-        return False
-    return b_shape[-1] % dot.lanes == 0
+    same_lead = len(b_shape) == len(a_shape) and tuple(a_shape[:-2]) == tuple(b_shape[:-2])
+    return same_lead and a_shape[-1] == b_shape[-2]
 
 
 class Int8AttentionEmitter:
@@ -110,43 +108,41 @@ class Int8AttentionEmitter:
         lead, (rows, depth), columns = a_shape[:-2], a_shape[-2:], b_shape[-1]
         batch = int(np.prod(lead))
         depth4 = -(-depth // DOT_DEPTH) * DOT_DEPTH
-        tile = choose_int8_tile(self.dot, rows, columns)
+        padded = -(-columns // self.dot.lanes) * self.dot.lanes
+        tile = choose_int8_tile(self.dot, rows, padded)
 
-        def prepared(x: Any, shape: list[int], k_axis: int) -> Any:
-            # float32, [B, ., .], K zero-padded to a multiple of 4
+        def prepared(x: Any, shape: list[int], pad_rows: int, pad_columns: int) -> Any:
+            # float32, [B, ., .], K zero-padded to a multiple of 4 (and b's N to a multiple of the lanes)
             if str(x.ty.dtype) != "float32":
                 x = relax.op.astype(x, "float32")
             if len(shape) != 3:
                 x = relax.op.reshape(x, [batch, *shape[-2:]])
             x = bb.emit(x)
-            if depth4 != depth:
-                pad = [0, 0] * 3
-                pad[2 * k_axis + 1] = depth4 - depth
-                x = bb.emit(relax.op.nn.pad(x, pad))
+            if pad_rows or pad_columns:
+                x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, pad_rows, 0, pad_columns]))
             return x
 
-        a3, b3 = prepared(a, a_shape, 2), prepared(b, b_shape, 1)
+        a3 = prepared(a, a_shape, 0, depth4 - depth)
+        b3 = prepared(b, b_shape, depth4 - depth, padded - columns)
         a_scale = self._scale(bb, a3, -1)  # [B, M, 1]: per row of the left operand
         b_scale = self._scale(bb, b3, -2)  # [B, 1, N]: per column of the right operand
         aq = bb.emit(self._quantize(a3, a_scale, self.dot.compensated))
         bq = self._quantize(b3, b_scale, offset=False)
         # [B, K, N] -> [B, K / 4, 4, N / P, P] -> [B, N / P, K / 4, P, 4]: fused with the quantize
         panel = tile.panel
-        split = bb.emit(
-            relax.op.reshape(bq, [batch, depth4 // DOT_DEPTH, DOT_DEPTH, columns // panel, panel])
-        )
+        split = bb.emit(relax.op.reshape(bq, [batch, depth4 // DOT_DEPTH, DOT_DEPTH, padded // panel, panel]))
         packed = bb.emit(relax.op.permute_dims(split, [0, 3, 1, 4, 2]))
         if self.dot.compensated:
             # from the packed operand, so that the quantize stays fused with the packing: [B, N / P, P]
             sums = relax.op.sum(relax.op.astype(packed, "int32"), axis=[2, 4])
             scaled = relax.op.multiply(sums, relax.const(ACTIVATION_OFFSET, "int32"))
-            compensation = bb.emit(relax.op.reshape(bb.emit(scaled), [batch, columns]))
+            compensation = bb.emit(relax.op.reshape(bb.emit(scaled), [batch, padded]))
         else:
-            compensation = self._zeros((batch, columns), "int32")
-        key = (batch, rows, depth4, columns)
+            compensation = self._zeros((batch, padded), "int32")
+        key = (batch, rows, depth4, padded)
         if key not in self.kernels:
-            name = f"{ATTENTION_KERNEL}_{batch}x{rows}x{depth4}x{columns}"
-            func = int8_matmul_func(rows, depth4, columns, self.dot, tile, epilogue="dequantize", batch=batch)
+            name = f"{ATTENTION_KERNEL}_{batch}x{rows}x{depth4}x{padded}"
+            func = int8_matmul_func(rows, depth4, padded, self.dot, tile, epilogue="dequantize", batch=batch)
             self.kernels[key] = bb.add_func(func.with_attr("global_symbol", name), name)
         out = bb.emit(
             relax.call_tir(
@@ -156,12 +152,14 @@ class Int8AttentionEmitter:
                     packed,
                     compensation,
                     bb.emit(relax.op.reshape(a_scale, [batch, rows])),
-                    bb.emit(relax.op.reshape(b_scale, [batch, columns])),
-                    self._zeros((columns,), "float32"),
+                    bb.emit(relax.op.reshape(b_scale, [batch, padded])),
+                    self._zeros((padded,), "float32"),
                 ],
-                relax.TensorType((batch, rows, columns), "float32"),
+                relax.TensorType((batch, rows, padded), "float32"),
             )
         )
+        if padded != columns:
+            out = bb.emit(relax.op.strided_slice(out, axes=[2], begin=[0], end=[columns]))
         if len(lead) != 1:
             out = bb.emit(relax.op.reshape(out, [*lead, rows, columns]))
         return out if out_dtype == "float32" else relax.op.astype(out, out_dtype)

@@ -226,23 +226,23 @@ def int8_matmul_func(
         raise PassError(f"int8 matmul: batch {batch} is not a positive count")
     lead = () if batch is None else (batches,)
 
-    # Index arithmetic of the flat views below (Python helpers TVMScript calls with the loop variables):
-    # unbatched, tile t is (panel t // blocks, row block t % blocks) - the original kernel's expressions;
-    # batched, tile t is (batch t // tiles, then the same split of t % tiles), each batch's rows, panels and
-    # per-column scales one after another
-    def row(t: Any, r: Any) -> Any:
-        if batch is None:
-            return t % blocks * rt + r
-        return t // tiles * rows + t % tiles % blocks * rt + r
+    # Indices, as Python helpers TVMScript calls with the loop variables. Unbatched, tile t is (panel
+    # t // blocks, row block t % blocks): the original kernel's expressions. Batched, tile t is (batch
+    # t // tiles, then the same split of t % tiles), and each buffer gets the batch as its leading index.
+    def tile_of(t: Any) -> Any:
+        return t if batch is None else t % tiles
 
-    def panel_of(t: Any) -> Any:
+    def batched(t: Any, *index: Any) -> tuple[Any, ...]:
+        return index if batch is None else (t // tiles, *index)
+
+    def row(t: Any, r: Any) -> Any:  # inside the batch
+        return tile_of(t) % blocks * rt + r
+
+    def columns_of(t: Any, v: Any) -> Any:  # the output columns of vector v, inside the batch
+        return T.ramp(tile_of(t) // blocks * panel + v * lanes, 1, lanes)
+
+    def panel_of(t: Any) -> Any:  # in the flat weight: the batches' panels one after another
         return t // blocks if batch is None else t // tiles * panels + t % tiles // blocks
-
-    def column(t: Any, v: Any) -> Any:  # the output column of vector v
-        return (t if batch is None else t % tiles) // blocks * panel + v * lanes
-
-    def batch_column(t: Any, v: Any) -> Any:  # ... in the [B * columns] per-column scales
-        return column(t, v) if batch is None else t // tiles * columns + column(t, v)
 
     @T.prim_func
     def kernel(
@@ -257,27 +257,6 @@ def int8_matmul_func(
         T.func_attr({"global_symbol": KERNEL_NAME, "tirx.noalias": True, "tirx.is_scheduled": True})
         # a flat view of the packed weight: a strided vector load needs a one-dimensional buffer
         w_flat = T.decl_buffer((batches * panels * depth4 * panel * DOT_DEPTH,), "int8", data=w.data)
-        # the batch folded into rows and panels (views of the same memory); unbatched, the buffers themselves
-        a_rows = a if batch is None else T.decl_buffer((batches * rows, depth), a_dtype, data=a.data)
-        w_panels = (
-            w
-            if batch is None
-            else T.decl_buffer((batches * panels, depth4, panel, DOT_DEPTH), "int8", data=w.data)
-        )
-        comp_flat = (
-            compensation
-            if batch is None
-            else T.decl_buffer((batches * columns,), "int32", data=compensation.data)
-        )
-        a_scale_flat = (
-            a_scale if batch is None else T.decl_buffer((batches * rows,), "float32", data=a_scale.data)
-        )
-        w_scale_flat = (
-            w_scale if batch is None else T.decl_buffer((batches * columns,), "float32", data=w_scale.data)
-        )
-        out_rows = (
-            out if batch is None else T.decl_buffer((batches * rows, columns), out_dtype, data=out.data)
-        )
         for t in outer_loop(batches * tiles):
             acc = T.decl_buffer((acc_size,), "int32", scope="local")
             for r in T.unroll(rt):
@@ -294,11 +273,11 @@ def int8_matmul_func(
                                 T.reinterpret(
                                     byte_vec,
                                     T.broadcast(
-                                        T.reinterpret("int32", a_rows.vload([row(t, r), ko * 4], word)),
+                                        T.reinterpret("int32", a.vload(batched(t, row(t, r), ko * 4), word)),
                                         lanes,
                                     ),
                                 ),
-                                w_panels.vload([panel_of(t), ko, v * lanes, 0], byte_vec),
+                                w.vload(batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec),
                             )
                         elif use_pmaddwd:
                             # AVX2: the 4 bytes of a lane (of W and of the broadcast A word) are two int16
@@ -314,7 +293,10 @@ def int8_matmul_func(
                                         T.shift_left(
                                             T.reinterpret(
                                                 half_vec,
-                                                w_panels.vload([panel_of(t), ko, v * lanes, 0], byte_vec),
+                                                w.vload(
+                                                    batched(t, tile_of(t) // blocks, ko, v * lanes, 0),
+                                                    byte_vec,
+                                                ),
                                             ),
                                             T.broadcast(T.int16(8), 2 * lanes),
                                         ),
@@ -326,7 +308,7 @@ def int8_matmul_func(
                                                 half_vec,
                                                 T.broadcast(
                                                     T.reinterpret(
-                                                        "int32", a_rows.vload([row(t, r), ko * 4], word)
+                                                        "int32", a.vload(batched(t, row(t, r), ko * 4), word)
                                                     ),
                                                     lanes,
                                                 ),
@@ -342,7 +324,9 @@ def int8_matmul_func(
                                     T.shift_right(
                                         T.reinterpret(
                                             half_vec,
-                                            w_panels.vload([panel_of(t), ko, v * lanes, 0], byte_vec),
+                                            w.vload(
+                                                batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec
+                                            ),
                                         ),
                                         T.broadcast(T.int16(8), 2 * lanes),
                                     ),
@@ -351,7 +335,7 @@ def int8_matmul_func(
                                             half_vec,
                                             T.broadcast(
                                                 T.reinterpret(
-                                                    "int32", a_rows.vload([row(t, r), ko * 4], word)
+                                                    "int32", a.vload(batched(t, row(t, r), ko * 4), word)
                                                 ),
                                                 lanes,
                                             ),
@@ -366,7 +350,7 @@ def int8_matmul_func(
                                 acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = acc[
                                     T.ramp((r * vecs + v) * lanes, 1, lanes)
                                 ] + T.broadcast(
-                                    T.Cast("int32", a_rows[row(t, r), ko * 4 + s]), lanes
+                                    T.Cast("int32", a[batched(t, row(t, r), ko * 4 + s)]), lanes
                                 ) * T.Cast(
                                     acc_vec,
                                     w_flat[
@@ -380,20 +364,20 @@ def int8_matmul_func(
             for r in T.unroll(rt):
                 for v in T.unroll(vecs):
                     if dequantize:
-                        out_rows[row(t, r), T.ramp(column(t, v), 1, lanes)] = (
+                        out[batched(t, row(t, r), columns_of(t, v))] = (
                             T.Cast(
                                 f"float32x{lanes}",
                                 acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                                - comp_flat[T.ramp(batch_column(t, v), 1, lanes)],
+                                - compensation[batched(t, columns_of(t, v))],
                             )
-                            * T.broadcast(a_scale_flat[row(t, r)], lanes)
-                            * w_scale_flat[T.ramp(batch_column(t, v), 1, lanes)]
-                            + bias[T.ramp(column(t, v), 1, lanes)]
+                            * T.broadcast(a_scale[batched(t, row(t, r))], lanes)
+                            * w_scale[batched(t, columns_of(t, v))]
+                            + bias[columns_of(t, v)]
                         )
                     else:
-                        out_rows[row(t, r), T.ramp(column(t, v), 1, lanes)] = (
+                        out[batched(t, row(t, r), columns_of(t, v))] = (
                             acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                            - comp_flat[T.ramp(batch_column(t, v), 1, lanes)]
+                            - compensation[batched(t, columns_of(t, v))]
                         )
 
     return kernel

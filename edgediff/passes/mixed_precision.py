@@ -502,8 +502,9 @@ class _Rewriter:
         self, bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, out_dtype: str
     ) -> relax.Expr | None:
         """A w8a8 attention matmul on the batched int8 GEMM kernel (kernels/int8_attention.py), or None
-        where it does not apply (no kernel for the target, N not a multiple of the lanes): then the Relax
-        int8 matmul. Counted like the Linear path: the kernel's sites, and the sites that stay in Relax."""
+        where it does not apply (no kernel for the target; dynamic shapes or broadcast batch dimensions - K
+        and N are padded): then the Relax int8 matmul. Counted like the Linear path: the kernel's sites,
+        and the sites that stay in Relax."""
         if self.int8_kernel is None:
             return None
         dot = self.int8_kernel.dot
