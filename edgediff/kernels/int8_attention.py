@@ -94,7 +94,9 @@ class Int8AttentionEmitter:
     def _scale(bb: Any, x: Any, axis: int) -> Any:
         from tvm import relax
 
-        peak = relax.op.max(relax.op.abs(x), axis=axis, keepdims=True)
+        # without the reduced axis: the kernel reads it as [B, M] / [B, N]; the quantize broadcasts it back
+        # with expand_dims, which fuses (a reshape of the scale would be a kernel launch of its own)
+        peak = relax.op.max(relax.op.abs(x), axis=axis)
         scale = relax.op.divide(peak, relax.const(float(INT8_MAX), "float32"))
         return bb.emit(relax.op.maximum(scale, relax.const(MIN_SCALE, "float32")))
 
@@ -124,10 +126,10 @@ class Int8AttentionEmitter:
 
         a3 = prepared(a, a_shape, 0, depth4 - depth)
         b3 = prepared(b, b_shape, depth4 - depth, padded - columns)
-        a_scale = self._scale(bb, a3, -1)  # [B, M, 1]: per row of the left operand
-        b_scale = self._scale(bb, b3, -2)  # [B, 1, N]: per column of the right operand
-        aq = bb.emit(self._quantize(a3, a_scale, self.dot.compensated))
-        bq = self._quantize(b3, b_scale, offset=False)
+        a_scale = self._scale(bb, a3, -1)  # [B, M]: per row of the left operand
+        b_scale = self._scale(bb, b3, -2)  # [B, N]: per column of the right operand
+        aq = bb.emit(self._quantize(a3, relax.op.expand_dims(a_scale, 2), self.dot.compensated))
+        bq = self._quantize(b3, relax.op.expand_dims(b_scale, 1), offset=False)
         # [B, K, N] -> [B, K / 4, 4, N / P, P] -> [B, N / P, K / 4, P, 4]: fused with the quantize
         panel = tile.panel
         split = bb.emit(relax.op.reshape(bq, [batch, depth4 // DOT_DEPTH, DOT_DEPTH, padded // panel, panel]))
@@ -151,8 +153,8 @@ class Int8AttentionEmitter:
                     aq,
                     packed,
                     compensation,
-                    bb.emit(relax.op.reshape(a_scale, [batch, rows])),
-                    bb.emit(relax.op.reshape(b_scale, [batch, padded])),
+                    a_scale,
+                    b_scale,
                     self._zeros((padded,), "float32"),
                 ],
                 relax.TensorType((batch, rows, padded), "float32"),
