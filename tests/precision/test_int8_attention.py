@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from tvm import relax
 
@@ -328,3 +329,73 @@ def test_attention_rewrite_per_target(fragile, int8_fragile, host_int8, target, 
         assert isinstance(compensation, tvm.ir.expr.Constant) != dot.compensated  # computed only for vpdpbusd
     if not kernel_sites:
         assert not any("int8 kernel" in k for k in counts) and rewritten["attention matmul a8"] == 2
+
+
+# ------------------------------------------------------------------------------------ GEGLU
+
+
+class _Block(torch.nn.Module):
+    """A diffusers transformer block (self- and cross-attention, GEGLU feed-forward) at toy width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+
+        torch.manual_seed(0)
+        self.block = BasicTransformerBlock(16, 2, 8, cross_attention_dim=8, activation_fn="geglu")
+        self.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.block(x, encoder_hidden_states=context)
+
+
+def test_geglu_projection_runs_on_the_int8_kernel_and_the_gating_fuses(host_int8, tmp_path):
+    """The GEGLU projection (16 -> 2 x 64, with bias) is a w8a8 Linear on the int8 kernel like the block's
+    other 9 Linears; its output goes to one fused elementwise kernel: split, gelu(gate) * hidden, and the
+    int8 quantization of the next Linear's input. The 4 attention matmuls run on the batched kernel (the
+    cross-attention QK^T has 4 keys: padded to the lanes). The artifact computes what was measured."""
+    from edgediff.frontend.capture import capture
+    from edgediff.frontend.relax_import import import_to_relax
+    from edgediff.passes.runner import run_passes
+
+    model = _Block()
+    gen = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(1, 16, 16, generator=gen), torch.randn(1, 4, 8, generator=gen))
+    names = ("x", "context")
+    artifact = edgediff.compile_model(
+        model,
+        inputs,
+        target=host_int8,
+        input_names=names,
+        output_dir=tmp_path / "a",
+        progress=False,
+        precision="int8",
+    )
+    plan = plan_of(artifact)
+    rewritten = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]["rewritten"]
+    assert rewritten["linear w8a8"] == 10 and rewritten["attention matmul a8"] == 4
+    dot = dot_instruction(host_int8.build_target())
+    if dot.name != "portable":
+        assert rewritten[f"int8 kernel ({dot.name})"] == 10
+        assert rewritten[f"attention matmul int8 kernel ({dot.name})"] == 4
+    assert_matches_measurement(artifact.load()(*inputs), model, inputs, plan, 1e-4)
+
+    if dot.name == "portable":
+        return
+    imported = import_to_relax(capture(model, inputs, input_names=names))
+    options = {"mixed-precision": {"plan": plan, "weight_names": imported.weight_names}}
+    mod, _ = run_passes(imported.mod, host_int8, ["mixed-precision", "legalize", "fuse-ops"], options=options)
+    bindings = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+
+    def callee(value) -> str:
+        return value.args[0].name_hint if getattr(value.op, "name", "") == "relax.call_tir" else ""
+
+    (projection,) = [v for v, value in bindings.items() if callee(value) == f"{KERNEL_NAME}_16x16x128"]
+    consumers = [
+        callee(value)
+        for value in bindings.values()
+        if any(a.same_as(projection) for a in value.args[1].fields)
+    ]
+    assert len(consumers) == 1 and all(op in consumers[0] for op in ("split", "gelu", "multiply", "round")), (
+        consumers
+    )
