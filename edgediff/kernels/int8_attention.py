@@ -43,14 +43,13 @@ import numpy as np
 from edgediff.kernels.int8_matmul import (
     ACTIVATION_OFFSET,
     DOT_DEPTH,
-    KERNEL_NAME,
     DotInstruction,
     choose_int8_tile,
     int8_matmul_func,
 )
 from edgediff.runtime.quantize import INT8_MAX, INT8_MIN, MIN_SCALE
 
-ATTENTION_KERNEL = f"{KERNEL_NAME}_batched"
+ATTENTION_KERNEL = "int8_attention_matmul"  # not int8_matmul_*: those are the Linear layers
 
 
 def int8_attention_fits(
