@@ -11,6 +11,10 @@ kernels alone, on already-quantized operands. Engines take turns call by call; e
 process CPU time of ``--runs`` calls (``--threads 1``: a quiet core).
 
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/int8_attention.py --threads 1 --runs 10
+
+``--tiny-unet`` instead compiles the zoo's tiny-sd15-unet with ``--precision int8`` for the same target and
+prints the mixed-precision pass's counts: which Linear layers (GEGLU projections included) and attention
+matmuls run on the int8 kernels.
 """
 
 from __future__ import annotations
@@ -41,16 +45,6 @@ class _Model(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.attn(q, k, v)
-
-
-def _int8_spec():
-    from edgediff.targets import TargetSpec, load_target
-
-    data = load_target("host").to_dict()
-    data["name"] = "host-int8"
-    data["dtypes"] = sorted({*data["dtypes"], "int8"})
-    data["compute"]["peak_gflops"].setdefault("int8", 2 * data["compute"]["peak_gflops"]["float32"])
-    return TargetSpec.from_dict(data)
 
 
 def _kernel_calls(heads: int, queries: int, keys: int, dim: int, target, dev) -> dict[str, object]:
@@ -97,6 +91,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--tiny-unet", action="store_true", help="print tiny-sd15-unet's int8 rewrite counts")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
@@ -107,8 +102,18 @@ def main() -> None:
     from edgediff.kernels.int8_matmul import dot_instruction
     from edgediff.passes import mixed_precision
     from edgediff.tools.bench.measure import time_alternating
+    from edgediff.tools.bench.quality import host_int8
 
-    spec = _int8_spec()
+    spec = host_int8()
+    if args.tiny_unet:
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact = edgediff.compile_model(
+                "tiny-sd15-unet", target=spec, output_dir=f"{tmp}/a", progress=False, precision="int8"
+            )
+        report = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]
+        for key, count in report["rewritten"].items():
+            print(f"{count:>4}  {key}")
+        return
     target = spec.build_target()
     dot = dot_instruction(target)
     print(
