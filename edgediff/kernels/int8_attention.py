@@ -5,8 +5,8 @@ time happens here at run time, per call. For ``a [B, M, K] @ b [B, K, N]`` (B = 
 emitter adds, to a BlockBuilder:
 
 - the left operand's dynamic per-row scale and its quantization (int8; ``+ 128`` as uint8 for
-  ``vpdpbusd``) as Relax ops: a max-reduction, then the elementwise quantize, which FuseOps fuses with it
-  (or with the producer);
+  ``vpdpbusd``) as Relax ops: FuseOps makes a max-reduction kernel and an elementwise quantize kernel of
+  them;
 - the right operand's dynamic per-column scale and its quantization *and packing* into the kernel's
   ``[B, N / P, K / 4, P, 4]`` layout as Relax ops: a max-reduction over K, then quantize + reshape +
   transpose, injective ops FuseOps makes one kernel of (the packed int8 operand is the only thing written);
@@ -19,18 +19,19 @@ emitter adds, to a BlockBuilder:
 K is zero-padded to a multiple of 4 before quantizing (a zero changes no peak and adds nothing to a dot
 product). N is zero-padded to a multiple of the instruction's lanes the same way (cross-attention QK^T has 77
 keys at SD 1.5's text length, 80 computed; PV of a 40-wide head is 48 wide on 16-lane vpdpbusd) and the
-padded columns are sliced off the output, a slice FuseOps fuses into the consumer (softmax, the head
-merge). :func:`int8_attention_fits` leaves to the pass's Relax int8 matmul only what the kernel cannot
-express: dynamic shapes and operands whose leading (batch, head) dimensions differ (broadcasting).
+padded columns are sliced off the output (a copy kernel of its own, only where N was padded).
+:func:`int8_attention_fits` leaves to the pass's Relax int8 matmul only what the kernel cannot express:
+dynamic shapes and operands whose leading (batch, head) dimensions differ (broadcasting).
 
 The scale and quantization formulas are the Relax rewrite's (``_dynamic_scale`` / ``_quantize`` in
 passes/mixed_precision.py) and the epilogue multiplies in the same order (activation scale, then column
 scale), so the output equals the Relax int8 path up to float32 rounding of the epilogue.
 
-Why Relax ops and not one TIR kernel that quantizes and packs: a single-input ``call_tir`` callee is
-inspected by TVM 0.27's dataflow-reshape detection, which rejects a PrimFunc without a root block, and its
-well-formedness check rejects a root block around a parallel loop nest (see ``Int8LinearEmitter.linear``).
-The fused Relax kernel writes the same bytes.
+Why Relax ops and not one TIR kernel that finds the column peaks, quantizes and packs: int8_linear.py
+found TVM 0.27 refusing such single-input ``call_tir`` callees (its dataflow-reshape detection rejects a
+PrimFunc without a root block, its well-formedness check one with a root block around a parallel loop
+nest; see ``Int8LinearEmitter.linear``). The fused Relax kernel writes the same packed bytes; a TIR kernel
+would save the one extra read of the operand that the separate max-reduction makes.
 """
 
 from __future__ import annotations
