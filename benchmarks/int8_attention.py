@@ -1,8 +1,9 @@
 """int8 attention (QK^T and PV on the batched int8 GEMM kernel) vs edgediff's fp32 attention, SD 1.5 shapes.
 
 One ``scaled_dot_product_attention(q, k, v)`` (batch 1, 8 heads) at SD 1.5's latent-32 shapes is compiled
-by ``edgediff.compile_model`` three ways on this host: fp32 (the default passes: the fused attention
-kernel), ``--precision int8`` (w8a8 attention: run-time per-row / per-column quantization of both operands,
+by ``edgediff.compile_model`` four ways on this host: fp32 (the default passes: the fused attention
+kernel; and without ``fuse-attention``: two fp32 matmuls and a softmax over the written score matrix),
+``--precision int8`` (w8a8 attention: run-time per-row / per-column quantization of both operands,
 the two matmuls on ``kernels/int8_attention.py``'s batched kernel with its dequantize epilogue, softmax in
 float32 between them), and the same int8 plan with the previous Relax int8 batched matmul (the emitter
 switched off in this process: what int8 attention ran on before). The int8 target is this host's spec with
@@ -122,7 +123,7 @@ def main() -> None:
     )
     print(
         f"{'heads x q x k x d':<20} {'fp32 ms':>8} {'int8 ms':>8} {'fp32/int8':>9} {'Relax int8':>10} "
-        f"{'QK^T ms':>8} {'PV ms':>7}  attention matmuls on the kernel; max |int8 - fp32|"
+        f"{'fp32 unfused':>12} {'QK^T ms':>8} {'PV ms':>7}  attention matmuls on the kernel; max |int8 - fp32|"
     )
     dev = tvm.cpu()
     kernel_attention = mixed_precision._Rewriter._int8_kernel_attention
@@ -131,7 +132,8 @@ def main() -> None:
         q, k, v = (torch.randn(1, heads, n, dim, generator=gen) for n in (queries, keys, keys))
         calls, outputs, sites = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
-            for name, precision in (("fp32", None), ("int8", "int8"), ("Relax int8", "int8")):
+            variants = (("fp32", None), ("fp32 unfused", None), ("int8", "int8"), ("Relax int8", "int8"))
+            for name, precision in variants:
                 # the previous path: the pass without the attention emitter (this process only)
                 mixed_precision._Rewriter._int8_kernel_attention = (
                     (lambda *_: None) if name == "Relax int8" else kernel_attention
@@ -144,6 +146,7 @@ def main() -> None:
                     output_dir=f"{tmp}/{name}",
                     progress=False,
                     precision=precision,
+                    passes={"fuse-attention": False} if name == "fp32 unfused" else None,
                 )
                 report = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
                 rewritten = report.get("mixed-precision", {}).get("rewritten", {})
@@ -159,7 +162,8 @@ def main() -> None:
         err = float(np.abs(outputs["int8"] - outputs["fp32"]).max())
         print(
             f"{heads} x {queries} x {keys} x {dim:<6} {ms['fp32']:>8.2f} {ms['int8']:>8.2f} "
-            f"{ms['fp32'] / ms['int8']:>9.2f} {ms['Relax int8']:>10.2f} {ms['QK^T']:>8.2f} {ms['PV']:>7.2f}  "
+            f"{ms['fp32'] / ms['int8']:>9.2f} {ms['Relax int8']:>10.2f} {ms['fp32 unfused']:>12.2f} "
+            f"{ms['QK^T']:>8.2f} {ms['PV']:>7.2f}  "
             f"{sites['int8']} of 2; {err:.2e}"
         )
 
