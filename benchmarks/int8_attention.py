@@ -123,7 +123,7 @@ def main() -> None:
     )
     print(
         f"{'heads x q x k x d':<20} {'fp32 ms':>8} {'int8 ms':>8} {'fp32/int8':>9} {'Relax int8':>10} "
-        f"{'fp32 unfused':>12} {'QK^T ms':>8} {'PV ms':>7}  attention matmuls on the kernel; max |int8 - fp32|"
+        f"{'fp32 unfused':>12} {'QK^T ms':>8} {'PV ms':>7}  kernel sites; max |int8 - fp32|"
     )
     dev = tvm.cpu()
     kernel_attention = mixed_precision._Rewriter._int8_kernel_attention
