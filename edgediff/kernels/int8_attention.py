@@ -30,8 +30,10 @@ scale), so the output equals the Relax int8 path up to float32 rounding of the e
 Why Relax ops and not one TIR kernel that finds the column peaks, quantizes and packs: int8_linear.py
 found TVM 0.27 refusing such single-input ``call_tir`` callees (its dataflow-reshape detection rejects a
 PrimFunc without a root block, its well-formedness check one with a root block around a parallel loop
-nest; see ``Int8LinearEmitter.linear``). The fused Relax kernel writes the same packed bytes; a TIR kernel
-would save the one extra read of the operand that the separate max-reduction makes.
+nest; see ``Int8LinearEmitter.linear``), and wiring its ``quantize_dynamic`` kernel in for the left operand
+here fails the build the same way (``func->body->IsInstance<s_tir::SBlockRealizeNode>()``). The fused
+Relax kernel writes the same packed bytes; a TIR kernel would save the one extra read of the operand that
+the separate max-reduction makes.
 """
 
 from __future__ import annotations
