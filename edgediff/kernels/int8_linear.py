@@ -16,6 +16,13 @@ scale) into
 
 The integer product is exact, so the result is the Relax int8 matmul's up to the float32 rounding order
 of the epilogue (the old rewrite multiplied by the weight scale first, then by the activation scale).
+
+GEGLU (diffusers' feed-forward ``proj`` -> ``hidden, gate = chunk(2)`` -> ``hidden * gelu(gate)``): the
+projection is an ordinary Linear, so it runs here with its bias in the epilogue, float32 out; the split,
+the gelu, the product and the quantization of the next Linear's (``ff.net.2``) input stay elementwise Relax
+ops that FuseOps makes one kernel of (tests/precision/test_int8_attention.py checks both). The gating is
+not in the GEMM's epilogue: the two halves of a row are P-column panels far apart, and the float32
+projection output it reads is written once either way.
 """
 
 from __future__ import annotations

@@ -174,6 +174,7 @@ def int8_matmul_func(
     *,
     epilogue: str = "int32",
     parallel: bool = True,
+    batch: int | None = None,
 ) -> Any:
     """The int8 GEMM kernel as a scheduled TIR PrimFunc ``int8_matmul`` for instruction ``dot``.
 
@@ -183,6 +184,12 @@ def int8_matmul_func(
     float32 (unused by ``epilogue="int32"``); the output ``[rows, columns]``: int32 ``a @ W``
     (``"int32"``) or float32 ``(a @ W) * a_scale[m] * w_scale[n] + bias[n]`` (``"dequantize"``). The
     epilogue runs on the accumulators in registers: the int32 products never go to memory.
+
+    ``batch=B`` makes it a batched GEMM (the attention matmuls): ``a`` ``[B, rows, depth]``, ``w``
+    ``[B, columns / P, depth / 4, P, 4]``, ``compensation`` ``[B, columns]``, ``a_scale`` ``[B, rows]``,
+    ``w_scale`` ``[B, columns]`` (a scale per column of each batch's right operand), ``bias`` ``[columns]``
+    (shared), the output ``[B, rows, columns]``; the batch joins the (panel, row block) tiles of the one
+    parallel loop. The default (None) is the unbatched kernel above.
 
     Written as low-level TIR rather than TE + ``Schedule.tensorize``: in apache-tvm 0.27.0.post1,
     tensorizing with TVM's own ``dot_16x4_vnni`` intrinsic segfaults (``tvm::ffi::ToJSONGraph`` called from
@@ -214,21 +221,43 @@ def int8_matmul_func(
     acc_size = rt * vecs * lanes
     # the parallel loop's kind: TVMScript takes the loop constructor as a value
     outer_loop = T.parallel if parallel else T.serial
+    batches = batch or 1
+    if batches < 1:
+        raise PassError(f"int8 matmul: batch {batch} is not a positive count")
+    lead = () if batch is None else (batches,)
+
+    # Indices, as Python helpers TVMScript calls with the loop variables. Unbatched, tile t is (panel
+    # t // blocks, row block t % blocks): the original kernel's expressions. Batched, tile t is (batch
+    # t // tiles, then the same split of t % tiles), and each buffer gets the batch as its leading index.
+    def tile_of(t: Any) -> Any:
+        return t if batch is None else t % tiles
+
+    def batched(t: Any, *index: Any) -> tuple[Any, ...]:
+        return index if batch is None else (t // tiles, *index)
+
+    def row(t: Any, r: Any) -> Any:  # inside the batch
+        return tile_of(t) % blocks * rt + r
+
+    def columns_of(t: Any, v: Any) -> Any:  # the output columns of vector v, inside the batch
+        return T.ramp(tile_of(t) // blocks * panel + v * lanes, 1, lanes)
+
+    def panel_of(t: Any) -> Any:  # in the flat weight: the batches' panels one after another
+        return t // blocks if batch is None else t // tiles * panels + t % tiles // blocks
 
     @T.prim_func
     def kernel(
-        a: T.Buffer((rows, depth), a_dtype),
-        w: T.Buffer((panels, depth4, panel, DOT_DEPTH), "int8"),
-        compensation: T.Buffer((columns,), "int32"),
-        a_scale: T.Buffer((rows,), "float32"),
-        w_scale: T.Buffer((columns,), "float32"),
+        a: T.Buffer((*lead, rows, depth), a_dtype),
+        w: T.Buffer((*lead, panels, depth4, panel, DOT_DEPTH), "int8"),
+        compensation: T.Buffer((*lead, columns), "int32"),
+        a_scale: T.Buffer((*lead, rows), "float32"),
+        w_scale: T.Buffer((*lead, columns), "float32"),
         bias: T.Buffer((columns,), "float32"),
-        out: T.Buffer((rows, columns), out_dtype),
+        out: T.Buffer((*lead, rows, columns), out_dtype),
     ) -> None:
         T.func_attr({"global_symbol": KERNEL_NAME, "tirx.noalias": True, "tirx.is_scheduled": True})
         # a flat view of the packed weight: a strided vector load needs a one-dimensional buffer
-        w_flat = T.decl_buffer((panels * depth4 * panel * DOT_DEPTH,), "int8", data=w.data)
-        for t in outer_loop(tiles):
+        w_flat = T.decl_buffer((batches * panels * depth4 * panel * DOT_DEPTH,), "int8", data=w.data)
+        for t in outer_loop(batches * tiles):
             acc = T.decl_buffer((acc_size,), "int32", scope="local")
             for r in T.unroll(rt):
                 for v in T.unroll(vecs):
@@ -244,11 +273,11 @@ def int8_matmul_func(
                                 T.reinterpret(
                                     byte_vec,
                                     T.broadcast(
-                                        T.reinterpret("int32", a.vload([t % blocks * rt + r, ko * 4], word)),
+                                        T.reinterpret("int32", a.vload(batched(t, row(t, r), ko * 4), word)),
                                         lanes,
                                     ),
                                 ),
-                                w.vload([t // blocks, ko, v * lanes, 0], byte_vec),
+                                w.vload(batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec),
                             )
                         elif use_pmaddwd:
                             # AVX2: the 4 bytes of a lane (of W and of the broadcast A word) are two int16
@@ -263,7 +292,11 @@ def int8_matmul_func(
                                     T.shift_right(
                                         T.shift_left(
                                             T.reinterpret(
-                                                half_vec, w.vload([t // blocks, ko, v * lanes, 0], byte_vec)
+                                                half_vec,
+                                                w.vload(
+                                                    batched(t, tile_of(t) // blocks, ko, v * lanes, 0),
+                                                    byte_vec,
+                                                ),
                                             ),
                                             T.broadcast(T.int16(8), 2 * lanes),
                                         ),
@@ -275,7 +308,7 @@ def int8_matmul_func(
                                                 half_vec,
                                                 T.broadcast(
                                                     T.reinterpret(
-                                                        "int32", a.vload([t % blocks * rt + r, ko * 4], word)
+                                                        "int32", a.vload(batched(t, row(t, r), ko * 4), word)
                                                     ),
                                                     lanes,
                                                 ),
@@ -290,7 +323,10 @@ def int8_matmul_func(
                                     T.llvm_lookup_intrinsic_id(PMADDWD),
                                     T.shift_right(
                                         T.reinterpret(
-                                            half_vec, w.vload([t // blocks, ko, v * lanes, 0], byte_vec)
+                                            half_vec,
+                                            w.vload(
+                                                batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec
+                                            ),
                                         ),
                                         T.broadcast(T.int16(8), 2 * lanes),
                                     ),
@@ -299,7 +335,7 @@ def int8_matmul_func(
                                             half_vec,
                                             T.broadcast(
                                                 T.reinterpret(
-                                                    "int32", a.vload([t % blocks * rt + r, ko * 4], word)
+                                                    "int32", a.vload(batched(t, row(t, r), ko * 4), word)
                                                 ),
                                                 lanes,
                                             ),
@@ -314,12 +350,12 @@ def int8_matmul_func(
                                 acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = acc[
                                     T.ramp((r * vecs + v) * lanes, 1, lanes)
                                 ] + T.broadcast(
-                                    T.Cast("int32", a[t % blocks * rt + r, ko * 4 + s]), lanes
+                                    T.Cast("int32", a[batched(t, row(t, r), ko * 4 + s)]), lanes
                                 ) * T.Cast(
                                     acc_vec,
                                     w_flat[
                                         T.ramp(
-                                            ((t // blocks * depth4 + ko) * panel + v * lanes) * DOT_DEPTH + s,
+                                            ((panel_of(t) * depth4 + ko) * panel + v * lanes) * DOT_DEPTH + s,
                                             DOT_DEPTH,
                                             lanes,
                                         )
@@ -328,20 +364,20 @@ def int8_matmul_func(
             for r in T.unroll(rt):
                 for v in T.unroll(vecs):
                     if dequantize:
-                        out[t % blocks * rt + r, T.ramp(t // blocks * panel + v * lanes, 1, lanes)] = (
+                        out[batched(t, row(t, r), columns_of(t, v))] = (
                             T.Cast(
                                 f"float32x{lanes}",
                                 acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                                - compensation[T.ramp(t // blocks * panel + v * lanes, 1, lanes)],
+                                - compensation[batched(t, columns_of(t, v))],
                             )
-                            * T.broadcast(a_scale[t % blocks * rt + r], lanes)
-                            * w_scale[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
-                            + bias[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
+                            * T.broadcast(a_scale[batched(t, row(t, r))], lanes)
+                            * w_scale[batched(t, columns_of(t, v))]
+                            + bias[columns_of(t, v)]
                         )
                     else:
-                        out[t % blocks * rt + r, T.ramp(t // blocks * panel + v * lanes, 1, lanes)] = (
+                        out[batched(t, row(t, r), columns_of(t, v))] = (
                             acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                            - compensation[T.ramp(t // blocks * panel + v * lanes, 1, lanes)]
+                            - compensation[batched(t, columns_of(t, v))]
                         )
 
     return kernel

@@ -32,6 +32,7 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.kernels.int8_attention import Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
 from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
 from edgediff.kernels.int8_matmul import dot_instruction
@@ -532,12 +533,31 @@ class _Rewriter:
         self._count(f"attention matmul {fmt.name}")
         if fmt.activations is None:  # 16-bit float operands
             return _half_op(relax.op.matmul, fmt, a, _cast(b, str(fmt.weight_dtype)), out_dtype)
+        if (kernel := self._int8_kernel_attention(bb, a, b, out_dtype)) is not None:
+            return kernel
         a_scale = self._dynamic_scale(bb, a, -1)  # per row of the left operand
         b_scale = self._dynamic_scale(bb, b, -2)  # per column of the right operand
         quantized = (bb.emit(self._quantize(a, a_scale)), bb.emit(self._quantize(b, b_scale)))
         product = bb.emit(relax.op.matmul(*quantized, "int32"))
         rescaled = relax.op.multiply(relax.op.astype(product, out_dtype), _cast(a_scale, out_dtype))
         return relax.op.multiply(rescaled, relax.op.astype(b_scale, out_dtype))
+
+    def _int8_kernel_attention(
+        self, bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, out_dtype: str
+    ) -> relax.Expr | None:
+        """A w8a8 attention matmul on the batched int8 GEMM kernel (kernels/int8_attention.py), or None
+        where it does not apply (no kernel for the target; dynamic shapes or broadcast batch dimensions - K
+        and N are padded): then the Relax int8 matmul. Counted like the Linear path: the kernel's sites,
+        and the sites that stay in Relax."""
+        if self.int8_kernel is None:
+            return None
+        dot = self.int8_kernel.dot
+        if not int8_attention_fits(dot, static_shape(a), static_shape(b)):
+            self._count("attention matmul int8 Relax (shape the kernel does not take)")
+            return None
+        emitter = self.__dict__.setdefault("int8_attention", Int8AttentionEmitter(dot))
+        self._count(f"attention matmul int8 kernel ({dot.name})")
+        return emitter.matmul(bb, a, b, out_dtype)
 
     def _weight_of(self, expr: Any, pattern: str) -> relax.Var | None:
         """The quantized weight ``expr`` is a view of, if that weight is consumed as ``pattern``."""
