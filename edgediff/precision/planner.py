@@ -159,19 +159,18 @@ def make_plan(
                     if info.kind != "attention"
                 }
             )
-            unit = "replay" if config.sensitivity == "replay" else "layer"
-            with _ReplayBar(say, enabled=progress is not None, unit=unit) as bar:
-                sensitivity = measure_sensitivity(
-                    module,
-                    small,
-                    {n: c for n, c in candidates.items() if n not in unmeasured},
-                    dtypes,
-                    scales=small_scales,
-                    timestep_split=split,
-                    progress=bar,
-                    method=config.sensitivity,
-                    probes=config.sensitivity_probes,
-                )
+            sensitivity = _measure_sensitivity(
+                module,
+                small,
+                {n: c for n, c in candidates.items() if n not in unmeasured},
+                dtypes,
+                small_scales,
+                split,
+                config,
+                say,
+                progress is not None,
+                notes,
+            )
             notes.append(_sensitivity_note(sensitivity, config))
             errors = {
                 n: {f: 0.0 if n in unmeasured else sensitivity.relative_mse(n, f) for f in fmts}
@@ -291,6 +290,46 @@ def make_plan(
         notes=notes,
         fp16_guard=guard.to_dict() if guard is not None else {},
     )
+
+
+def _measure_sensitivity(
+    module: nn.Module,
+    calibration: Calibration,
+    candidates: Mapping[str, Sequence[str]],
+    dtypes: Sequence[str],
+    scales: Mapping[str, Sequence[float]],
+    split: float | None,
+    config: PrecisionConfig,
+    say: Callable[[str], None],
+    bar: bool,
+    notes: list[str],
+) -> Sensitivity:
+    """:func:`measure_sensitivity` as configured, with its progress bar. The transfer estimate needs the
+    model's backward pass: a model that cannot run one (an in-place update of a tensor autograd needs) is
+    measured by the exhaustive replay instead, with a note."""
+    method = config.sensitivity
+    while True:
+        with _ReplayBar(say, enabled=bar, unit="replay" if method == "replay" else "layer") as progress:
+            try:
+                return measure_sensitivity(
+                    module,
+                    calibration,
+                    candidates,
+                    dtypes,
+                    scales=scales,
+                    timestep_split=split,
+                    progress=progress,
+                    method=method,
+                    probes=config.sensitivity_probes,
+                )
+            except RuntimeError as error:
+                if method != "transfer":
+                    raise
+                first_line = (
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                )
+                notes.append(f"sensitivity by replay: the model has no usable backward pass ({first_line})")
+                method = "replay"
 
 
 def _sensitivity_note(sensitivity: Sensitivity, config: PrecisionConfig) -> str:

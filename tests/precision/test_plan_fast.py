@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from edgediff import zoo
 from edgediff.errors import PrecisionError
@@ -165,3 +166,36 @@ def test_cli_options_and_their_validation(host_int8):
         resolve_request(PrecisionConfig(sensitivity="exact"), None, host_int8)
     with pytest.raises(PrecisionError, match="sensitivity_probes must be at least 1"):
         resolve_request(PrecisionConfig(sensitivity_probes=0), None, host_int8)
+
+
+class _InPlaceDenoiser(torch.nn.Module):
+    """Updates its timestep embedding in place: fine for inference, but the embedding layer's output is a
+    leaf of the transfer's backward graph, which autograd refuses to see changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.time = torch.nn.Linear(2, 8)
+        self.conv_in = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(8, 4, 3, padding=1)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=gen) * 0.3
+        self.eval().requires_grad_(False)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        angle = timestep.float()[:, None] / 1000.0
+        embedding = self.time(torch.cat([angle.sin(), angle.cos()], dim=1))
+        embedding.mul_(0.5)
+        return self.conv_out(torch.nn.functional.silu(self.conv_in(sample) + embedding[:, :, None, None]))
+
+
+def test_a_model_without_a_usable_backward_pass_is_measured_by_replay(host_int8):
+    model = _InPlaceDenoiser()
+    inputs = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0]))
+    weights = {k: (tuple(v.shape), "float32") for k, v in model.state_dict().items()}
+    config = PrecisionConfig(budget={"sqnr_db": 30}, keep=2, seeds=(0,))
+    plan = make_plan(model, inputs, ("sample", "timestep"), {}, host_int8, config, weights=weights)
+    assert any("sensitivity by replay: the model has no usable backward pass" in n for n in plan.notes)
+    assert plan.calibration["sensitivity"]["method"] == "replay"
+    assert plan.calibration["sensitivity"]["replays"] > 0
+    assert all(layer.sqnr_db for layer in plan.layers)  # every layer measured all the same
