@@ -164,10 +164,11 @@ def main() -> None:
         f"{args.model} on {spec.name}, budget {budget or 'default'}, torch threads {torch.get_num_threads()}"
     )
     runs = {method: plan_once(zm, spec, budget, method, latent) for method in args.methods}
-    print(
-        f"{'method':<9} {'wall s':>8} {'cpu s':>8} {'sens wall':>9} {'sens cpu':>9} {'replays':>7} "
-        f"{'rows':>6} {'bytes':>13} {'pred dB':>7} {'meas dB':>7}"
-    )
+    if runs:
+        print(
+            f"{'method':<9} {'wall s':>8} {'cpu s':>8} {'sens wall':>9} {'sens cpu':>9} {'replays':>7} "
+            f"{'rows':>6} {'bytes':>13} {'pred dB':>7} {'meas dB':>7}"
+        )
     for method, run in runs.items():
         totals = run["plan"].totals
         print(
