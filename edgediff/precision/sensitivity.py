@@ -443,12 +443,18 @@ class _Probe(ModelHooks):
     def _layer_grad(
         self, name: str, layer: nn.Module, x: torch.Tensor, reference: torch.Tensor, grad: torch.Tensor
     ) -> None:
+        weights: dict[tuple[int | None, str | None], torch.Tensor] = {}
         with torch.no_grad():
             for fmt in self.measured[name]:
                 fake = self.fakes[fmt]
-                weight = torch.from_numpy(
-                    fake_quant_weight(layer.weight.detach().cpu().numpy(), fake.formats[name])
-                ).to(layer.weight.dtype)
+                spec = fake.formats[name]
+                # w8, w8a8 and w8a8-token store the same int8 weights: quantized once
+                key = (spec.weight_bits, spec.storage)
+                if key not in weights:
+                    weights[key] = torch.from_numpy(
+                        fake_quant_weight(layer.weight.detach().cpu().numpy(), spec)
+                    ).to(layer.weight.dtype)
+                weight = weights[key]
                 rounded = fake.layer_input(name, layer, x)
                 local = _call(layer, x if rounded is None else rounded, weight)
                 self._accumulate(name, fmt, grad, local - reference)
@@ -469,9 +475,11 @@ class _Probe(ModelHooks):
                 self._accumulate(name, fmt, grad, local - reference)
 
     def _accumulate(self, name: str, fmt: str, grad: torch.Tensor, error: torch.Tensor) -> None:
-        per_probe = grad.reshape(self.probes, self.count, -1).double()
-        # a layer called more than once per forward adds up its calls' contributions before squaring
-        self.dots[name][fmt][:, self.rows] += (per_probe * error.reshape(1, self.count, -1).double()).sum(-1)
+        per_probe = grad.reshape(self.probes, self.count, -1).transpose(0, 1)  # (rows, probes, n)
+        # one (probes x n) @ (n,) product per row (float32 sums, enough for an error estimate); a layer
+        # called more than once per forward adds up its calls' contributions before squaring
+        dots = torch.bmm(per_probe, error.reshape(self.count, -1, 1).to(grad.dtype)).squeeze(-1)
+        self.dots[name][fmt][:, self.rows] += dots.transpose(0, 1).double()
         if (name, fmt) not in self.seen:
             self.seen.add((name, fmt))
             self.counter.step()
