@@ -101,11 +101,14 @@ def check_layers(
     from edgediff.precision.sensitivity import measure_sensitivity
 
     config = PrecisionConfig(sensitivity_latent=latent)
-    full = calibrate_as_configured(config, zm.module, zm.example_inputs, zm.input_names, zm.meta)
+    # the planner's small-latent calibration, without the full-size one (only its fallback would need it)
     notes: list[str] = []
     cal = _sensitivity_calibration(
-        zm.module, zm.example_inputs, zm.input_names, zm.meta, config, full, full.layers, notes
+        zm.module, zm.example_inputs, zm.input_names, zm.meta, config, None, [], notes
     )
+    if cal is None:
+        cal = calibrate_as_configured(config, zm.module, zm.example_inputs, zm.input_names, zm.meta)
+    print(f"check on {cal.steps[0].inputs[0].shape[-2:]} latents; {'; '.join(notes)}")
     split = cal.timestep_split()
     scales = {i.name: cal.activation_scales(i.name, split) for i in cal.layers if i.kind != "attention"}
     picked = [cal.layers[int(i)] for i in np.linspace(0, len(cal.layers) - 1, count).round()]
@@ -141,7 +144,7 @@ def main() -> None:
     parser.add_argument("--max-bytes", help="byte budget, e.g. 1GB")
     parser.add_argument("--min-sqnr", type=float, help="prediction SQNR budget (dB)")
     parser.add_argument(
-        "--methods", nargs="+", default=["transfer", "replay"], choices=["transfer", "replay"]
+        "--methods", nargs="*", default=["transfer", "replay"], choices=["transfer", "replay"]
     )
     parser.add_argument("--sensitivity-latent", type=int, default=16, help="0: at the model's own size")
     parser.add_argument("--check-layers", type=int, default=0, help="replay-vs-transfer check on N layers")
