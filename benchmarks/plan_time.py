@@ -90,25 +90,53 @@ def plan_once(zm: Any, spec: Any, budget: dict[str, Any], method: str, latent: i
     }
 
 
-def check_layers(
-    zm: Any, spec: Any, latent: int | None, count: int, probes: int
-) -> list[tuple[str, str, float, float]]:
-    """(layer, format, replay SQNR, transfer SQNR) for ``count`` layers spread over the model."""
+def small_calibration(zm: Any, latent: int | None) -> Any:
+    """The planner's small-latent calibration, without the full-size one (only its fallback needs it)."""
     from edgediff.precision import PrecisionConfig
-    from edgediff.precision.assignment import candidate_formats
     from edgediff.precision.calibration import calibrate_as_configured
     from edgediff.precision.planner import _sensitivity_calibration
-    from edgediff.precision.sensitivity import measure_sensitivity
 
     config = PrecisionConfig(sensitivity_latent=latent)
-    # the planner's small-latent calibration, without the full-size one (only its fallback would need it)
     notes: list[str] = []
     cal = _sensitivity_calibration(
         zm.module, zm.example_inputs, zm.input_names, zm.meta, config, None, [], notes
     )
     if cal is None:
         cal = calibrate_as_configured(config, zm.module, zm.example_inputs, zm.input_names, zm.meta)
-    print(f"check on {cal.steps[0].inputs[0].shape[-2:]} latents; {'; '.join(notes)}")
+    print(f"calibrated on {tuple(cal.steps[0].inputs[0].shape[-2:])} latents; {'; '.join(notes)}")
+    return cal
+
+
+def transfer_all(zm: Any, spec: Any, latent: int | None) -> None:
+    """Time the transfer sensitivity of every layer at every candidate format (the planner's stage)."""
+    from edgediff.precision.assignment import candidate_formats
+    from edgediff.precision.sensitivity import measure_sensitivity
+
+    cal = small_calibration(zm, latent)
+    split = cal.timestep_split()
+    scales = {i.name: cal.activation_scales(i.name, split) for i in cal.layers if i.kind != "attention"}
+    candidates = {info.name: candidate_formats(info.kind, spec.dtypes) for info in cal.layers}
+    pairs = sum(len(f) for f in candidates.values())
+    exact = sum("fp32" in f for f in candidates.values()) if "float32" in spec.dtypes else 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = measure_sensitivity(
+        zm.module, cal, candidates, spec.dtypes, scales=scales, timestep_split=split, method="transfer"
+    )
+    print(
+        f"transfer sensitivity of {len(candidates)} layers, {pairs} (layer, format) pairs ({pairs - exact} "
+        f"that the replay would replay): {time.perf_counter() - wall:.0f} s wall, "
+        f"{time.process_time() - cpu:.0f} s cpu, {result.replays} replays, {result.model_rows} model rows"
+    )
+
+
+def check_layers(
+    zm: Any, spec: Any, latent: int | None, count: int, probes: int
+) -> list[tuple[str, str, float, float]]:
+    """(layer, format, replay SQNR, transfer SQNR) for ``count`` layers spread over the model."""
+    from edgediff.precision.assignment import candidate_formats
+    from edgediff.precision.sensitivity import measure_sensitivity
+
+    cal = small_calibration(zm, latent)
     split = cal.timestep_split()
     scales = {i.name: cal.activation_scales(i.name, split) for i in cal.layers if i.kind != "attention"}
     picked = [cal.layers[int(i)] for i in np.linspace(0, len(cal.layers) - 1, count).round()]
@@ -148,6 +176,9 @@ def main() -> None:
     )
     parser.add_argument("--sensitivity-latent", type=int, default=16, help="0: at the model's own size")
     parser.add_argument("--check-layers", type=int, default=0, help="replay-vs-transfer check on N layers")
+    parser.add_argument(
+        "--transfer-all", action="store_true", help="time the transfer sensitivity of all layers alone"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
 
@@ -185,6 +216,8 @@ def main() -> None:
         a, b = (runs[m]["plan"].layers for m in ("transfer", "replay"))
         same = sum(x.format == y.format for x, y in zip(a, b, strict=True))
         print(f"layers with the same format in both plans: {same}/{len(a)}")
+    if args.transfer_all:
+        transfer_all(zm, spec, latent)
     if args.check_layers:
         wall, cpu = time.perf_counter(), time.process_time()
         rows = check_layers(zm, spec, latent, args.check_layers, 4)
