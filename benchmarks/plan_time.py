@@ -107,8 +107,9 @@ def small_calibration(zm: Any, latent: int | None) -> Any:
     return cal
 
 
-def transfer_all(zm: Any, spec: Any, latent: int | None) -> None:
-    """Time the transfer sensitivity of every layer at every candidate format (the planner's stage)."""
+def transfer_all(zm: Any, spec: Any, latent: int | None, replays: int) -> None:
+    """Time the transfer sensitivity of every layer at every candidate format (the planner's stage), and
+    ``replays`` replays of the exhaustive measurement (the time it would take is that per replay x pairs)."""
     from edgediff.precision.assignment import candidate_formats
     from edgediff.precision.sensitivity import measure_sensitivity
 
@@ -117,16 +118,33 @@ def transfer_all(zm: Any, spec: Any, latent: int | None) -> None:
     scales = {i.name: cal.activation_scales(i.name, split) for i in cal.layers if i.kind != "attention"}
     candidates = {info.name: candidate_formats(info.kind, spec.dtypes) for info in cal.layers}
     pairs = sum(len(f) for f in candidates.values())
-    exact = sum("fp32" in f for f in candidates.values()) if "float32" in spec.dtypes else 0
+    exact_pairs = sum("fp32" in f for f in candidates.values()) if "float32" in spec.dtypes else 0
     wall, cpu = time.perf_counter(), time.process_time()
     result = measure_sensitivity(
         zm.module, cal, candidates, spec.dtypes, scales=scales, timestep_split=split, method="transfer"
     )
     print(
-        f"transfer sensitivity of {len(candidates)} layers, {pairs} (layer, format) pairs ({pairs - exact} "
-        f"that the replay would replay): {time.perf_counter() - wall:.0f} s wall, "
+        f"transfer sensitivity of {len(candidates)} layers, {pairs} (layer, format) pairs "
+        f"({pairs - exact_pairs} that the replay would replay): {time.perf_counter() - wall:.0f} s wall, "
         f"{time.process_time() - cpu:.0f} s cpu, {result.replays} replays, {result.model_rows} model rows"
     )
+    if replays:
+        sample: dict[str, list[str]] = {}
+        pairs_in = [(n, f) for n, formats in candidates.items() for f in formats if f != "fp32"]
+        for name, fmt in pairs_in[:: max(1, len(pairs_in) // replays)][:replays]:  # spread over the model
+            sample.setdefault(name, []).append(fmt)
+        wall, cpu = time.perf_counter(), time.process_time()
+        exact = measure_sensitivity(
+            zm.module, cal, sample, spec.dtypes, scales=scales, timestep_split=split, method="replay"
+        )
+        per_wall = (time.perf_counter() - wall) / exact.replays
+        per_cpu = (time.process_time() - cpu) / exact.replays
+        todo = pairs - exact_pairs
+        print(
+            f"replay: {exact.replays} replays at {per_wall:.2f} s wall, {per_cpu:.2f} s cpu each: the "
+            f"exhaustive measurement of the {todo} pairs ~{per_wall * todo / 60:.0f} min wall, "
+            f"{per_cpu * todo / 60:.0f} min cpu"
+        )
 
 
 def check_layers(
@@ -179,6 +197,7 @@ def main() -> None:
     parser.add_argument(
         "--transfer-all", action="store_true", help="time the transfer sensitivity of all layers alone"
     )
+    parser.add_argument("--replay-sample", type=int, default=0, help="with --transfer-all: time N replays")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
 
@@ -217,7 +236,7 @@ def main() -> None:
         same = sum(x.format == y.format for x, y in zip(a, b, strict=True))
         print(f"layers with the same format in both plans: {same}/{len(a)}")
     if args.transfer_all:
-        transfer_all(zm, spec, latent)
+        transfer_all(zm, spec, latent, args.replay_sample)
     if args.check_layers:
         wall, cpu = time.perf_counter(), time.process_time()
         rows = check_layers(zm, spec, latent, args.check_layers, 4)
