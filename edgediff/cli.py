@@ -50,6 +50,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             min_sqnr_db=args.min_sqnr,
             pins=args.pin,
             sensitivity_latent=args.sensitivity_latent,
+            sensitivity=args.sensitivity,
         ),
         linear_attention=linear_attention_from_options(
             args.linear_attention,
@@ -381,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="auto precision: measure layer sensitivity at this latent size and transfer it by layer name "
         "(0 = at the model's full size: exact, slow)",
+    )
+    compile_.add_argument(
+        "--sensitivity",
+        choices=("transfer", "replay"),
+        default="transfer",
+        help="auto precision: how layer sensitivity is measured: transfer (local errors carried to the "
+        "prediction by a few probe passes; fast) or replay (one calibration replay per layer and format; "
+        "exact, slow)",
     )
     compile_.add_argument(
         "--pin", action="append", default=[], metavar="LAYER=FORMAT", help="fix a layer's format (glob ok)"

@@ -38,6 +38,11 @@ class PrecisionConfig:
     # transferred to the full-size plan by layer name: one replay per (layer, format) costs ~(full/this)^2
     # less. None measures at the model's own size (exact, the slow exhaustive reference).
     sensitivity_latent: int | None = 16
+    # How per-layer sensitivity is measured: "transfer" estimates every (layer, format) from each layer's
+    # local error and a few forward/backward probe passes (precision/sensitivity.py; ~25x cheaper on a tiny
+    # UNet); "replay" replays the calibration once per (layer, format) (exact, the exhaustive reference).
+    sensitivity: str = "transfer"
+    sensitivity_probes: int = 4  # random probes of "transfer" (each one forward and one backward pass)
 
 
 @dataclass
@@ -156,6 +161,14 @@ def resolve_request(
         require_supported(get_format(config.mode), spec.dtypes, spec.name, "precision")
         if not parsed.empty:
             raise PrecisionError(f"a precision budget needs precision='auto', not {config.mode!r}")
+    from edgediff.precision.sensitivity import SENSITIVITY_METHODS
+
+    if config.sensitivity not in SENSITIVITY_METHODS:
+        raise PrecisionError(
+            f"sensitivity must be one of {', '.join(SENSITIVITY_METHODS)}, got {config.sensitivity!r}"
+        )
+    if config.sensitivity_probes < 1:
+        raise PrecisionError(f"sensitivity_probes must be at least 1, got {config.sensitivity_probes}")
     for layer, fmt in config.pins.items():
         require_supported(get_format(fmt), spec.dtypes, spec.name, f"pinned layer {layer}")
     return replace(config, budget=parsed)
@@ -169,9 +182,11 @@ def config_from_options(
     min_sqnr_db: float | None = None,
     pins: list[str] | None = None,
     sensitivity_latent: int | None = 16,
+    sensitivity: str = "transfer",
 ) -> PrecisionConfig | None:
     """The request of ``edgediff compile --precision ... --max-bytes ... --pin LAYER=FORMAT``: a budget alone
-    implies ``auto``; pins are ``LAYER=FORMAT`` with ``LAYER`` a name or glob."""
+    implies ``auto``; pins are ``LAYER=FORMAT`` with ``LAYER`` a name or glob; ``sensitivity`` is "transfer"
+    or "replay" (``--sensitivity``)."""
     from edgediff.errors import PrecisionError
 
     budget = {
@@ -192,4 +207,5 @@ def config_from_options(
         budget=budget or None,
         pins=pinned,
         sensitivity_latent=sensitivity_latent or None,
+        sensitivity=sensitivity,
     )

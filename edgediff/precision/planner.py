@@ -34,7 +34,7 @@ from edgediff.precision.calibration import Calibration, LayerInfo, calibrate_as_
 from edgediff.precision.overflow import OverflowGuard, find_overflows
 from edgediff.precision.plan import LayerPlan, PrecisionConfig, PrecisionPlan
 from edgediff.precision.quantizers import UNIFORM_FALLBACK, compute_dtype, float_format, get_format
-from edgediff.precision.sensitivity import measure_assignment, measure_sensitivity
+from edgediff.precision.sensitivity import Sensitivity, measure_assignment, measure_sensitivity
 
 if TYPE_CHECKING:
     from edgediff.targets import TargetSpec
@@ -159,16 +159,19 @@ def make_plan(
                     if info.kind != "attention"
                 }
             )
-            with _ReplayBar(say, enabled=progress is not None) as bar:
-                sensitivity = measure_sensitivity(
-                    module,
-                    small,
-                    {n: c for n, c in candidates.items() if n not in unmeasured},
-                    dtypes,
-                    scales=small_scales,
-                    timestep_split=split,
-                    progress=bar,
-                )
+            sensitivity = _measure_sensitivity(
+                module,
+                small,
+                {n: c for n, c in candidates.items() if n not in unmeasured},
+                dtypes,
+                small_scales,
+                split,
+                config,
+                say,
+                progress is not None,
+                notes,
+            )
+            notes.append(_sensitivity_note(sensitivity, config))
             errors = {
                 n: {f: 0.0 if n in unmeasured else sensitivity.relative_mse(n, f) for f in fmts}
                 for n, fmts in candidates.items()
@@ -279,10 +282,79 @@ def make_plan(
         timestep_split=split if any(p.scales and len(p.scales) > 1 for p in plan_layers) else None,
         budget=budget.to_dict(),
         totals=totals,
-        calibration={**calibration.summary(), "threads": threads or torch.get_num_threads()},
+        calibration={
+            **calibration.summary(),
+            "threads": threads or torch.get_num_threads(),
+            **(_sensitivity_record(sensitivity, config) if sensitivity else {}),
+        },
         notes=notes,
         fp16_guard=guard.to_dict() if guard is not None else {},
     )
+
+
+def _measure_sensitivity(
+    module: nn.Module,
+    calibration: Calibration,
+    candidates: Mapping[str, Sequence[str]],
+    dtypes: Sequence[str],
+    scales: Mapping[str, Sequence[float]],
+    split: float | None,
+    config: PrecisionConfig,
+    say: Callable[[str], None],
+    bar: bool,
+    notes: list[str],
+) -> Sensitivity:
+    """:func:`measure_sensitivity` as configured, with its progress bar. The transfer estimate needs the
+    model's backward pass: a model that cannot run one (an in-place update of a tensor autograd needs) is
+    measured by the exhaustive replay instead, with a note."""
+    method = config.sensitivity
+    while True:
+        with _ReplayBar(say, enabled=bar, unit="replay" if method == "replay" else "layer") as progress:
+            try:
+                return measure_sensitivity(
+                    module,
+                    calibration,
+                    candidates,
+                    dtypes,
+                    scales=scales,
+                    timestep_split=split,
+                    progress=progress,
+                    method=method,
+                    probes=config.sensitivity_probes,
+                )
+            except RuntimeError as error:
+                if method != "transfer":
+                    raise
+                first_line = (
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                )
+                notes.append(f"sensitivity by replay: the model has no usable backward pass ({first_line})")
+                method = "replay"
+
+
+def _sensitivity_note(sensitivity: Sensitivity, config: PrecisionConfig) -> str:
+    """Which sensitivity measurement the plan rests on, and what it cost (whole-model work)."""
+    if sensitivity.method == "replay":
+        return (
+            f"sensitivity: exhaustive replay, one calibration replay per layer and format "
+            f"({sensitivity.replays} replays, {sensitivity.model_rows} model rows)"
+        )
+    return (
+        f"sensitivity: transfer estimate, local errors carried to the prediction by "
+        f"{config.sensitivity_probes} probe passes ({sensitivity.replays} replays, "
+        f"{sensitivity.model_rows} model rows forward and backward; sensitivity='replay' measures it exactly)"
+    )
+
+
+def _sensitivity_record(sensitivity: Sensitivity, config: PrecisionConfig) -> dict[str, Any]:
+    return {
+        "sensitivity": {
+            "method": sensitivity.method,
+            "probes": config.sensitivity_probes if sensitivity.method == "transfer" else None,
+            "replays": sensitivity.replays,
+            "model_rows": sensitivity.model_rows,
+        }
+    }
 
 
 def _fp16_compute(fmt: str, dtypes: Sequence[str]) -> bool:
@@ -347,12 +419,14 @@ def _measured(formats: Mapping[str, str], guarded: Mapping[str, str]) -> dict[st
 
 
 class _ReplayBar:
-    """Progress of the sensitivity replays: a tqdm bar with rate and ETA (drawn on a terminal), and the
-    same ``done/total`` and ETA through the compile's stage callback (seen in logs and pipes too)."""
+    """Progress of the sensitivity measurement (replays, or layers of the transfer passes): a tqdm bar with
+    rate and ETA (drawn on a terminal), and the same ``done/total`` and ETA through the compile's stage
+    callback (seen in logs and pipes too)."""
 
-    def __init__(self, say: Callable[[str], None], *, enabled: bool) -> None:
+    def __init__(self, say: Callable[[str], None], *, enabled: bool, unit: str = "replay") -> None:
         self.say = say
         self.enabled = enabled
+        self.unit = unit
         self.bar: Any = None
         self.start = 0.0
 
@@ -367,7 +441,7 @@ class _ReplayBar:
 
         if self.bar is None:
             self.bar = tqdm(
-                total=total, desc="sensitivity", unit="replay", leave=False, disable=not sys.stderr.isatty()
+                total=total, desc="sensitivity", unit=self.unit, leave=False, disable=not sys.stderr.isatty()
             )
         self.bar.update(1)
         elapsed = time.monotonic() - self.start
