@@ -65,3 +65,24 @@ def test_engine_table_has_peers_precision_builds_and_latent_psnr():
     # float engines reproduce float torch's trajectory closely; int8 weights cost visibly more, but not all
     assert min(quality["edgediff"], quality["onnxruntime"], quality["openvino-fp32"]) > 60
     assert 10 < quality["edgediff w8"] < quality["edgediff"]
+
+
+def test_onnxruntime_int8_peer_is_quantized_in_a_child_process(tmp_path):
+    import numpy as np
+    import onnx
+
+    from edgediff import zoo
+    from edgediff.tools.bench.peers import make_peer, prepare_files
+
+    zm = zoo.build("tiny-dit")
+    prepare_files(["onnxruntime-int8"], zm, tmp_path)
+    quantized = tmp_path / "tiny-dit-int8.onnx"
+    ops = {node.op_type for node in onnx.load(str(quantized), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    peer = make_peer("onnxruntime-int8", zm, tmp_path, threads=1)
+    inputs = tuple(np.ascontiguousarray(x.numpy()) for x in zm.example_inputs)
+    got = peer.run(inputs)
+    expected = zm.module(*zm.example_inputs).detach().numpy()
+    assert got.shape == expected.shape
+    # int8 activations cost accuracy, but the output still follows the float model
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.9

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgediff.tools.bench.measure import time_alternating
-from edgediff.tools.bench.peers import Peer, make_peer
+from edgediff.tools.bench.peers import Peer, make_peer, prepare_files
 from edgediff.tools.bench.quality import host_int8, psnr, torch_denoiser, trajectory
 
 DENOISER_FAMILIES = ("unet", "dit", "pixart", "sana")
@@ -64,6 +64,7 @@ def bench_engines(name: str, latent: int | None, args: argparse.Namespace, workd
             return zm.module(*(torch.from_numpy(v) for v in values)).numpy()
 
     engines = [Peer("eager", eager, "fp32")]
+    prepare_files(args.peers, zm, workdir)
     builds = [("edgediff", None, "host")] + [(f"edgediff {p}", p, host_int8()) for p in args.precisions]
     for label, precision, target in builds:
         print(f"  compiling {label}", flush=True)

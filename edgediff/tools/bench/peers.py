@@ -79,30 +79,65 @@ def _ort_runner(path: Path, input_names: tuple[str, ...], threads: int) -> Run:
     return lambda inputs: session.run(None, dict(zip(input_names, inputs, strict=True)))[0]
 
 
+def prepare_files(peers: list[str], zm: Any, workdir: Path) -> None:
+    """Write the peers' model files (ONNX export, onnxruntime's int8 model) before anything large is loaded:
+    the quantizer holds the model's weights three times over (its graph, an inference session, the quantized
+    copy), which for a full-size UNet does not fit beside a process that already holds every other engine."""
+    if peers:
+        onnx_path = export_onnx(zm, workdir / f"{zm.name}.onnx")
+        if "onnxruntime-int8" in peers:
+            _ort_int8(onnx_path, zm)
+
+
 def _ort_int8(path: Path, zm: Any) -> Path:
-    """onnxruntime's own static quantizer: QDQ format, per-channel int8 weights, uint8 activations."""
+    """onnxruntime's own static quantizer: QDQ format, per-channel int8 weights, uint8 activations. It runs in
+    a child process, so the memory its calibration takes is given back to the system when it ends."""
+    import subprocess
+    import sys
+
+    out = path.with_name(path.stem + "-int8.onnx")
+    if not out.exists():
+        feeds_path = path.with_name(path.stem + "-calibration.npz")
+        feeds = calibration_feeds(zm)
+        np.savez(feeds_path, **{f"{i}/{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()})
+        code = "import sys; from edgediff.tools.bench.peers import quantize_int8 as q; q(*sys.argv[1:])"
+        result = subprocess.run([sys.executable, "-c", code, str(path), str(out), str(feeds_path)])
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"onnxruntime's quantize_static failed on {path.name} (exit {result.returncode})"
+            )
+    return out
+
+
+def quantize_int8(source: str, target: str, feeds_path: str) -> None:
+    """Quantize ONNX model ``source`` into ``target`` with onnxruntime's static QDQ quantizer, calibrated on
+    the feeds saved in ``feeds_path`` (keys ``"<batch>/<input name>"``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    with np.load(feeds_path) as saved:
+        batches: dict[int, dict[str, np.ndarray]] = {}
+        for key in saved.files:
+            index, name = key.split("/", 1)
+            batches.setdefault(int(index), {})[name] = saved[key]
+    feeds = [batches[i] for i in sorted(batches)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter(calibration_feeds(zm))
+            self.feeds = iter(feeds)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
-    out = path.with_name(path.stem + "-int8.onnx")
-    if not out.exists():
-        quantize_static(
-            str(path),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            use_external_data_format=True,
-        )
-    return out
+    quantize_static(
+        source,
+        target,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        use_external_data_format=True,
+    )
 
 
 def _openvino(name: str, path: Path, input_names: tuple[str, ...], threads: int, fp32: bool) -> Peer:
