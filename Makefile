@@ -38,8 +38,11 @@ device-tools: setup
 demo: setup cross-toolchain
 	$(PY) -m edgediff.tools.demo --output demo-out
 
+# One pytest worker per core (pytest-xdist), a test file's tests on one worker: the suite is mostly
+# single-threaded LLVM builds and qemu runs. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: setup cross-toolchain device-tools
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: setup
 	$(PY) -m ruff check edgediff tests benchmarks scripts
