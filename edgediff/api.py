@@ -48,11 +48,22 @@ DEVICE_SOURCE_SUFFIX = {"opencl": ".cl", "vulkan": ".spv.txt", "metal": ".metal"
 KERNEL_DEFINITION = re.compile(r"(?:__kernel|kernel)\s+void\s+(\w+)\s*\([^;{]*\)\s*\{")
 
 
+def _stage_key(label: str) -> str:
+    """The stage a progress label belongs to: one per pass and per resolution count as "passes", and the
+    counts and ETAs of a long stage ("sensitivity 40/314 ETA 01:10") are not part of its name."""
+    if label.startswith("pass"):
+        return "passes"
+    return re.split(r" \d", label, maxsplit=1)[0]
+
+
 class _Progress:
     """One tqdm bar over the compile stages (silent when disabled)."""
 
     def __init__(self, enabled: bool, name: str, target: str) -> None:
         self.bar = None
+        # wall seconds per stage (the manifest's ``stage_seconds``): where a long compile spent its time
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
         if enabled:
             from tqdm.auto import tqdm
 
@@ -66,14 +77,29 @@ class _Progress:
             )
 
     def stage(self, label: str) -> None:
+        self._clock(_stage_key(label))
         if self.bar is not None:
             self.bar.set_postfix_str(label)
+
+    def _clock(self, key: str | None) -> None:
+        now = time.perf_counter()
+        if self._current is not None:
+            name, since = self._current
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - since
+        self._current = None if key is None else (key, now)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds per stage so far (the stage under way included)."""
+        if self._current is not None:
+            self._clock(self._current[0])
+        return {name: round(seconds, 2) for name, seconds in self.seconds.items()}
 
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
     def close(self, *, failed: bool) -> None:
+        self._clock(None)
         if self.bar is not None:
             # a failed compile's bar is erased so the error message stands alone
             self.bar.leave = not failed
@@ -477,6 +503,7 @@ def write_stage(
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "compile_seconds": round(time.perf_counter() - started, 3),
+            "stage_seconds": bar.stage_seconds(),
             "model": {
                 "name": captured.name,
                 "family": captured.family,

@@ -200,6 +200,7 @@ def make_plan(
             )
         say("assign")
         chosen = assign(options, budget, fixed_bytes=fixed, target=spec.name)
+        say("check (all layers at once, full size)")
         measured = measure_assignment(
             module,
             calibration,

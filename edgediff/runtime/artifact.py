@@ -437,6 +437,7 @@ def describe_manifest(manifest: dict[str, Any], path: str | os.PathLike | None =
         f"  runs here {'yes' if runs_here(manifest) else 'no (built for another machine)'}",
         f"  built     {manifest['created']} in {manifest['compile_seconds']:.1f} s with "
         + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()),
+        *_stage_lines(manifest),
         "  passes",
     ]
     for item in manifest["passes"]:
@@ -448,6 +449,14 @@ def describe_manifest(manifest: dict[str, Any], path: str | os.PathLike | None =
         for kind, record in manifest["device_code"].items():
             lines.append(f"  device    {kind}: {record['kernels']} kernels in {record['file']}")
     return "\n".join(lines)
+
+
+def _stage_lines(manifest: dict[str, Any]) -> list[str]:
+    """Where the compile spent its time, stage by stage (artifacts before 2026-12 do not record it)."""
+    stages = manifest.get("stage_seconds") or {}
+    if not stages:
+        return []
+    return ["  stages    " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())]
 
 
 def _memory_and_lora_lines(manifest: dict[str, Any]) -> list[str]:

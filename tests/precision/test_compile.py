@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -378,3 +379,30 @@ def test_per_token_int8_build_matches_the_measurement(fragile, host_int8, tmp_pa
     for t in (900.0, 100.0):
         at_t = (inputs[0], torch.tensor([t]))
         assert_matches_measurement(artifact.load()(*at_t), model, at_t, plan, 1e-4)
+
+
+def test_the_manifest_says_where_an_auto_compile_spent_its_time(fragile, host_int8, tmp_path):
+    from edgediff.runtime.artifact import describe_manifest
+
+    model, inputs, names = fragile
+    artifact = edgediff.compile_model(
+        model,
+        inputs,
+        target=host_int8,
+        input_names=names,
+        output_dir=tmp_path / "auto",
+        progress=False,
+        precision="auto",
+        precision_budget={"sqnr_db": 30},
+    )
+    stages = artifact.manifest["stage_seconds"]
+    # progress counts ("sensitivity 3/40 ETA 00:02") and per-pass labels fold into one stage each
+    assert list(stages)[:3] == ["capture (torch.export)", "import (fx -> Relax)", "precision: calibrate"]
+    assert {"precision: sensitivity", "precision: check (all layers at once, full size)", "passes"} <= set(
+        stages
+    )
+    assert "build (TVM)" in stages and not any(re.search(r"\d+/\d+", name) for name in stages)
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) <= artifact.manifest["compile_seconds"] + 0.05
+    line = next(x for x in describe_manifest(artifact.manifest).splitlines() if x.startswith("  stages"))
+    assert "precision: sensitivity" in line and "build (TVM)" in line
