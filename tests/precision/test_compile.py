@@ -338,15 +338,8 @@ def test_the_manifest_says_where_an_auto_compile_spent_its_time(fragile, host_in
     from edgediff.runtime.artifact import describe_manifest
 
     model, inputs, names = fragile
-    artifact = edgediff.compile_model(
-        model,
-        inputs,
-        target=host_int8,
-        input_names=names,
-        output_dir=tmp_path / "auto",
-        progress=False,
-        precision="auto",
-        precision_budget={"sqnr_db": 30},
+    artifact = compile_at(
+        model, inputs, names, host_int8, tmp_path / "auto", "auto", precision_budget={"sqnr_db": 30}
     )
     stages = artifact.manifest["stage_seconds"]
     # progress counts ("sensitivity 3/40 ETA 00:02") and per-pass labels fold into one stage each
