@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import int8_host_target, least_cpu_ms  # noqa: E402
 
 # SD 1.5 UNet attention at latent 32x32 (heads, queries, keys, head dim): self-attention at the first two
 # levels, cross-attention (77 text tokens) at the first
@@ -100,9 +105,7 @@ def main() -> None:
     import tvm
 
     import edgediff
-    from edgediff.kernels.int8_matmul import dot_instruction
     from edgediff.passes import mixed_precision
-    from edgediff.tools.bench.measure import time_alternating
     from edgediff.tools.bench.quality import host_int8
 
     spec = host_int8()
@@ -115,12 +118,7 @@ def main() -> None:
         for key, count in report["rewritten"].items():
             print(f"{count:>4}  {key}")
         return
-    target = spec.build_target()
-    dot = dot_instruction(target)
-    print(
-        f"host target {target.attrs.get('mcpu', 'generic')} ({dot.name}); {args.threads} thread(s); "
-        f"least CPU time of {args.runs}"
-    )
+    target, dot = int8_host_target(spec, args.threads, args.runs)
     print(
         f"{'heads x q x k x d':<20} {'fp32 ms':>8} {'int8 ms':>8} {'fp32/int8':>9} {'Relax int8':>10} "
         f"{'fp32 unfused':>12} {'QK^T ms':>8} {'PV ms':>7}  kernel sites; max |int8 - fp32|"
@@ -157,8 +155,7 @@ def main() -> None:
                 outputs[name] = run(q, k, v)
             mixed_precision._Rewriter._int8_kernel_attention = kernel_attention
             calls.update(_kernel_calls(heads, queries, keys, dim, target, dev))
-            times = time_alternating(calls, args.runs, args.warmup, cpu_time=True)
-        ms = {name: min(t) * 1e3 for name, t in times.items()}
+            ms = least_cpu_ms(calls, args.runs, args.warmup)
         err = float(np.abs(outputs["int8"] - outputs["fp32"]).max())
         print(
             f"{heads} x {queries} x {keys} x {dim:<6} {ms['fp32']:>8.2f} {ms['int8']:>8.2f} "

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import int8_host_target, least_cpu_ms  # noqa: E402
 
 # SD 1.5 UNet convs at latent 32: (in channels, size, out channels, kernel, stride)
 CASES = [
@@ -56,16 +61,9 @@ def main() -> None:
 
     import edgediff
     from edgediff.kernels.int8_conv2d import IM2COL_NAME, ConvShape, int8_im2col_func
-    from edgediff.kernels.int8_matmul import dot_instruction
-    from edgediff.tools.bench.measure import time_alternating
 
     spec = _int8_spec()
-    target = spec.build_target()
-    dot = dot_instruction(target)
-    print(
-        f"host target {target.attrs.get('mcpu', 'generic')} ({dot.name}); {args.threads} thread(s); "
-        f"least CPU time of {args.runs}"
-    )
+    target, dot = int8_host_target(spec, args.threads, args.runs)
     print(
         f"{'conv':<28} {'fp32 ms':>8} {'int8 ms':>8} {'im2col':>7} {'relax8 ms':>9} "
         f"{'fp32/int8':>9} {'relax8/int8':>11}  max|int8-fp32|/max|fp32|"
@@ -118,10 +116,7 @@ def main() -> None:
             calls["im2col"] = lambda im2col=im2col, x_tvm=x_tvm, scale=scale, patches=patches: im2col(
                 x_tvm, scale, patches
             )
-            times = {
-                k: min(v) * 1e3
-                for k, v in time_alternating(calls, args.runs, args.warmup, cpu_time=True).items()
-            }
+            times = least_cpu_ms(calls, args.runs, args.warmup)
         err = float(np.abs(outputs["int8"] - want).max() / np.abs(want).max())
         name = f"{channels}x{size}x{size}->{out_channels} {kernel}x{kernel}" + (
             f" s{stride}" if stride > 1 else ""

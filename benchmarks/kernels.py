@@ -26,6 +26,7 @@ import torch
 
 import edgediff
 from edgediff.tools.bench import time_calls
+from edgediff.tools.bench.measure import time_alternating
 
 
 class GEGLU(torch.nn.Module):
@@ -128,6 +129,25 @@ def _bench_case(name: str, args: argparse.Namespace) -> tuple[dict[str, float], 
         x_tvm = tvm.runtime.tensor(x.numpy(), tvm.cpu())
         times["edgediff"] = seconds(lambda: run._main(x_tvm, *run._weights))
     return times, err
+
+
+def least_cpu_ms(calls: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
+    """Milliseconds of each of ``calls``: the least process CPU time of ``runs`` rounds in which the engines
+    take turns call by call after ``warmup`` untimed rounds (a shared machine's drift then hits every engine
+    alike; with one thread, what a call costs on a quiet core). Shared by the int8 kernel benchmarks."""
+    return {name: min(t) * 1e3 for name, t in time_alternating(calls, runs, warmup, cpu_time=True).items()}
+
+
+def int8_host_target(spec: object, threads: int, runs: int) -> tuple[object, object]:
+    """The build target of ``spec`` (an int8 target spec for this host) and its int8 dot-product instruction,
+    after printing the first line of a :func:`least_cpu_ms` benchmark: the CPU, instruction and clock."""
+    from edgediff.kernels.int8_matmul import dot_instruction  # imports TVM: after the thread count is set
+
+    target = spec.build_target()
+    dot = dot_instruction(target)
+    mcpu = target.attrs.get("mcpu", "generic")
+    print(f"host target {mcpu} ({dot.name}); {threads} thread(s); least CPU time of {runs}")
+    return target, dot
 
 
 def _onnxruntime_session(module: torch.nn.Module, x: torch.Tensor, path: str, threads: int) -> object | None:

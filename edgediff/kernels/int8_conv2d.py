@@ -138,6 +138,15 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
             + T.float32(offset),
         )
 
+    @T.macro
+    def quantize_row(tile, x, scale, r):
+        # input row (n, h) = (r // H, r % H) as float vectors along w (contiguous reads, vector divide and
+        # round) into the int8 [C, W] tile that each path then transposes into its NHWC destination
+        for c in range(c_):
+            for wo in range(w_ // wv):
+                for v in T.vectorized(wv):
+                    tile[c * w_ + wo * wv + v] = q(x[r // h_, c, r % h_, wo * wv + v], scale[0])
+
     @T.prim_func
     def kernel(
         x: T.Buffer((n_, c_, h_, w_), in_dtype),
@@ -148,14 +157,11 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
         # a producing reshape, which FuseTIR then rejects ("Inconsistent buffers T_reshape and x")
         T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         if direct:
-            # 1x1: a[(n, h, w), c] = q(x[n, c, h, w]); per input row (n, h): quantize it as vectors along w
-            # (contiguous reads, vector divide/round), then transpose the int8 [C, W] tile into [W, C]
+            # 1x1: a[(n, h, w), c] = q(x[n, c, h, w]); per input row (n, h): quantize it into the tile,
+            # then transpose the int8 [C, W] tile into [W, C]
             for r in T.parallel(n_ * h_):
                 tile = T.decl_buffer((c_ * w_,), out_dtype, scope="local")
-                for c in range(c_):
-                    for wo in range(w_ // wv):
-                        for v in T.vectorized(wv):
-                            tile[c * w_ + wo * wv + v] = q(x[r // h_, c, r % h_, wo * wv + v], scale[0])
+                quantize_row(tile, x, scale, r)
                 for x_w in range(w_):
                     for c in range(c_):
                         a[r * w_ + x_w, c] = tile[c * w_ + x_w]
@@ -170,10 +176,7 @@ def int8_im2col_func(shape: ConvShape, in_dtype: str, out_dtype: str, name: str)
                             scratch[(r * wp + x_w) * c_ + c] = T.Cast(out_dtype, zero)
             for r in T.parallel(n_ * h_):
                 tile = T.decl_buffer((c_ * w_,), out_dtype, scope="local")
-                for c in range(c_):
-                    for wo in range(w_ // wv):
-                        for v in T.vectorized(wv):
-                            tile[c * w_ + wo * wv + v] = q(x[r // h_, c, r % h_, wo * wv + v], scale[0])
+                quantize_row(tile, x, scale, r)
                 for x_w in range(w_):
                     for c in range(c_):
                         scratch[((r // h_ * hp + r % h_ + top) * wp + x_w + left) * c_ + c] = tile[

@@ -263,17 +263,14 @@ def measure_sensitivity(
         raise PrecisionError(
             f"sensitivity method must be one of {', '.join(SENSITIVITY_METHODS)}, got {method!r}"
         )
-    result = Sensitivity(reference_energy(calibration), timesteps=[s.timestep for s in calibration.steps])
+    result, measured, fake_quant = _setup(module, calibration, candidates, dtypes, scales, timestep_split)
     rows = sum(s.reference.shape[0] for s in calibration.steps)
     total = sum(len(formats) for formats in candidates.values())
     done = 0
     for layer, formats in candidates.items():
-        result.error_energy[layer] = {}
         for fmt in formats:
-            if _exact(fmt, dtypes):
-                result.error_energy[layer][fmt] = np.zeros(len(calibration.steps))
-            else:
-                with FakeQuant(module, {layer: fmt}, dtypes, scales, timestep_split) as fake:
+            if fmt in measured[layer]:
+                with fake_quant({layer: fmt}) as fake:
                     result.error_energy[layer][fmt] = replay(module, calibration, fake)
                 result.replays += 1
                 result.model_rows += rows
@@ -285,6 +282,33 @@ def measure_sensitivity(
 
 def _exact(fmt: str, dtypes: Sequence[str]) -> bool:
     return fmt == "fp32" and "float32" in dtypes
+
+
+def _setup(
+    module: nn.Module,
+    calibration: Calibration,
+    candidates: Mapping[str, Sequence[str]],
+    dtypes: Sequence[str],
+    scales: Mapping[str, Sequence[float]] | None,
+    timestep_split: float | None,
+    method: str = "replay",
+) -> tuple[Sensitivity, dict[str, list[str]], Callable[[Mapping[str, str]], FakeQuant]]:
+    """What both sensitivity methods start from: the result with every candidate pair at zero error, in
+    candidate order (the exact pairs stay so: the target's float format at float32 is not run; the others
+    are overwritten when measured), per layer the formats to measure, and a :class:`FakeQuant` for an
+    assignment under the run's dtypes and input scales."""
+    result = Sensitivity(
+        reference_energy(calibration), timesteps=[s.timestep for s in calibration.steps], method=method
+    )
+    zeros = len(calibration.steps)
+    result.error_energy = {
+        layer: {f: np.zeros(zeros) for f in formats} for layer, formats in candidates.items()
+    }
+    measured = {layer: [f for f in formats if not _exact(f, dtypes)] for layer, formats in candidates.items()}
+    fake_quant = functools.partial(
+        FakeQuant, module, dtypes=dtypes, scales=scales, timestep_split=timestep_split
+    )
+    return result, measured, fake_quant
 
 
 def estimate_sensitivity(
@@ -313,15 +337,14 @@ def estimate_sensitivity(
     if probes < 1:
         raise PrecisionError(f"the transfer sensitivity needs at least one probe, got {probes}")
     steps = calibration.steps
-    result = Sensitivity(
-        reference_energy(calibration), timesteps=[s.timestep for s in steps], method="transfer"
+    result, measured, fake_quant = _setup(
+        module, calibration, candidates, dtypes, scales, timestep_split, method="transfer"
     )
     start, stop = calibration.output_channels
     inputs = [torch.cat(parts) for parts in zip(*(s.inputs for s in steps), strict=True)]
     rows = inputs[0].shape[0]
     timed = len(inputs) > 1 and steps[0].timestep is not None
     chunk = max(1, rows_per_pass // probes)
-    measured = {layer: [f for f in formats if not _exact(f, dtypes)] for layer, formats in candidates.items()}
     pairs = sum(len(formats) for formats in candidates.values())
     chunks = -(-rows // chunk)
     counter = _Counter(progress, pairs * chunks)
@@ -330,7 +353,7 @@ def estimate_sensitivity(
         for layer, formats in measured.items()
     }
     fakes = {
-        fmt: FakeQuant(module, dict.fromkeys(candidates, fmt), dtypes, scales, timestep_split)
+        fmt: fake_quant(dict.fromkeys(candidates, fmt))
         for fmt in {f for formats in measured.values() for f in formats}
     }
     gen = torch.Generator().manual_seed(seed)
@@ -350,13 +373,9 @@ def estimate_sensitivity(
             prediction.backward(direction)
         counter.finish_chunk(pairs)
         result.model_rows += count * probes
-    for layer, formats in candidates.items():
-        result.error_energy[layer] = {}
-        for fmt in formats:
-            if fmt not in dots[layer]:
-                result.error_energy[layer][fmt] = np.zeros(len(steps))
-                continue
-            per_row = dots[layer][fmt].pow(2).mean(dim=0)  # E[(r . J e)^2] = ||J e||^2, per row
+    for layer, by_fmt in dots.items():
+        for fmt, dot in by_fmt.items():
+            per_row = dot.pow(2).mean(dim=0)  # E[(r . J e)^2] = ||J e||^2, per row
             result.error_energy[layer][fmt] = per_row.reshape(len(steps), -1).sum(dim=1).numpy()
     return result
 

@@ -18,20 +18,22 @@ import tvm
 from edgediff.errors import PassError
 from edgediff.kernels.int8_matmul import (
     KERNEL_NAME,
-    DotInstruction,
-    as_activation,
     build_int8_matmul,
     choose_int8_tile,
     dot_instruction,
     int8_matmul_func,
     pack_int8_weight,
 )
-
-ZNVER4 = {"kind": "llvm", "mcpu": "znver4"}  # AVX512-VNNI
-ZNVER3 = {"kind": "llvm", "mcpu": "znver3"}  # AVX2, no VNNI
-A78 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon", "+dotprod"]}
-ARMV8 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}  # no dotprod
-GENERIC = {"kind": "llvm"}  # this host's ISA at its baseline: runs on any machine of the host's arch
+from tests.precision.helpers import (
+    A78,
+    ARMV8,
+    GENERIC,
+    ZNVER3,
+    ZNVER4,
+    host_target,
+    portable,
+    run_int8_matmul,
+)
 
 
 def _operands(rows: int, depth: int, columns: int, seed: int = 0):
@@ -46,31 +48,15 @@ def _operands(rows: int, depth: int, columns: int, seed: int = 0):
     return q, w, a_scale, w_scale, bias
 
 
-def _run(ex, dot, tile, q, w, a_scale, w_scale, bias, epilogue):
-    packed, compensation = pack_int8_weight(w, tile.panel, dot.compensated)
-    if compensation is None:
-        compensation = np.zeros(w.shape[1], np.int32)
-    dev = tvm.cpu()
-    out_dtype = np.int32 if epilogue == "int32" else np.float32
-    out = tvm.runtime.tensor(np.zeros((q.shape[0], w.shape[1]), out_dtype), dev)
-    args = [as_activation(q, dot), packed, compensation, a_scale, w_scale, bias]
-    ex[KERNEL_NAME](*[tvm.runtime.tensor(x, dev) for x in args], out)
-    return out.numpy()
-
-
-def _portable(lanes: int, activation_dtype: str) -> DotInstruction:
-    return DotInstruction("portable", None, lanes, activation_dtype, 16)
-
-
 @pytest.mark.parametrize("activation_dtype", ["int8", "uint8"])
 @pytest.mark.parametrize(("rows", "depth", "columns"), [(64, 320, 256), (6, 68, 48), (1, 1280, 64)])
 def test_portable_kernel_is_exact(activation_dtype, rows, depth, columns):
     """int32 output equal to numpy's int32 product; uint8 exercises vpdpbusd's offset + compensation."""
-    dot = _portable(8, activation_dtype)
+    dot = portable(8, activation_dtype)
     tile = choose_int8_tile(dot, rows, columns)
     ex = tvm.compile(tvm.IRModule({KERNEL_NAME: int8_matmul_func(rows, depth, columns, dot, tile)}), GENERIC)
     q, w, *scales = _operands(rows, depth, columns)
-    got = _run(ex, dot, tile, q, w, *scales, "int32")
+    got = run_int8_matmul(ex, dot, tile, q, w, *scales, "int32")
     np.testing.assert_array_equal(got, q.astype(np.int32) @ w.astype(np.int32))
 
 
@@ -78,12 +64,12 @@ def test_portable_kernel_is_exact(activation_dtype, rows, depth, columns):
 def test_portable_kernel_dequantize_epilogue(activation_dtype):
     """float32 output = int32 product x per-row activation scale x per-column weight scale + bias."""
     rows, depth, columns = 16, 96, 64
-    dot = _portable(8, activation_dtype)
+    dot = portable(8, activation_dtype)
     tile = choose_int8_tile(dot, rows, columns)
     func = int8_matmul_func(rows, depth, columns, dot, tile, epilogue="dequantize", parallel=False)
     ex = tvm.compile(tvm.IRModule({KERNEL_NAME: func}), GENERIC)
     q, w, a_scale, w_scale, bias = _operands(rows, depth, columns, seed=1)
-    got = _run(ex, dot, tile, q, w, a_scale, w_scale, bias, "dequantize")
+    got = run_int8_matmul(ex, dot, tile, q, w, a_scale, w_scale, bias, "dequantize")
     exact = (q.astype(np.int64) @ w.astype(np.int64)).astype(np.float64)
     expected = exact * a_scale[:, None] * w_scale[None, :] + bias
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
@@ -139,13 +125,13 @@ def test_vnni_build_uses_vpdpbusd():
 def test_vnni_kernel_exact_where_the_cpu_has_it():
     from tvm.target import codegen
 
-    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    host = tvm.target.Target(host_target())
     if not codegen.target_has_features(["avx512vnni", "avx512bw"], host):
         pytest.skip("this CPU lacks AVX512-VNNI: the vpdpbusd build is checked by its assembly only")
     rows, depth, columns = 32, 256, 128
     mod, dot, tile = build_int8_matmul(rows, depth, columns, ZNVER4)
     q, w, *scales = _operands(rows, depth, columns)
-    got = _run(tvm.compile(mod, ZNVER4), dot, tile, q, w, *scales, "int32")
+    got = run_int8_matmul(tvm.compile(mod, ZNVER4), dot, tile, q, w, *scales, "int32")
     np.testing.assert_array_equal(got, q.astype(np.int32) @ w.astype(np.int32))
 
 
@@ -158,11 +144,11 @@ def test_avx2_build_uses_vpmaddwd_and_is_exact():
     assert "vpmulld" not in asm
     from tvm.target import codegen
 
-    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    host = tvm.target.Target(host_target())
     if not codegen.target_has_features("avx2", host):
         pytest.skip("this CPU lacks AVX2: the vpmaddwd build is checked by its assembly only")
     q, w, *scales = _operands(rows, depth, columns, seed=3)
-    got = _run(tvm.compile(mod, ZNVER3), dot, tile, q, w, *scales, "int32")
+    got = run_int8_matmul(tvm.compile(mod, ZNVER3), dot, tile, q, w, *scales, "int32")
     np.testing.assert_array_equal(got, q.astype(np.int32) @ w.astype(np.int32))
 
 
@@ -176,7 +162,7 @@ def test_sdot_build_uses_sdot():
 
 def test_rejects_a_depth_that_is_not_a_multiple_of_four():
     with pytest.raises(PassError, match="multiple of 4"):
-        int8_matmul_func(4, 6, 16, _portable(8, "int8"))
+        int8_matmul_func(4, 6, 16, portable(8, "int8"))
 
 
 @pytest.mark.parametrize("out_dtype", ["int8", "uint8"])

@@ -7,7 +7,8 @@ import pytest
 import tvm
 
 from edgediff.kernels.int8_matmul import Int8Tile, build_int8_matmul, pack_int8_weight
-from tests.compile.test_int8_matmul import A78, _operands
+from tests.compile.test_int8_matmul import _operands
+from tests.precision.helpers import A78
 
 # Runs in the emulator: load the aarch64 kernel with the root's TVM runtime, run it, save the output.
 RUN_KERNEL = """

@@ -15,14 +15,19 @@ import edgediff
 from edgediff import zoo
 from edgediff.cli import main as cli_main
 from edgediff.errors import PrecisionError
-from edgediff.precision import PrecisionConfig, PrecisionPlan
+from edgediff.precision import PrecisionConfig
+from tests.precision.helpers import (
+    A78,
+    ARMV8,
+    ZNVER4,
+    compile_at,
+    host_instruction,
+    plan_of,
+    rewrite_counts,
+    with_target,
+)
 from tests.precision.models import FRAGILE
 from tests.precision.ties import assert_matches_measurement
-
-
-def plan_of(artifact) -> PrecisionPlan:
-    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
-    return PrecisionPlan.from_dict(passes["mixed-precision"]["plan"])
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -36,15 +41,7 @@ def fragile_artifacts(fragile, host_int8, tmp_path_factory):
     root = tmp_path_factory.mktemp("fragile")
     artifacts = {}
     for precision in (None, "fp16", "w8", "int8", "w4"):
-        artifacts[precision] = edgediff.compile_model(
-            model,
-            inputs,
-            target=host_int8,
-            input_names=names,
-            output_dir=root / str(precision),
-            progress=False,
-            precision=precision,
-        )
+        artifacts[precision] = compile_at(model, inputs, names, host_int8, root / str(precision), precision)
     return artifacts
 
 
@@ -102,15 +99,7 @@ def test_int8_activation_scales_follow_the_timestep(fragile, fragile_artifacts):
 def test_auto_keeps_the_fragile_layer_in_float_and_honours_pins(fragile, host_int8, tmp_path):
     model, inputs, names = fragile
     config = PrecisionConfig(mode="auto", budget={"sqnr_db": 30}, pins={"conv_*": "fp32"})
-    artifact = edgediff.compile_model(
-        model,
-        inputs,
-        target=host_int8,
-        input_names=names,
-        output_dir=tmp_path / "auto",
-        progress=False,
-        precision=config,
-    )
+    artifact = compile_at(model, inputs, names, host_int8, tmp_path / "auto", config)
     plan = plan_of(artifact)
     chosen = {layer.name: layer.format for layer in plan.layers}
     assert chosen[FRAGILE] in ("fp32", "fp16")
@@ -174,16 +163,7 @@ def test_unreachable_budget_names_the_smallest_reachable_size(fragile, host_int8
     with pytest.raises(
         PrecisionError, match=r"no precision assignment fits 1\.00 KB on target 'host-int8': "
     ):
-        edgediff.compile_model(
-            model,
-            inputs,
-            target=host_int8,
-            input_names=names,
-            output_dir=tmp_path / "x",
-            progress=False,
-            precision="auto",
-            precision_budget={"bytes": "1KB"},
-        )
+        compile_at(model, inputs, names, host_int8, tmp_path / "x", "auto", precision_budget={"bytes": "1KB"})
     assert not (tmp_path / "x").exists()
 
 
@@ -246,18 +226,6 @@ def test_where_fuse_ops_puts_the_dequantization(fragile, fragile_artifacts, host
 
 # ------------------------------------------------------------------ w8a8 Linear layers on the int8 kernel
 
-ZNVER4 = {"kind": "llvm", "mcpu": "znver4"}  # AVX512-VNNI: vpdpbusd, uint8 activations + compensation
-A78 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon", "+dotprod"]}
-ARMV8 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}  # no dotprod: portable
-
-
-def _with_target(spec, target):
-    from edgediff.targets import TargetSpec
-
-    data = spec.to_dict()
-    data["tvm"] = {"target": target, "host": None}
-    return TargetSpec.from_dict(data)
-
 
 def _int8_passes(fragile, fragile_artifacts, spec, precision="int8"):
     from edgediff.frontend.capture import capture
@@ -286,7 +254,7 @@ def test_int8_linear_layers_call_the_int8_kernel_with_packed_weights(
 ):
     """Each w8a8 Linear becomes one call of the int8 GEMM (bias in its epilogue) on packed int8 weights that
     lift-weight-transforms computes at compile time: no weight stays behind in main, none widens."""
-    mod, results = _int8_passes(fragile, fragile_artifacts, _with_target(host_int8, target))
+    mod, results = _int8_passes(fragile, fragile_artifacts, with_target(host_int8, target))
     rewritten = _report(results, "mixed-precision").rewritten
     assert rewritten[f"int8 kernel ({instruction})"] == rewritten["linear w8a8"] == 5
     assert rewritten["int8 kernel bias fused"] == 5
@@ -328,28 +296,21 @@ def _calls(func):
 def test_int8_linear_without_a_dot_product_step_keeps_the_relax_matmul(fragile, fragile_artifacts, host_int8):
     """Arm without dotprod has only the kernel's portable step, no faster than TVM's: the Relax int8
     matmul stays."""
-    mod, results = _int8_passes(fragile, fragile_artifacts, _with_target(host_int8, ARMV8))
+    mod, results = _int8_passes(fragile, fragile_artifacts, with_target(host_int8, ARMV8))
     rewritten = _report(results, "mixed-precision").rewritten
     assert rewritten["linear w8a8"] == 5 and not any(k.startswith("int8 kernel") for k in rewritten)
     assert not [c for c in _calls(mod["main"]) if c.args[0].name_hint.startswith("int8_matmul")]
-
-
-def _host_instruction(host_int8) -> str:
-    from edgediff.kernels.int8_matmul import dot_instruction
-
-    return dot_instruction(host_int8.build_target()).name
 
 
 def test_int8_artifact_runs_its_linear_layers_on_the_int8_kernel(fragile_artifacts, host_int8):
     """The artifact that test_compiled_artifact_computes_what_was_measured[int8] checks against the torch
     fake-quant reference is the one with the kernel: its report counts it, its weights.bin holds the packed
     weights."""
-    instruction = _host_instruction(host_int8)
+    instruction = host_instruction(host_int8)
     if instruction == "portable":
         pytest.skip("this CPU has no int8 dot-product step (AVX2, VNNI, dotprod): the Relax path is used")
     artifact = fragile_artifacts["int8"]
-    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
-    assert passes["mixed-precision"]["rewritten"][f"int8 kernel ({instruction})"] == 5
+    assert rewrite_counts(artifact)[f"int8 kernel ({instruction})"] == 5
     tensors = {t["name"]: t for t in artifact.manifest["weights"]["tensors"]}
     packed = [t for name, t in tensors.items() if name.startswith("attn.to_q.weight:")]
     assert len(packed) == 1 and packed[0]["dtype"] == "int8" and len(packed[0]["shape"]) == 4
@@ -359,23 +320,15 @@ def test_per_token_int8_build_matches_the_measurement(fragile, host_int8, tmp_pa
     """w8a8-token: per-token scales computed at run time, the GEMM on the int8 kernel; the artifact
     computes what the torch fake-quant measurement says."""
     model, inputs, names = fragile
-    artifact = edgediff.compile_model(
-        model,
-        inputs,
-        target=host_int8,
-        input_names=names,
-        output_dir=tmp_path / "token",
-        progress=False,
-        precision="w8a8-token",
-    )
+    artifact = compile_at(model, inputs, names, host_int8, tmp_path / "token", "w8a8-token")
     plan = plan_of(artifact)
     assert plan.layer("attn.to_q").format == "w8a8-token"
-    rewritten = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]["rewritten"]
+    rewritten = rewrite_counts(artifact)
     # convs fall back to static w8a8 (runtime/quantize.py UNIFORM_FALLBACK), on the int8 conv kernel
     assert rewritten["conv2d w8a8"] == 4
-    if _host_instruction(host_int8) != "portable":
-        assert rewritten[f"int8 kernel ({_host_instruction(host_int8)})"] == 5
-        assert rewritten[f"int8 kernel conv2d ({_host_instruction(host_int8)})"] == 4
+    if host_instruction(host_int8) != "portable":
+        assert rewritten[f"int8 kernel ({host_instruction(host_int8)})"] == 5
+        assert rewritten[f"int8 kernel conv2d ({host_instruction(host_int8)})"] == 4
     for t in (900.0, 100.0):
         at_t = (inputs[0], torch.tensor([t]))
         assert_matches_measurement(artifact.load()(*at_t), model, at_t, plan, 1e-4)
@@ -385,15 +338,8 @@ def test_the_manifest_says_where_an_auto_compile_spent_its_time(fragile, host_in
     from edgediff.runtime.artifact import describe_manifest
 
     model, inputs, names = fragile
-    artifact = edgediff.compile_model(
-        model,
-        inputs,
-        target=host_int8,
-        input_names=names,
-        output_dir=tmp_path / "auto",
-        progress=False,
-        precision="auto",
-        precision_budget={"sqnr_db": 30},
+    artifact = compile_at(
+        model, inputs, names, host_int8, tmp_path / "auto", "auto", precision_budget={"sqnr_db": 30}
     )
     stages = artifact.manifest["stage_seconds"]
     # progress counts ("sensitivity 3/40 ETA 00:02") and per-pass labels fold into one stage each

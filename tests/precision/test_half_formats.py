@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import edgediff
 from edgediff.errors import PrecisionError
 from edgediff.precision.assignment import candidate_formats, require_supported
 from edgediff.precision.quantizers import get_format, quantize_weight, stored_nbytes
 from edgediff.precision.sensitivity import FakeQuant
 from edgediff.targets import TargetSpec
 from tests.conftest import pinned_host
+from tests.precision.helpers import compile_at, mixed_precision_report, rewrite_counts
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,7 @@ def test_bf16_weights_are_stored_as_rounded_bfloat16():
 
 def _measured(model, inputs, artifact, dtypes) -> np.ndarray:
     """What the measurement predicts for the artifact's plan: the torch model under FakeQuant."""
-    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
-    plan = passes["mixed-precision"]["plan"]
+    plan = mixed_precision_report(artifact)["plan"]
     assignment = {layer["name"]: layer["format"] for layer in plan["layers"]}
     with torch.no_grad(), FakeQuant(model, assignment, dtypes):
         return model(*inputs).numpy()
@@ -76,17 +75,8 @@ def test_host_build_computes_the_format(
     fragile, host_bf16, tmp_path, precision, weight_dtype, to_torch, to_measurement
 ):
     model, inputs, names = fragile
-    artifact = edgediff.compile_model(
-        model,
-        inputs,
-        target=host_bf16,
-        input_names=names,
-        output_dir=tmp_path / precision,
-        progress=False,
-        precision=precision,
-    )
-    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
-    rewritten = passes["mixed-precision"]["rewritten"]
+    artifact = compile_at(model, inputs, names, host_bf16, tmp_path / precision, precision)
+    rewritten = rewrite_counts(artifact)
     assert rewritten.get(f"conv2d {precision}", 0) == 4 and rewritten.get(f"linear {precision}", 0) == 5
     assert rewritten.get(f"attention matmul {precision}", 0) == 2
     tensors = {t["name"]: t for t in artifact.manifest["weights"]["tensors"]}

@@ -18,12 +18,9 @@ import torch
 import tvm
 from tvm import relax
 
-import edgediff
 from edgediff.kernels.int8_attention import ATTENTION_KERNEL, Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_matmul import (
     KERNEL_NAME,
-    DotInstruction,
-    as_activation,
     build_int8_matmul,
     choose_int8_tile,
     dot_instruction,
@@ -32,28 +29,23 @@ from edgediff.kernels.int8_matmul import (
 )
 from edgediff.passes.mixed_precision import _Rewriter
 from edgediff.runtime.quantize import MIN_SCALE
-from tests.precision.test_compile import A78, ARMV8, ZNVER4, _with_target, plan_of
+from tests.precision.helpers import (
+    A78,
+    ARMV8,
+    GENERIC,
+    ZNVER3,
+    ZNVER4,
+    compile_at,
+    host_dot,
+    host_instruction,
+    host_target,
+    plan_of,
+    portable,
+    rewrite_counts,
+    run_int8_matmul,
+    with_target,
+)
 from tests.precision.ties import assert_matches_measurement
-
-ZNVER3 = {"kind": "llvm", "mcpu": "znver3"}  # AVX2: the vpmaddwd step
-GENERIC = {"kind": "llvm"}
-
-
-def _portable(lanes: int, activation_dtype: str) -> DotInstruction:
-    return DotInstruction("portable", None, lanes, activation_dtype, 16)
-
-
-def _host_dot() -> DotInstruction:
-    from tvm.target import codegen
-
-    return dot_instruction({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-
-
-def _host_target() -> dict:
-    from tvm.target import codegen
-
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
-
 
 # ------------------------------------------------------------------------------------ the batched kernel
 
@@ -69,22 +61,6 @@ def _batched_operands(batch: int, rows: int, depth: int, columns: int, seed: int
     return q, w, a_scale, w_scale
 
 
-def _run_batched(ex, dot, tile, q, w, a_scale, w_scale, epilogue):
-    """The kernel on per-batch packed right operands (pack_int8_weight per batch) and compensation."""
-    batch, rows, _ = q.shape
-    columns = w.shape[2]
-    packs = [pack_int8_weight(w[b], tile.panel, dot.compensated) for b in range(batch)]
-    packed = np.stack([p for p, _ in packs])
-    compensation = np.stack([c if c is not None else np.zeros(columns, np.int32) for _, c in packs])
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(
-        np.zeros((batch, rows, columns), "int32" if epilogue == "int32" else "float32"), dev
-    )
-    args = [as_activation(q, dot), packed, compensation, a_scale, w_scale, np.zeros(columns, np.float32)]
-    ex[KERNEL_NAME](*[tvm.runtime.tensor(x, dev) for x in args], out)
-    return out.numpy()
-
-
 def _exact(q, w):
     return np.einsum("bmk,bkn->bmn", q.astype(np.int64), w.astype(np.int64))
 
@@ -94,25 +70,25 @@ def test_batched_portable_kernel_is_exact(activation_dtype):
     """Each batch's int32 product equals numpy's, with each batch's own packed operand and (uint8, the
     vpdpbusd encoding) its own compensation: no batch reads another's rows, panels or column sums."""
     batch, rows, depth, columns = 3, 12, 20, 16
-    dot = _portable(8, activation_dtype)
+    dot = portable(8, activation_dtype)
     tile = choose_int8_tile(dot, rows, columns)
     func = int8_matmul_func(rows, depth, columns, dot, tile, batch=batch)
     ex = tvm.compile(tvm.IRModule({KERNEL_NAME: func}), GENERIC)
     q, w, a_scale, w_scale = _batched_operands(batch, rows, depth, columns)
-    got = _run_batched(ex, dot, tile, q, w, a_scale, w_scale, "int32")
+    got = run_int8_matmul(ex, dot, tile, q, w, a_scale, w_scale, None, "int32")
     np.testing.assert_array_equal(got, _exact(q, w))
 
 
 def test_batched_dequantize_epilogue_uses_each_batchs_scales():
     batch, rows, depth, columns = 2, 8, 16, 24
-    dot = _portable(8, "uint8")
+    dot = portable(8, "uint8")
     tile = choose_int8_tile(dot, rows, columns)
     func = int8_matmul_func(
         rows, depth, columns, dot, tile, epilogue="dequantize", batch=batch, parallel=False
     )
     ex = tvm.compile(tvm.IRModule({KERNEL_NAME: func}), GENERIC)
     q, w, a_scale, w_scale = _batched_operands(batch, rows, depth, columns, seed=1)
-    got = _run_batched(ex, dot, tile, q, w, a_scale, w_scale, "dequantize")
+    got = run_int8_matmul(ex, dot, tile, q, w, a_scale, w_scale, None, "dequantize")
     # float32 in the kernel's order: (acc * a_scale) * w_scale
     want = _exact(q, w).astype(np.float32) * a_scale[:, :, None] * w_scale[:, None, :]
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -120,15 +96,17 @@ def test_batched_dequantize_epilogue_uses_each_batchs_scales():
 
 def test_batched_kernel_on_this_hosts_instruction():
     """The batched build for this CPU's own step (AVX2 vpmaddwd, VNNI vpdpbusd, Arm sdot), run exactly."""
-    dot = _host_dot()
+    dot = host_dot()
     if dot.name == "portable":
         pytest.skip("this CPU has no int8 dot-product step; the portable step is checked above")
     batch, rows, depth, columns = 2, 8, 24, 4 * dot.lanes
     tile = choose_int8_tile(dot, rows, columns)
     func = int8_matmul_func(rows, depth, columns, dot, tile, batch=batch)
-    ex = tvm.compile(tvm.IRModule({KERNEL_NAME: func}), _host_target())
+    ex = tvm.compile(tvm.IRModule({KERNEL_NAME: func}), host_target())
     q, w, a_scale, w_scale = _batched_operands(batch, rows, depth, columns, seed=2)
-    np.testing.assert_array_equal(_run_batched(ex, dot, tile, q, w, a_scale, w_scale, "int32"), _exact(q, w))
+    np.testing.assert_array_equal(
+        run_int8_matmul(ex, dot, tile, q, w, a_scale, w_scale, None, "int32"), _exact(q, w)
+    )
 
 
 @pytest.mark.parametrize(
@@ -151,7 +129,7 @@ def test_batched_builds_use_the_instruction(target, pattern):
 
 def test_batch_none_is_the_unbatched_kernel():
     """The default keeps the 2-D signature the Linear path passes; batch adds a leading dimension."""
-    dot = _portable(8, "int8")
+    dot = portable(8, "int8")
     plain, _, _ = build_int8_matmul(8, 16, 16, GENERIC)
     batched = int8_matmul_func(8, 16, 16, dot, batch=5)
     text = plain[KERNEL_NAME].script()
@@ -219,7 +197,7 @@ def _numpy_int8_attention(a, b):
 
 @pytest.mark.parametrize(
     "dot",
-    [_portable(8, "int8"), _portable(16, "uint8"), "host"],
+    [portable(8, "int8"), portable(16, "uint8"), "host"],
     ids=["int8-8-lanes", "uint8-compensated-16-lanes", "host-instruction"],
 )
 def test_emitted_attention_matmul_equals_the_previous_relax_path(dot):
@@ -228,10 +206,10 @@ def test_emitted_attention_matmul_equals_the_previous_relax_path(dot):
     reference."""
     target = GENERIC
     if dot == "host":
-        dot = _host_dot()
+        dot = host_dot()
         if dot.name == "portable":
             pytest.skip("this CPU has no int8 dot-product step; the portable step runs in the other cases")
-        target = _host_target()
+        target = host_target()
     rng = np.random.default_rng(7)
     a = (rng.standard_normal((2, 3, 12, 10)) * rng.uniform(0.1, 4, (2, 3, 12, 1))).astype(np.float32)
     b = (rng.standard_normal((2, 3, 10, 20)) * rng.uniform(0.1, 4, (2, 3, 1, 20))).astype(np.float32)
@@ -249,7 +227,7 @@ def test_emitted_attention_matmul_equals_the_previous_relax_path(dot):
 
 
 def test_what_the_kernel_does_not_take():
-    dot = _portable(8, "int8")
+    dot = portable(8, "int8")
     assert int8_attention_fits(dot, (2, 64, 40), (2, 40, 77))  # N padded to 80
     assert int8_attention_fits(dot, (1, 8, 64, 40), (1, 8, 40, 64))
     assert not int8_attention_fits(dot, (2, 64, 40), (1, 40, 64))  # broadcast batch
@@ -263,15 +241,7 @@ def test_what_the_kernel_does_not_take():
 @pytest.fixture(scope="module")
 def int8_fragile(fragile, host_int8, tmp_path_factory):
     model, inputs, names = fragile
-    return edgediff.compile_model(
-        model,
-        inputs,
-        target=host_int8,
-        input_names=names,
-        output_dir=tmp_path_factory.mktemp("attn") / "int8",
-        progress=False,
-        precision="int8",
-    )
+    return compile_at(model, inputs, names, host_int8, tmp_path_factory.mktemp("attn") / "int8", "int8")
 
 
 def _attention_counts(rewritten: dict[str, int]) -> dict[str, int]:
@@ -282,12 +252,10 @@ def test_int8_build_runs_its_attention_matmuls_on_the_kernel(fragile, int8_fragi
     """The fragile model's int8 build (2 heads, 64 queries, head dim 8): QK^T and PV on the kernel, and the
     artifact computes what the torch fake-quant measurement of its plan says."""
     model, inputs, _ = fragile
-    rewritten = {p["name"]: p["report"] for p in int8_fragile.manifest["passes"]}["mixed-precision"][
-        "rewritten"
-    ]
-    dot = dot_instruction(host_int8.build_target())
-    if dot.name != "portable":
-        assert rewritten[f"attention matmul int8 kernel ({dot.name})"] == 2
+    rewritten = rewrite_counts(int8_fragile)
+    instruction = host_instruction(host_int8)
+    if instruction != "portable":
+        assert rewritten[f"attention matmul int8 kernel ({instruction})"] == 2
     assert_matches_measurement(int8_fragile.load()(*inputs), model, inputs, plan_of(int8_fragile), 1e-4)
 
 
@@ -305,7 +273,7 @@ def test_attention_rewrite_per_target(fragile, int8_fragile, host_int8, target, 
     imported = import_to_relax(capture(model, inputs, input_names=names))
     options = {"mixed-precision": {"plan": plan_of(int8_fragile), "weight_names": imported.weight_names}}
     mod, results = run_passes(
-        imported.mod, _with_target(host_int8, target), ["mixed-precision"], options=options
+        imported.mod, with_target(host_int8, target), ["mixed-precision"], options=options
     )
     rewritten = next(r.report for r in results if r.name == "mixed-precision").rewritten
     dot = dot_instruction(target)
@@ -362,25 +330,17 @@ def test_geglu_projection_runs_on_the_int8_kernel_and_the_gating_fuses(host_int8
     gen = torch.Generator().manual_seed(1)
     inputs = (torch.randn(1, 16, 16, generator=gen), torch.randn(1, 4, 8, generator=gen))
     names = ("x", "context")
-    artifact = edgediff.compile_model(
-        model,
-        inputs,
-        target=host_int8,
-        input_names=names,
-        output_dir=tmp_path / "a",
-        progress=False,
-        precision="int8",
-    )
+    artifact = compile_at(model, inputs, names, host_int8, tmp_path / "a", "int8")
     plan = plan_of(artifact)
-    rewritten = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]["rewritten"]
+    rewritten = rewrite_counts(artifact)
     assert rewritten["linear w8a8"] == 10 and rewritten["attention matmul a8"] == 4
-    dot = dot_instruction(host_int8.build_target())
-    if dot.name != "portable":
-        assert rewritten[f"int8 kernel ({dot.name})"] == 10
-        assert rewritten[f"attention matmul int8 kernel ({dot.name})"] == 4
+    instruction = host_instruction(host_int8)
+    if instruction != "portable":
+        assert rewritten[f"int8 kernel ({instruction})"] == 10
+        assert rewritten[f"attention matmul int8 kernel ({instruction})"] == 4
     assert_matches_measurement(artifact.load()(*inputs), model, inputs, plan, 1e-4)
 
-    if dot.name == "portable":
+    if instruction == "portable":
         return
     imported = import_to_relax(capture(model, inputs, input_names=names))
     options = {"mixed-precision": {"plan": plan, "weight_names": imported.weight_names}}

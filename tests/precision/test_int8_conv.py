@@ -15,7 +15,6 @@ import pytest
 import torch
 import tvm
 
-import edgediff
 from edgediff.kernels.int8_conv2d import (
     IM2COL_NAME,
     ConvShape,
@@ -23,12 +22,10 @@ from edgediff.kernels.int8_conv2d import (
     pack_conv_weight,
     quantize_im2col_reference,
 )
-from edgediff.kernels.int8_matmul import KERNEL_NAME, DotInstruction, dot_instruction
+from edgediff.kernels.int8_matmul import KERNEL_NAME, DotInstruction
 from edgediff.runtime.quantize import INT8_MAX, INT8_MIN
-from tests.precision.test_compile import plan_of
+from tests.precision.helpers import GENERIC, compile_at, host_instruction, plan_of, portable, rewrite_counts
 from tests.precision.ties import assert_matches_measurement
-
-GENERIC = {"kind": "llvm"}  # this host's ISA at its baseline: runs on any machine of the host's arch
 
 SHAPES = {
     # C * KH * KW = 45: not a multiple of 4 (k padding); same padding
@@ -42,10 +39,6 @@ SHAPES = {
     # asymmetric padding and dilation 2 along h
     "3x3-dilated": ConvShape(1, 6, 5, 5, 8, (3, 3), (1, 1), (0, 1, 2, 1), (2, 1)),
 }
-
-
-def _portable(activation_dtype: str) -> DotInstruction:
-    return DotInstruction("portable", None, 8, activation_dtype, 16)
 
 
 def _operands(shape: ConvShape, seed: int = 0):
@@ -107,7 +100,7 @@ def test_im2col_and_gemm_equal_the_integer_conv(case, activation_dtype):
     and the GEMM's int32 output is the exact integer conv of the quantized input."""
     shape = SHAPES[case]
     x, scale, w = _operands(shape)
-    patches, got = _run(shape, _portable(activation_dtype), "int32", x, scale, w)
+    patches, got = _run(shape, portable(8, activation_dtype), "int32", x, scale, w)
     np.testing.assert_array_equal(patches, quantize_im2col_reference(x, scale, shape, activation_dtype))
     want = _conv_reference(_quantized(x, scale), w, shape)
     assert got.dtype == np.int32 and np.abs(want).max() > 1000  # a real reduction, not a trivial one
@@ -120,7 +113,7 @@ def test_im2col_reads_float16_input():
     shape = SHAPES["3x3-pad1"]
     x, scale, w = _operands(shape)
     half = x.astype(np.float16)
-    mod, dot, _tile = build_int8_conv2d(shape, GENERIC, in_dtype="float16", dot=_portable("int8"))
+    mod, dot, _tile = build_int8_conv2d(shape, GENERIC, in_dtype="float16", dot=portable(8, "int8"))
     ex = tvm.compile(mod, GENERIC)
     dev = tvm.cpu()
     patches = tvm.runtime.tensor(np.zeros((shape.rows, shape.depth), "int8"), dev)
@@ -139,7 +132,7 @@ def test_dequantize_epilogue_is_the_float_conv(activation_dtype):
     rng = np.random.default_rng(2)
     w_scale = rng.uniform(0.001, 0.01, shape.out_channels).astype(np.float32)
     bias = rng.standard_normal(shape.out_channels).astype(np.float32)
-    _, got = _run(shape, _portable(activation_dtype), "dequantize", x, scale, w, w_scale, bias)
+    _, got = _run(shape, portable(8, activation_dtype), "dequantize", x, scale, w, w_scale, bias)
     exact = _conv_reference(_quantized(x, scale), w, shape)
     want = exact * float(scale) * w_scale[None, :, None, None].astype(np.float64) + bias[None, :, None, None]
     assert got.dtype == np.float32
@@ -149,26 +142,15 @@ def test_dequantize_epilogue_is_the_float_conv(activation_dtype):
 # ---------------------------------------------------------------------------- in a --precision int8 build
 
 
-def _compile(fragile, spec, output_dir):
-    model, inputs, names = fragile
-    return edgediff.compile_model(
-        model, inputs, target=spec, input_names=names, output_dir=output_dir, progress=False, precision="int8"
-    )
-
-
-def _rewritten(artifact) -> dict[str, int]:
-    return {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]["rewritten"]
-
-
 def test_int8_build_runs_its_convs_on_the_kernel_and_matches_the_relax_path(fragile, host_int8, tmp_path):
     """The fragile model's four w8a8 convs (3x3, one with 4 output channels: padded to whole vectors) run
     on im2col + the int8 GEMM with their biases in the epilogue; the artifact computes what the torch
     fake-quant measurement says, and what the previous Relax int8 conv2d path computes."""
-    instruction = dot_instruction(host_int8.build_target()).name
+    instruction = host_instruction(host_int8)
     if instruction == "portable":
         pytest.skip("this CPU has no int8 dot-product step (AVX2, VNNI, dotprod): the Relax path is used")
-    artifact = _compile(fragile, host_int8, tmp_path / "kernel")
-    rewritten = _rewritten(artifact)
+    artifact = compile_at(*fragile, host_int8, tmp_path / "kernel", "int8")
+    rewritten = rewrite_counts(artifact)
     assert rewritten[f"int8 kernel conv2d ({instruction})"] == rewritten["conv2d w8a8"] == 4
     assert rewritten["int8 kernel conv2d bias fused"] == 4
     assert rewritten[f"int8 kernel ({instruction})"] == 5  # the Linear layers, as before
@@ -177,9 +159,9 @@ def test_int8_build_runs_its_convs_on_the_kernel_and_matches_the_relax_path(frag
     assert len(packed) == 1 and packed[0]["dtype"] == "int8" and len(packed[0]["shape"]) == 4
 
     with mock.patch("edgediff.passes.mixed_precision.int8_conv2d_fits", return_value=False):
-        relax_path = _compile(fragile, host_int8, tmp_path / "relax")
-    assert not any(k.startswith("int8 kernel conv2d") for k in _rewritten(relax_path))
-    assert _rewritten(relax_path)["conv2d w8a8"] == 4
+        relax_path = compile_at(*fragile, host_int8, tmp_path / "relax", "int8")
+    assert not any(k.startswith("int8 kernel conv2d") for k in rewrite_counts(relax_path))
+    assert rewrite_counts(relax_path)["conv2d w8a8"] == 4
 
     model, inputs, _names = fragile
     plan = plan_of(artifact)
@@ -218,16 +200,16 @@ def test_int8_convs_after_reshapes_stride_2_and_1x1(host_int8, tmp_path):
     """A stride-2 3x3 and a 1x1 conv in a model, each fed by a reshape: the build (FuseOps must not fuse the
     reshape into the im2col kernel: FuseTIR rejects it, as the sd15-unet int8 build showed) runs them on
     the kernel and computes what the measurement and the Relax path compute."""
-    instruction = dot_instruction(host_int8.build_target()).name
+    instruction = host_instruction(host_int8)
     if instruction == "portable":
         pytest.skip("this CPU has no int8 dot-product step (AVX2, VNNI, dotprod): the Relax path is used")
     model = _Block()
     inputs = (torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0]))
     fragile_like = (model, inputs, ("sample", "timestep"))
-    artifact = _compile(fragile_like, host_int8, tmp_path / "kernel")
-    assert _rewritten(artifact)[f"int8 kernel conv2d ({instruction})"] == 3
+    artifact = compile_at(*fragile_like, host_int8, tmp_path / "kernel", "int8")
+    assert rewrite_counts(artifact)[f"int8 kernel conv2d ({instruction})"] == 3
     with mock.patch("edgediff.passes.mixed_precision.int8_conv2d_fits", return_value=False):
-        relax_path = _compile(fragile_like, host_int8, tmp_path / "relax")
+        relax_path = compile_at(*fragile_like, host_int8, tmp_path / "relax", "int8")
     got, old = artifact.load()(*inputs), relax_path.load()(*inputs)
     assert_matches_measurement(got, model, inputs, plan_of(artifact), 1e-4)
     np.testing.assert_allclose(got, old, rtol=0, atol=1e-3 * np.abs(old).max())
