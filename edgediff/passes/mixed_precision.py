@@ -32,6 +32,8 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.kernels.bf16_linear import BF16LinearEmitter
+from edgediff.kernels.bf16_matmul import has_avx512bf16
 from edgediff.kernels.int8_attention import Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
 from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
@@ -175,10 +177,12 @@ class _Rewriter:
         plan: PrecisionPlan,
         weight_names: Sequence[str],
         int8_kernel: Int8LinearEmitter | None = None,
+        bf16_kernel: BF16LinearEmitter | None = None,
     ) -> None:
         self.func = func
         self.plan = plan
         self.int8_kernel = int8_kernel  # w8a8 Linear layers on the int8 GEMM kernel (None: Relax matmul)
+        self.bf16_kernel = bf16_kernel  # bf16 Linear layers on the bf16 GEMM kernel (None: Relax matmul)
         self.int8_conv = Int8Conv2dEmitter(int8_kernel) if int8_kernel is not None else None  # ... and convs
         self.fused_bias: dict[relax.Var, relax.Var] = {}  # bias add -> the matmul whose kernel adds it
         num_input = int(func.attrs["num_input"])
@@ -414,6 +418,8 @@ class _Rewriter:
         x = self._subst(bb, call.args[0])
         if (kernel := self._int8_kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
             return kernel
+        if (kernel := self._bf16_kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
+            return kernel
         if var not in self.transposed:  # one transpose of the stored (int8 / float16) weight per block
             self.transposed[var] = bb.emit(relax.op.permute_dims(self.stored[var][0], [1, 0]))
         stored = [self.transposed[var], *self.stored[var][1:]]
@@ -482,6 +488,34 @@ class _Rewriter:
             self._count("int8 kernel bias fused")
         stored = self.stored[var]
         return self.int8_kernel.linear(bb, x, static, stored[0], stored[1], bias, dtype)
+
+    def _bf16_kernel_linear(
+        self,
+        bb: relax.BlockBuilder,
+        layer: LayerPlan,
+        x: relax.Expr,
+        var: relax.Var,
+        out: relax.Var,
+        dtype: str,
+    ) -> relax.Expr | None:
+        """A bf16 Linear on the bf16 GEMM kernel (kernels/bf16_linear.py), or None where it does not apply
+        (the target lists no bfloat16, a shape the kernel does not take: a dynamic or odd reduction, output
+        columns not whole vectors, activations other than 2-D / 3-D): then the Relax bf16 matmul below."""
+        fmt = get_format(layer.format)
+        x_shape = static_shape(x)
+        if self.bf16_kernel is None or fmt.weight_dtype != "bfloat16" or x_shape is None:
+            return None
+        columns, depth = (int(d) for d in self.stored[var][0].ty.shape)
+        rows = int(np.prod(x_shape[:-1]))
+        if len(x_shape) not in (2, 3) or not self.bf16_kernel.fits(rows, depth, columns):
+            self._count("linear bf16 Relax (shape the kernel does not take)")
+            return None
+        self._count(f"{layer.kind} {fmt.name}")
+        self._count(f"bf16 kernel ({self.bf16_kernel.name})")
+        bias = self._bias_of(out)
+        if bias is not None:
+            self._count("bf16 kernel bias fused")
+        return self.bf16_kernel.linear(bb, x, self.stored[var][0], bias, dtype)
 
     def _int8_kernel_conv(
         self,
@@ -671,6 +705,18 @@ def _int8_emitter(spec: TargetSpec) -> Int8LinearEmitter | None:
     return None if dot.name == "portable" else Int8LinearEmitter(dot)
 
 
+def _bf16_emitter(spec: TargetSpec) -> BF16LinearEmitter | None:
+    """The bf16 GEMM kernel for a CPU target that lists bfloat16: ``vdpbf16ps`` where its LLVM target has
+    AVX512-BF16, else the kernel's portable path (bfloat16 widened to float32 in registers). None for
+    other targets, which keep the Relax bf16 matmul."""
+    if spec.kind != "cpu" or not spec.supports_dtype("bfloat16"):
+        return None
+    target = spec.build_target()
+    if target.kind.name != "llvm":
+        return None
+    return BF16LinearEmitter(has_avx512bf16(target))
+
+
 @register_pass("mixed-precision")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.MixedPrecision")
 class MixedPrecision:
@@ -694,7 +740,9 @@ class MixedPrecision:
             raise PassError(
                 "the mixed-precision pass needs a precision plan: compile with precision='auto' (or a format)"
             )
-        rewriter = _Rewriter(mod["main"], self.plan, self.weight_names, _int8_emitter(self.spec))
+        rewriter = _Rewriter(
+            mod["main"], self.plan, self.weight_names, _int8_emitter(self.spec), _bf16_emitter(self.spec)
+        )
         before = relax_op_histogram(mod)
         mod = rewriter.rewrite(mod)
         after = relax_op_histogram(mod)
