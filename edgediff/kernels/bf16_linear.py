@@ -31,6 +31,7 @@ from edgediff.kernels.bf16_matmul import (
     bf16_matmul_func,
     choose_bf16_tile,
 )
+from edgediff.kernels.register_tile import emit_linear_gemm, emit_packed_weight
 
 # The instruction names the mixed-precision report counts layers under.
 DPBF16_NAME = "avx512-bf16 vdpbf16ps"
@@ -71,18 +72,6 @@ class BF16LinearEmitter:
             self.kernels[key] = bb.add_func(func.with_attr("global_symbol", name), name)
         return self.kernels[key]
 
-    @staticmethod
-    def pack_weight(bb: Any, weight: Any, panel: int) -> Any:
-        """The packed ``[N / P, K / 2, P, 2]`` weight of a stored ``[N, K]`` bfloat16 weight, as Relax ops on
-        the weight only (``lift-weight-transforms`` runs them once, at compile time); the same layout as
-        :func:`~edgediff.kernels.bf16_matmul.pack_bf16_weight` of ``W^T``."""
-        from tvm import relax
-
-        columns, depth = (int(d) for d in weight.ty.shape)
-        # [N, K] -> [N / P, P, K / 2, 2] -> [N / P, K / 2, P, 2]
-        split = bb.emit(relax.op.reshape(weight, [columns // panel, panel, depth // PAIR, PAIR]))
-        return bb.emit(relax.op.permute_dims(split, [0, 2, 1, 3]))
-
     def linear(self, bb: Any, x: Any, weight: Any, bias: Any | None, out_dtype: str) -> Any:
         """``x [..., K] @ W^T (+ bias)`` on the kernel: ``weight`` is the stored ``[N, K]`` bfloat16 weight,
         ``bias`` a float32 ``[N]`` weight or None; the result has ``x``'s leading dimensions and
@@ -97,19 +86,12 @@ class BF16LinearEmitter:
         xb = x if str(x.ty.dtype) == "bfloat16" else bb.emit(relax.op.astype(x, "bfloat16"))
         if len(shape) != 2:
             xb = bb.emit(relax.op.reshape(xb, [rows, depth]))
-        packed = self.pack_weight(bb, weight, tile.panel)
+        # [N, K] -> [N / P, K / 2, P, 2], lifted to compile time
+        packed = emit_packed_weight(bb, weight, tile.panel, PAIR)
         if bias is None:
             bias = relax.const(np.zeros(columns, np.float32))
-        out = bb.emit(
-            relax.call_tir(
-                self.gemm(bb, rows, depth, columns, tile),
-                [xb, packed, bias],
-                relax.TensorType((rows, columns), "float32"),
-            )
-        )
-        if len(shape) != 2:
-            out = bb.emit(relax.op.reshape(out, [*shape[:-1], columns]))
-        return out if out_dtype == "float32" else relax.op.astype(out, out_dtype)
+        gemm = self.gemm(bb, rows, depth, columns, tile)
+        return emit_linear_gemm(bb, gemm, [xb, packed, bias], shape, columns, out_dtype)
 
 
 def kernel_names(functions: Sequence[str]) -> list[str]:
