@@ -416,9 +416,7 @@ class _Rewriter:
     ) -> relax.Expr:
         layer = self.layers[var]
         x = self._subst(bb, call.args[0])
-        if (kernel := self._int8_kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
-            return kernel
-        if (kernel := self._bf16_kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
+        if (kernel := self._kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
             return kernel
         if var not in self.transposed:  # one transpose of the stored (int8 / float16) weight per block
             self.transposed[var] = bb.emit(relax.op.permute_dims(self.stored[var][0], [1, 0]))
@@ -460,7 +458,7 @@ class _Rewriter:
         self.fused_bias[added] = out
         return bias
 
-    def _int8_kernel_linear(
+    def _kernel_linear(
         self,
         bb: relax.BlockBuilder,
         layer: LayerPlan,
@@ -469,53 +467,36 @@ class _Rewriter:
         out: relax.Var,
         dtype: str,
     ) -> relax.Expr | None:
-        """A w8a8 Linear on the int8 GEMM kernel (kernels/int8_linear.py), or None where it does not apply
-        (no kernel for the target, a shape it does not take): then the Relax int8 matmul below."""
+        """A Linear on a GEMM kernel - w8a8 (static or per-token scale) on the int8 kernel
+        (kernels/int8_linear.py), bf16 on the bfloat16 kernel (kernels/bf16_linear.py) - with the bias in
+        the kernel's epilogue, or None where none applies, and then the Relax matmul below: no kernel for
+        the target or the format, activations other than static 2-D / 3-D, or a shape the kernel does not
+        take (a reduction not a multiple of the instruction's step, output columns not whole vectors)."""
         fmt = get_format(layer.format)
-        shape = [int(d) for d in self.stored[var][0].ty.shape]
-        x_shape = static_shape(x)
-        if self.int8_kernel is None or fmt.activations is None or fmt.weight_bits != 8 or x_shape is None:
-            return None
-        columns, depth = shape
-        rows = int(np.prod(x_shape[:-1]))
-        if len(x_shape) not in (2, 3) or not int8_linear_fits(self.int8_kernel.dot, rows, depth, columns):
-            return None
-        self._count(f"{layer.kind} {fmt.name}")
-        self._count(f"int8 kernel ({self.int8_kernel.dot.name})")
-        static = None if fmt.activations != "static" else self._scale_expr(bb, layer.scales or [1.0])
-        bias = self._bias_of(out)
-        if bias is not None:
-            self._count("int8 kernel bias fused")
-        stored = self.stored[var]
-        return self.int8_kernel.linear(bb, x, static, stored[0], stored[1], bias, dtype)
-
-    def _bf16_kernel_linear(
-        self,
-        bb: relax.BlockBuilder,
-        layer: LayerPlan,
-        x: relax.Expr,
-        var: relax.Var,
-        out: relax.Var,
-        dtype: str,
-    ) -> relax.Expr | None:
-        """A bf16 Linear on the bf16 GEMM kernel (kernels/bf16_linear.py), or None where it does not apply
-        (the target lists no bfloat16, a shape the kernel does not take: a dynamic or odd reduction, output
-        columns not whole vectors, activations other than 2-D / 3-D): then the Relax bf16 matmul below."""
-        fmt = get_format(layer.format)
-        x_shape = static_shape(x)
-        if self.bf16_kernel is None or fmt.weight_dtype != "bfloat16" or x_shape is None:
-            return None
         columns, depth = (int(d) for d in self.stored[var][0].ty.shape)
-        rows = int(np.prod(x_shape[:-1]))
-        if len(x_shape) not in (2, 3) or not self.bf16_kernel.fits(rows, depth, columns):
-            self._count("linear bf16 Relax (shape the kernel does not take)")
+        x_shape = static_shape(x)
+        rows = int(np.prod(x_shape[:-1])) if x_shape is not None else None
+        if self.int8_kernel is not None and fmt.activations is not None and fmt.weight_bits == 8:
+            kernel, name = "int8", self.int8_kernel.dot.name
+            fits = int8_linear_fits(self.int8_kernel.dot, rows, depth, columns)
+        elif self.bf16_kernel is not None and fmt.weight_dtype == "bfloat16":
+            kernel, name = "bf16", self.bf16_kernel.name
+            fits = self.bf16_kernel.fits(rows, depth, columns)
+        else:
+            return None
+        if x_shape is None or len(x_shape) not in (2, 3) or not fits:
+            self._count(f"{layer.kind} {fmt.name} Relax (shape the kernel does not take)")
             return None
         self._count(f"{layer.kind} {fmt.name}")
-        self._count(f"bf16 kernel ({self.bf16_kernel.name})")
+        self._count(f"{kernel} kernel ({name})")
         bias = self._bias_of(out)
         if bias is not None:
-            self._count("bf16 kernel bias fused")
-        return self.bf16_kernel.linear(bb, x, self.stored[var][0], bias, dtype)
+            self._count(f"{kernel} kernel bias fused")
+        stored = self.stored[var]
+        if kernel == "bf16":
+            return self.bf16_kernel.linear(bb, x, stored[0], bias, dtype)
+        static = None if fmt.activations != "static" else self._scale_expr(bb, layer.scales or [1.0])
+        return self.int8_kernel.linear(bb, x, static, stored[0], stored[1], bias, dtype)
 
     def _int8_kernel_conv(
         self,
