@@ -22,16 +22,6 @@ from unittest import mock
 import numpy as np
 import torch
 
-# SD 1.5 Linear layers at latent 32x32: tokens x in -> out (attention projections, FF down, GEGLU up)
-CASES = [
-    (1024, 320, 320),
-    (1024, 1280, 320),
-    (1024, 320, 2560),
-    (256, 640, 640),
-    (64, 1280, 1280),
-]
-
-
 def _host_bf16() -> object:
     """The host spec with bfloat16 in its dtypes (its bfloat16 throughput, 2x float32, is an assumption)."""
     from edgediff.targets import load_target
@@ -55,6 +45,7 @@ def main() -> None:
     import tvm
 
     import edgediff
+    from benchmarks.int8_matmul import CASES  # SD 1.5 Linear layers at latent 32x32, as for int8
     from edgediff.passes import mixed_precision
     from edgediff.tools.bench.measure import time_alternating
 

@@ -28,6 +28,7 @@ from edgediff.passes.mixed_precision import _bf16_emitter
 from edgediff.runtime.artifact import load_weights
 from edgediff.targets import TargetSpec
 from tests.conftest import pinned_host
+from tests.precision.test_compile import _calls
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4"}  # AVX512-BF16
 ZNVER3 = {"kind": "llvm", "mcpu": "znver3"}  # AVX2 only
@@ -153,19 +154,6 @@ def test_artifact_matches_a_bf16_torch_reference(host_artifact):
     # the bound is tight enough to see the bfloat16 rounding: unrounded operands are far off it
     unrounded, _ = _reference(model, x, y, rounded=False)
     assert np.abs(got - unrounded).max() > 100 * bound.max()
-
-
-def _calls(func) -> list:
-    from tvm import relax
-
-    found = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
-            found.append(expr)
-
-    relax.analysis.post_order_visit(func, visit)
-    return found
 
 
 @pytest.mark.parametrize(("target", "instruction"), [(ZNVER4, DPBF16_NAME), (ZNVER3, PORTABLE_NAME)])
