@@ -22,6 +22,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+
 def _host_bf16() -> object:
     """The host spec with bfloat16 in its dtypes (its bfloat16 throughput, 2x float32, is an assumption)."""
     from edgediff.targets import load_target

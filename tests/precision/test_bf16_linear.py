@@ -28,10 +28,10 @@ from edgediff.passes.mixed_precision import _bf16_emitter
 from edgediff.runtime.artifact import load_weights
 from edgediff.targets import TargetSpec
 from tests.conftest import pinned_host
+from tests.precision.helpers import ZNVER3, ZNVER4, compile_at, plan_of, rewrite_counts, with_target
 from tests.precision.test_compile import _calls
 
-ZNVER4 = {"kind": "llvm", "mcpu": "znver4"}  # AVX512-BF16
-ZNVER3 = {"kind": "llvm", "mcpu": "znver3"}  # AVX2 only
+# ZNVER4 has AVX512-BF16 (vdpbf16ps), ZNVER3 only AVX2
 KERNEL_LAYERS = ("tokens", "down", "vector")  # the layers whose shapes the kernel takes
 
 
@@ -86,40 +86,32 @@ def _reference(model: FourLinears, x: torch.Tensor, y: torch.Tensor, rounded: bo
     return torch.cat(outs, dim=1).numpy(), torch.cat(bounds, dim=1).numpy()
 
 
-def _host_bf16(target: dict | None = None) -> TargetSpec:
-    """This machine with bfloat16 listed (machine-dependent values pinned), or ``target``'s LLVM target."""
+def host_bf16(target: dict | None = None) -> TargetSpec:
+    """This machine with bfloat16 listed (a host with AVX512-BF16 lists it; the portable kernels run
+    anywhere), machine-dependent values pinned; built for the LLVM ``target`` when one is given."""
     data = pinned_host().to_dict()
     data["name"] = "host-bf16"
     data["dtypes"] = ["float32", "float16", "bfloat16"]
     data["compute"]["peak_gflops"]["bfloat16"] = 300
-    if target is not None:
-        data["tvm"] = {"target": target, "host": None}
-    return TargetSpec.from_dict(data)
+    spec = TargetSpec.from_dict(data)
+    return spec if target is None else with_target(spec, target)
 
 
 def _compile(spec: TargetSpec, out) -> edgediff.Artifact:
-    return edgediff.compile_model(
-        FourLinears(), _inputs(), target=spec, input_names=("x", "y"), output_dir=out, progress=False,
-        precision="bf16",
-    )  # fmt: skip
-
-
-def _rewritten(artifact) -> dict[str, int]:
-    passes = {p["name"]: p["report"] for p in artifact.manifest["passes"]}
-    return passes["mixed-precision"]["rewritten"]
+    return compile_at(FourLinears(), _inputs(), ("x", "y"), spec, out, "bf16")
 
 
 @pytest.fixture(scope="module")
 def host_artifact(tmp_path_factory):
-    return _compile(_host_bf16(), tmp_path_factory.mktemp("bf16-host"))
+    return _compile(host_bf16(), tmp_path_factory.mktemp("bf16-host"))
 
 
 def _host_instruction() -> str:
-    return DPBF16_NAME if has_avx512bf16(_host_bf16().build_target()) else PORTABLE_NAME
+    return DPBF16_NAME if has_avx512bf16(host_bf16().build_target()) else PORTABLE_NAME
 
 
 def test_bf16_linear_layers_run_on_the_kernel(host_artifact):
-    rewritten = _rewritten(host_artifact)
+    rewritten = rewrite_counts(host_artifact)
     assert rewritten["linear bf16"] == 4
     assert rewritten[f"bf16 kernel ({_host_instruction()})"] == 3
     assert rewritten["bf16 kernel bias fused"] == 2  # tokens and down; vector has none
@@ -165,14 +157,10 @@ def test_kernel_calls_in_the_compiled_module(host_artifact, target, instruction)
     from edgediff.frontend.relax_import import import_to_relax
     from edgediff.passes.pipeline import default_pipeline, resolve_pipeline
     from edgediff.passes.runner import run_passes
-    from edgediff.precision.plan import PrecisionPlan
 
-    spec = _host_bf16(target)
+    spec = host_bf16(target)
     imported = import_to_relax(capture(FourLinears(), _inputs(), input_names=("x", "y")))
-    plan = PrecisionPlan.from_dict(
-        {p["name"]: p["report"] for p in host_artifact.manifest["passes"]}["mixed-precision"]["plan"]
-    )
-    options = {"mixed-precision": {"plan": plan, "weight_names": imported.weight_names}}
+    options = {"mixed-precision": {"plan": plan_of(host_artifact), "weight_names": imported.weight_names}}
     names = resolve_pipeline(spec, [*default_pipeline(spec), "mixed-precision"])
     mod, results = run_passes(imported.mod, spec, names, options=options)
     rewritten = next(r.report for r in results if r.name == "mixed-precision").rewritten
@@ -205,8 +193,8 @@ def _objdump(library) -> str:
 
 def test_avx512bf16_build_has_vdpbf16ps(tmp_path):
     """Built for znver4 on any CPU (not run: this checks the machine code, whatever this CPU has)."""
-    artifact = _compile(_host_bf16(ZNVER4), tmp_path / "znver4")
-    assert _rewritten(artifact)[f"bf16 kernel ({DPBF16_NAME})"] == 3
+    artifact = _compile(host_bf16(ZNVER4), tmp_path / "znver4")
+    assert rewrite_counts(artifact)[f"bf16 kernel ({DPBF16_NAME})"] == 3
     asm = _objdump(artifact.path / artifact.manifest["library"]["file"])
     steps = re.findall(r"vdpbf16ps\s+%zmm\d+,\s*%zmm\d+,\s*%zmm\d+", asm)
     # the smallest kernel's register tile alone is >= 2 accumulator vectors, one step each per k pair
@@ -215,8 +203,8 @@ def test_avx512bf16_build_has_vdpbf16ps(tmp_path):
 
 
 def test_avx2_build_has_no_vdpbf16ps(tmp_path):
-    artifact = _compile(_host_bf16(ZNVER3), tmp_path / "znver3")
-    assert _rewritten(artifact)[f"bf16 kernel ({PORTABLE_NAME})"] == 3
+    artifact = _compile(host_bf16(ZNVER3), tmp_path / "znver3")
+    assert rewrite_counts(artifact)[f"bf16 kernel ({PORTABLE_NAME})"] == 3
     asm = _objdump(artifact.path / artifact.manifest["library"]["file"])
     assert "vdpbf16ps" not in asm and "vfmadd" in asm
 
@@ -225,7 +213,7 @@ def test_vdpbf16ps_artifact_runs_where_the_cpu_has_it(host_artifact):
     if _host_instruction() != DPBF16_NAME:
         pytest.skip("this CPU lacks AVX512-BF16: the vdpbf16ps build is checked by its machine code only")
     # the host artifact is the vdpbf16ps one here: test_artifact_matches_a_bf16_torch_reference ran it
-    assert _rewritten(host_artifact)[f"bf16 kernel ({DPBF16_NAME})"] == 3
+    assert rewrite_counts(host_artifact)[f"bf16 kernel ({DPBF16_NAME})"] == 3
     model, (x, y) = FourLinears(), _inputs()
     want, bound = _reference(model, x, y)
     assert np.all(np.abs(host_artifact.load()(x, y) - want) <= bound)
@@ -234,10 +222,10 @@ def test_vdpbf16ps_artifact_runs_where_the_cpu_has_it(host_artifact):
 def test_which_targets_get_the_kernel():
     """vdpbf16ps from the LLVM target's CPU or mattr, the portable path on other CPUs that list bfloat16,
     and no kernel where bfloat16 is not listed (a bf16 build is then refused before the passes)."""
-    assert _bf16_emitter(_host_bf16(ZNVER4)).use_dpbf16
+    assert _bf16_emitter(host_bf16(ZNVER4)).use_dpbf16
     mattr = {"kind": "llvm", "mcpu": "skylake-avx512", "mattr": ["+avx512bf16"]}
-    assert _bf16_emitter(_host_bf16(mattr)).use_dpbf16
-    assert not _bf16_emitter(_host_bf16(ZNVER3)).use_dpbf16
+    assert _bf16_emitter(host_bf16(mattr)).use_dpbf16
+    assert not _bf16_emitter(host_bf16(ZNVER3)).use_dpbf16
     assert _bf16_emitter(pinned_host()) is None
     emitter = BF16LinearEmitter(use_dpbf16=True)
     assert emitter.fits(16, 32, 48) and not emitter.fits(16, 33, 48) and not emitter.fits(16, 32, 24)
