@@ -426,8 +426,8 @@ class _Rewriter:
     def _bias_of(self, out: relax.Var, axis: int = -1) -> relax.Var | None:
         """The bias a Linear's (``axis`` -1) or NCHW conv's (``axis`` 1) only consumer adds (``add(out, b)`` /
         ``add(b, out)``, ``b`` a float32 ``[N]`` weight passed through as it is, or its reshape to ``N`` along
-        ``axis`` and 1 elsewhere, as torch.export writes a conv bias), so that the int8 kernel's epilogue
-        adds it."""
+        ``axis`` and 1 elsewhere, as torch.export writes a conv bias), so that the GEMM kernel's (int8, bf16)
+        epilogue adds it."""
         uses = self.uses.get(out, [])
         if len(uses) != 1 or uses[0] is None or op_name(uses[0]) != "relax.add":
             return None
@@ -610,7 +610,7 @@ class _Rewriter:
                             continue  # a view of a weight whose consumers now read the stored arrays
                         if isinstance(binding, relax.MatchCast):
                             new = bb.match_cast(self._subst(bb, binding.value), binding.ty)
-                        elif binding.var in self.fused_bias:  # the int8 kernel added the bias already
+                        elif binding.var in self.fused_bias:  # the int8 / bf16 kernel added the bias
                             new = self.remap[self.fused_bias[binding.var]]
                             if dataflow and not isinstance(binding.var, relax.DataflowVar):
                                 new = bb.emit_output(new, binding.var.name)
