@@ -19,7 +19,6 @@ Relax path computes (bfloat16 operands, float32 accumulation) up to the float32 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -92,8 +91,3 @@ class BF16LinearEmitter:
             bias = relax.const(np.zeros(columns, np.float32))
         gemm = self.gemm(bb, rows, depth, columns, tile)
         return emit_linear_gemm(bb, gemm, [xb, packed, bias], shape, columns, out_dtype)
-
-
-def kernel_names(functions: Sequence[str]) -> list[str]:
-    """The bf16 GEMM kernels among a module's function names (for reports and tests)."""
-    return [f for f in functions if f.startswith(KERNEL_NAME)]
