@@ -122,9 +122,9 @@ class TileContext:
 
     def slot(self, r: Any, v: Any) -> Any:
         """The lanes of accumulator vector ``(r, v)`` in the flat accumulator buffer."""
-        lanes = self.tile.lanes
         from tvm.script import tirx as T
 
+        lanes = self.tile.lanes
         return T.ramp((r * self.tile.col_vectors + v) * lanes, 1, lanes)
 
     def value(self, r: Any, v: Any) -> Any:
