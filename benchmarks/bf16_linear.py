@@ -47,8 +47,8 @@ def main() -> None:
 
     import edgediff
     from benchmarks.int8_matmul import CASES  # SD 1.5 Linear layers at latent 32x32, as for int8
+    from benchmarks.kernels import least_cpu_ms
     from edgediff.passes import mixed_precision
-    from edgediff.tools.bench.measure import time_alternating
 
     spec = _host_bf16()
     emitter = mixed_precision._bf16_emitter(spec)
@@ -81,8 +81,7 @@ def main() -> None:
                         precision=precision,
                     )  # fmt: skip
                 _add(calls, errors, name, edgediff.load(artifact.path), x, want, dev)
-            times = time_alternating(calls, args.runs, args.warmup, cpu_time=True)
-        ms = {k: min(v) * 1e3 for k, v in times.items()}
+            ms = least_cpu_ms(calls, args.runs, args.warmup)
         print(
             f"{rows} x {depth} -> {columns:<8} {ms['fp32']:>8.3f} {ms['kernel']:>10.3f} {ms['Relax']:>9.3f} "
             f"{ms['fp32'] / ms['kernel']:>11.2f} {ms['Relax'] / ms['kernel']:>12.2f} "
