@@ -40,6 +40,7 @@ from edgediff.kernels.int8_matmul import (
     choose_int8_tile,
     int8_matmul_func,
 )
+from edgediff.kernels.register_tile import emit_linear_gemm, emit_packed_weight
 from edgediff.runtime.quantize import INT8_MAX, INT8_MIN, MIN_SCALE
 
 QUANTIZE_NAME = "int8_quantize_rows"
@@ -154,10 +155,8 @@ class Int8LinearEmitter:
         Relax ops on the weight only: ``lift-weight-transforms`` runs them once, at compile time."""
         from tvm import relax
 
-        columns, depth = (int(d) for d in weight.ty.shape)
-        # [N, K] -> [N / P, P, K / 4, 4] -> [N / P, K / 4, P, 4]
-        split = bb.emit(relax.op.reshape(weight, [columns // panel, panel, depth // DOT_DEPTH, DOT_DEPTH]))
-        packed = bb.emit(relax.op.permute_dims(split, [0, 2, 1, 3]))
+        columns = int(weight.ty.shape[0])
+        packed = emit_packed_weight(bb, weight, panel, DOT_DEPTH)
         if self.dot.compensated:
             sums = relax.op.sum(relax.op.astype(weight, "int32"), axis=[1])
             compensation = bb.emit(relax.op.multiply(sums, relax.const(ACTIVATION_OFFSET, "int32")))
@@ -214,16 +213,10 @@ class Int8LinearEmitter:
         packed, compensation = self.pack_weight(bb, weight, tile.panel)
         if bias is None:
             bias = relax.const(np.zeros(columns, np.float32))
-        out = bb.emit(
-            relax.call_tir(
-                self.gemm(bb, rows, depth, columns, tile),
-                [xq, packed, compensation, a_scale, w_scale, bias],
-                relax.TensorType((rows, columns), "float32"),
-            )
+        gemm = self.gemm(bb, rows, depth, columns, tile)
+        return emit_linear_gemm(
+            bb, gemm, [xq, packed, compensation, a_scale, w_scale, bias], shape, columns, out_dtype
         )
-        if len(shape) != 2:
-            out = bb.emit(relax.op.reshape(out, [*shape[:-1], columns]))
-        return out if out_dtype == "float32" else relax.op.astype(out, out_dtype)
 
 
 def kernel_names(functions: Sequence[str]) -> list[str]:

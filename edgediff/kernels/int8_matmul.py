@@ -30,6 +30,13 @@ from typing import Any
 import numpy as np
 
 from edgediff.errors import PassError
+from edgediff.kernels.register_tile import (
+    RegisterTile,
+    TileContext,
+    choose_register_tile,
+    pack_panels,
+    register_tile_gemm,
+)
 
 DOT_DEPTH = 4  # bytes per 32-bit lane that one dot-product instruction reduces
 ACTIVATION_OFFSET = 128  # uint8 activations of vpdpbusd: int8 a -> a + 128
@@ -98,44 +105,15 @@ def _host_arch() -> str:
     return platform.machine().lower()
 
 
-@dataclass(frozen=True)
-class Int8Tile:
-    """Register tile of the int8 GEMM: ``rows`` x ``col_vectors`` vectors of ``lanes`` int32."""
-
-    rows: int
-    col_vectors: int
-    lanes: int
-
-    @property
-    def panel(self) -> int:
-        """Output columns per weight panel (= per register tile)."""
-        return self.col_vectors * self.lanes
+# The register tile of the int8 GEMM (rows x col_vectors vectors of ``lanes`` int32): the shared one.
+Int8Tile = RegisterTile
 
 
 def choose_int8_tile(dot: DotInstruction, rows: int, columns: int) -> Int8Tile:
-    """The register tile for an ``rows`` x ``columns`` int32 output.
-
-    Accumulators take 3/4 of a 32-register file (the rest hold the broadcast A words and the weight
-    vectors), half of a 16-register one (AVX2's step needs two int16 halves of each operand); among the
-    shapes that fit and divide the output, the one with the most accumulators wins (each loaded weight
-    vector feeds the most rows, each broadcast the most vectors), then the squarest (fewest operand loads
-    per accumulator), then more rows (measured on znver3, benchmarks/int8_matmul.py: 4 x 2 vectors ran 10-15%
-    faster than 2 x 4).
-    """
-    if columns % dot.lanes:
-        raise PassError(f"int8 matmul: {columns} output columns are not a multiple of {dot.lanes} lanes")
-    budget = max(1, dot.registers * 3 // 4 if dot.registers >= 32 else dot.registers // 2)
-    best: tuple[int, int, int, int] | None = None
-    for col_vectors in (4, 3, 2, 1):
-        if (columns // dot.lanes) % col_vectors:
-            continue
-        limit = max(1, budget // col_vectors)
-        tile_rows = max(d for d in range(1, min(rows, limit) + 1) if rows % d == 0)
-        key = (tile_rows * col_vectors, -abs(tile_rows - col_vectors), tile_rows, col_vectors)
-        if best is None or key > best:
-            best = key
-    assert best is not None  # col_vectors 1 always divides
-    return Int8Tile(best[2], best[3], dot.lanes)
+    """The register tile for an ``rows`` x ``columns`` int32 output (:func:`choose_register_tile`: 3/4 of a
+    32-register file, half of a 16-register one, since AVX2's step needs two int16 halves of each
+    operand)."""
+    return choose_register_tile(dot.lanes, rows, columns, dot.registers, "int8 matmul")
 
 
 def pack_int8_weight(
@@ -151,18 +129,11 @@ def pack_int8_weight(
         raise PassError(
             f"int8 weight packing: expected a 2-D int8 array, got {weight.dtype}{list(weight.shape)}"
         )
-    depth, columns = weight.shape
-    if columns % panel:
-        raise PassError(f"int8 weight packing: {columns} columns are not a multiple of the panel {panel}")
-    depth4 = -(-depth // DOT_DEPTH)
-    padded = np.zeros((depth4 * DOT_DEPTH, columns), np.int8)
-    padded[:depth] = weight
-    # [K4, 4, N/P, P] -> [N/P, K4, P, 4]
-    packed = padded.reshape(depth4, DOT_DEPTH, columns // panel, panel).transpose(2, 0, 3, 1)
+    packed = pack_panels(weight, panel, DOT_DEPTH, "int8 weight packing")
     compensation = None
     if compensated:
         compensation = (ACTIVATION_OFFSET * weight.astype(np.int64).sum(axis=0)).astype(np.int32)
-    return np.ascontiguousarray(packed), compensation
+    return packed, compensation
 
 
 def int8_matmul_func(
@@ -199,6 +170,7 @@ def int8_matmul_func(
     block) parallel; k / 4; rows x vectors unrolled, one instruction each.
     """
     from tvm.script import tirx as T
+    from tvm.script.ir_builder.base import IRBuilder
 
     if epilogue not in ("int32", "dequantize"):
         raise PassError(f"int8 matmul: unknown epilogue '{epilogue}' (int32 or dequantize)")
@@ -207,26 +179,23 @@ def int8_matmul_func(
     tile = tile or choose_int8_tile(dot, rows, columns)
     if rows % tile.rows or columns % tile.panel or tile.lanes != dot.lanes:
         raise PassError(f"int8 matmul: tile {tile} does not fit a {rows} x {columns} output ({dot.name})")
-    lanes, vecs, rt, panel = dot.lanes, tile.col_vectors, tile.rows, tile.panel
+    lanes, rt, panel = dot.lanes, tile.rows, tile.panel
     depth4, panels, blocks = depth // DOT_DEPTH, columns // tile.panel, rows // tile.rows
     a_dtype, word = dot.activation_dtype, f"{dot.activation_dtype}x{DOT_DEPTH}"
     acc_vec, byte_vec = f"int32x{lanes}", f"int8x{DOT_DEPTH * lanes}"
     dequantize = epilogue == "dequantize"
     out_dtype = "float32" if dequantize else "int32"
     intrin = _LLVM_INTRINSICS.get(dot.name, "")
-    use_intrin = bool(intrin)  # a Python bool: TVMScript then keeps one branch of the `if`
+    use_intrin = bool(intrin)
     use_pmaddwd = dot.name == AVX2_NAME
     half_vec = f"int16x{2 * lanes}"
     tiles = panels * blocks
-    acc_size = rt * vecs * lanes
-    # the parallel loop's kind: TVMScript takes the loop constructor as a value
-    outer_loop = T.parallel if parallel else T.serial
     batches = batch or 1
     if batches < 1:
         raise PassError(f"int8 matmul: batch {batch} is not a positive count")
     lead = () if batch is None else (batches,)
 
-    # Indices, as Python helpers TVMScript calls with the loop variables. Unbatched, tile t is (panel
+    # Indices, as Python helpers of the loop variables. Unbatched, tile t is (panel
     # t // blocks, row block t % blocks): the original kernel's expressions. Batched, tile t is (batch
     # t // tiles, then the same split of t % tiles), and each buffer gets the batch as its leading index.
     def tile_of(t: Any) -> Any:
@@ -244,143 +213,102 @@ def int8_matmul_func(
     def panel_of(t: Any) -> Any:  # in the flat weight: the batches' panels one after another
         return t // blocks if batch is None else t // tiles * panels + t % tiles // blocks
 
-    @T.prim_func
-    def kernel(
-        a: T.Buffer((*lead, rows, depth), a_dtype),
-        w: T.Buffer((*lead, panels, depth4, panel, DOT_DEPTH), "int8"),
-        compensation: T.Buffer((*lead, columns), "int32"),
-        a_scale: T.Buffer((*lead, rows), "float32"),
-        w_scale: T.Buffer((*lead, columns), "float32"),
-        bias: T.Buffer((columns,), "float32"),
-        out: T.Buffer((*lead, rows, columns), out_dtype),
-    ) -> None:
-        T.func_attr({"global_symbol": KERNEL_NAME, "tirx.noalias": True, "tirx.is_scheduled": True})
-        # a flat view of the packed weight: a strided vector load needs a one-dimensional buffer
-        w_flat = T.decl_buffer((batches * panels * depth4 * panel * DOT_DEPTH,), "int8", data=w.data)
-        for t in outer_loop(batches * tiles):
-            acc = T.decl_buffer((acc_size,), "int32", scope="local")
-            for r in T.unroll(rt):
-                for v in T.unroll(vecs):
-                    acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-            for ko in range(depth4):
-                for r in T.unroll(rt):
-                    for v in T.unroll(vecs):
-                        if use_intrin:
-                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                acc_vec,
-                                T.llvm_lookup_intrinsic_id(intrin),
-                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)],
-                                T.reinterpret(
-                                    byte_vec,
-                                    T.broadcast(
-                                        T.reinterpret("int32", a.vload(batched(t, row(t, r), ko * 4), word)),
-                                        lanes,
-                                    ),
-                                ),
-                                w.vload(batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec),
-                            )
-                        elif use_pmaddwd:
-                            # AVX2: the 4 bytes of a lane (of W and of the broadcast A word) are two int16
-                            # words; shifting left then right (arithmetic) by 8 sign-extends bytes 0 and 2,
-                            # shifting right by 8 bytes 1 and 3; vpmaddwd multiplies the int16 pairs and adds
-                            # each pair into int32: two of them make the exact 4-term dot product
-                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = (
-                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                                + T.call_llvm_pure_intrin(
-                                    acc_vec,
-                                    T.llvm_lookup_intrinsic_id(PMADDWD),
-                                    T.shift_right(
-                                        T.shift_left(
-                                            T.reinterpret(
-                                                half_vec,
-                                                w.vload(
-                                                    batched(t, tile_of(t) // blocks, ko, v * lanes, 0),
-                                                    byte_vec,
-                                                ),
-                                            ),
-                                            T.broadcast(T.int16(8), 2 * lanes),
-                                        ),
-                                        T.broadcast(T.int16(8), 2 * lanes),
-                                    ),
-                                    T.shift_right(
-                                        T.shift_left(
-                                            T.reinterpret(
-                                                half_vec,
-                                                T.broadcast(
-                                                    T.reinterpret(
-                                                        "int32", a.vload(batched(t, row(t, r), ko * 4), word)
-                                                    ),
-                                                    lanes,
-                                                ),
-                                            ),
-                                            T.broadcast(T.int16(8), 2 * lanes),
-                                        ),
-                                        T.broadcast(T.int16(8), 2 * lanes),
-                                    ),
-                                )
-                                + T.call_llvm_pure_intrin(
-                                    acc_vec,
-                                    T.llvm_lookup_intrinsic_id(PMADDWD),
-                                    T.shift_right(
-                                        T.reinterpret(
-                                            half_vec,
-                                            w.vload(
-                                                batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec
-                                            ),
-                                        ),
-                                        T.broadcast(T.int16(8), 2 * lanes),
-                                    ),
-                                    T.shift_right(
-                                        T.reinterpret(
-                                            half_vec,
-                                            T.broadcast(
-                                                T.reinterpret(
-                                                    "int32", a.vload(batched(t, row(t, r), ko * 4), word)
-                                                ),
-                                                lanes,
-                                            ),
-                                        ),
-                                        T.broadcast(T.int16(8), 2 * lanes),
-                                    ),
-                                )
-                            )
-                        else:
-                            # portable: 4 widening multiply-adds on int32 vectors per step
-                            for s in T.unroll(DOT_DEPTH):
-                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)] = acc[
-                                    T.ramp((r * vecs + v) * lanes, 1, lanes)
-                                ] + T.broadcast(
-                                    T.Cast("int32", a[batched(t, row(t, r), ko * 4 + s)]), lanes
-                                ) * T.Cast(
-                                    acc_vec,
-                                    w_flat[
-                                        T.ramp(
-                                            ((panel_of(t) * depth4 + ko) * panel + v * lanes) * DOT_DEPTH + s,
-                                            DOT_DEPTH,
-                                            lanes,
-                                        )
-                                    ],
-                                )
-            for r in T.unroll(rt):
-                for v in T.unroll(vecs):
-                    if dequantize:
-                        out[batched(t, row(t, r), columns_of(t, v))] = (
-                            T.Cast(
-                                f"float32x{lanes}",
-                                acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                                - compensation[batched(t, columns_of(t, v))],
-                            )
-                            * T.broadcast(a_scale[batched(t, row(t, r))], lanes)
-                            * w_scale[batched(t, columns_of(t, v))]
-                            + bias[columns_of(t, v)]
-                        )
-                    else:
-                        out[batched(t, row(t, r), columns_of(t, v))] = (
-                            acc[T.ramp((r * vecs + v) * lanes, 1, lanes)]
-                            - compensation[batched(t, columns_of(t, v))]
-                        )
+    def a_word(ctx: TileContext, t: Any, r: Any, ko: Any) -> Any:
+        """Row r's 4 activations at k-step ko as one 32-bit word, broadcast to every lane."""
+        return T.broadcast(
+            T.reinterpret("int32", ctx.buffers["a"].vload(batched(t, row(t, r), ko * 4), word)), lanes
+        )
 
-    return kernel
+    def w_bytes(ctx: TileContext, t: Any, v: Any, ko: Any) -> Any:
+        """Vector v's ``[lanes, 4]`` weight block at k-step ko."""
+        return ctx.buffers["w"].vload(batched(t, tile_of(t) // blocks, ko, v * lanes, 0), byte_vec)
+
+    def sign_extend_low(halves: Any) -> Any:  # bytes 0 and 2 of each lane as int16
+        eight = T.broadcast(T.int16(8), 2 * lanes)
+        return T.shift_right(T.shift_left(halves, eight), eight)
+
+    def sign_extend_high(halves: Any) -> Any:  # bytes 1 and 3 of each lane as int16
+        return T.shift_right(halves, T.broadcast(T.int16(8), 2 * lanes))
+
+    def pmaddwd(w_halves: Any, a_halves: Any) -> Any:
+        return T.call_llvm_pure_intrin(acc_vec, T.llvm_lookup_intrinsic_id(PMADDWD), w_halves, a_halves)
+
+    def step(ctx: TileContext, t: Any, r: Any, v: Any, ko: Any) -> None:
+        if use_intrin:
+            ctx.update(
+                r,
+                v,
+                T.call_llvm_pure_intrin(
+                    acc_vec,
+                    T.llvm_lookup_intrinsic_id(intrin),
+                    ctx.value(r, v),
+                    T.reinterpret(byte_vec, a_word(ctx, t, r, ko)),
+                    w_bytes(ctx, t, v, ko),
+                ),
+            )
+        elif use_pmaddwd:
+            # AVX2: the 4 bytes of a lane (of W and of the broadcast A word) are two int16 words; shifting
+            # left then right (arithmetic) by 8 sign-extends bytes 0 and 2, shifting right by 8 bytes 1 and
+            # 3; vpmaddwd multiplies the int16 pairs and adds each pair into int32: two of them make the
+            # exact 4-term dot product
+            w_halves = T.reinterpret(half_vec, w_bytes(ctx, t, v, ko))
+            a_halves = T.reinterpret(half_vec, a_word(ctx, t, r, ko))
+            ctx.update(
+                r,
+                v,
+                ctx.value(r, v)
+                + pmaddwd(sign_extend_low(w_halves), sign_extend_low(a_halves))
+                + pmaddwd(sign_extend_high(w_halves), sign_extend_high(a_halves)),
+            )
+        else:
+            # portable: 4 widening multiply-adds on int32 vectors per step
+            with T.unroll(DOT_DEPTH) as s:
+                IRBuilder.name("s", s)
+                w_column = T.ramp(
+                    ((panel_of(t) * depth4 + ko) * panel + v * lanes) * DOT_DEPTH + s, DOT_DEPTH, lanes
+                )
+                ctx.update(
+                    r,
+                    v,
+                    ctx.value(r, v)
+                    + T.broadcast(T.Cast("int32", ctx.buffers["a"][batched(t, row(t, r), ko * 4 + s)]), lanes)
+                    * T.Cast(acc_vec, ctx.buffers["w_flat"][w_column]),
+                )
+
+    def epilogue(ctx: TileContext, t: Any, r: Any, v: Any) -> None:
+        compensated = ctx.value(r, v) - ctx.buffers["compensation"][batched(t, columns_of(t, v))]
+        if dequantize:
+            value = (
+                T.Cast(f"float32x{lanes}", compensated)
+                * T.broadcast(ctx.buffers["a_scale"][batched(t, row(t, r))], lanes)
+                * ctx.buffers["w_scale"][batched(t, columns_of(t, v))]
+                + ctx.buffers["bias"][columns_of(t, v)]
+            )
+        else:
+            value = compensated
+        T.buffer_store(ctx.buffers["out"], value, list(batched(t, row(t, r), columns_of(t, v))))
+
+    return register_tile_gemm(
+        KERNEL_NAME,
+        [
+            ("a", (*lead, rows, depth), a_dtype),
+            ("w", (*lead, panels, depth4, panel, DOT_DEPTH), "int8"),
+            ("compensation", (*lead, columns), "int32"),
+            ("a_scale", (*lead, rows), "float32"),
+            ("w_scale", (*lead, columns), "float32"),
+            ("bias", (columns,), "float32"),
+            ("out", (*lead, rows, columns), out_dtype),
+        ],
+        tile,
+        tiles=batches * tiles,
+        depth_steps=depth4,
+        acc_dtype="int32",
+        step=step,
+        epilogue=epilogue,
+        # a flat view of the packed weight: a strided vector load needs a one-dimensional buffer
+        views=[("w_flat", (batches * panels * depth4 * panel * DOT_DEPTH,), "int8", "w")],
+        parallel=parallel,
+    )
 
 
 _LLVM_INTRINSICS = {

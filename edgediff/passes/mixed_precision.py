@@ -32,6 +32,8 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.kernels.bf16_linear import BF16LinearEmitter
+from edgediff.kernels.bf16_matmul import has_avx512bf16
 from edgediff.kernels.int8_attention import Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
 from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
@@ -175,10 +177,12 @@ class _Rewriter:
         plan: PrecisionPlan,
         weight_names: Sequence[str],
         int8_kernel: Int8LinearEmitter | None = None,
+        bf16_kernel: BF16LinearEmitter | None = None,
     ) -> None:
         self.func = func
         self.plan = plan
         self.int8_kernel = int8_kernel  # w8a8 Linear layers on the int8 GEMM kernel (None: Relax matmul)
+        self.bf16_kernel = bf16_kernel  # bf16 Linear layers on the bf16 GEMM kernel (None: Relax matmul)
         self.int8_conv = Int8Conv2dEmitter(int8_kernel) if int8_kernel is not None else None  # ... and convs
         self.fused_bias: dict[relax.Var, relax.Var] = {}  # bias add -> the matmul whose kernel adds it
         num_input = int(func.attrs["num_input"])
@@ -412,7 +416,7 @@ class _Rewriter:
     ) -> relax.Expr:
         layer = self.layers[var]
         x = self._subst(bb, call.args[0])
-        if (kernel := self._int8_kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
+        if (kernel := self._kernel_linear(bb, layer, x, var, out, out_dtype)) is not None:
             return kernel
         if var not in self.transposed:  # one transpose of the stored (int8 / float16) weight per block
             self.transposed[var] = bb.emit(relax.op.permute_dims(self.stored[var][0], [1, 0]))
@@ -422,8 +426,8 @@ class _Rewriter:
     def _bias_of(self, out: relax.Var, axis: int = -1) -> relax.Var | None:
         """The bias a Linear's (``axis`` -1) or NCHW conv's (``axis`` 1) only consumer adds (``add(out, b)`` /
         ``add(b, out)``, ``b`` a float32 ``[N]`` weight passed through as it is, or its reshape to ``N`` along
-        ``axis`` and 1 elsewhere, as torch.export writes a conv bias), so that the int8 kernel's epilogue
-        adds it."""
+        ``axis`` and 1 elsewhere, as torch.export writes a conv bias), so that the GEMM kernel's (int8, bf16)
+        epilogue adds it."""
         uses = self.uses.get(out, [])
         if len(uses) != 1 or uses[0] is None or op_name(uses[0]) != "relax.add":
             return None
@@ -454,7 +458,7 @@ class _Rewriter:
         self.fused_bias[added] = out
         return bias
 
-    def _int8_kernel_linear(
+    def _kernel_linear(
         self,
         bb: relax.BlockBuilder,
         layer: LayerPlan,
@@ -463,24 +467,35 @@ class _Rewriter:
         out: relax.Var,
         dtype: str,
     ) -> relax.Expr | None:
-        """A w8a8 Linear on the int8 GEMM kernel (kernels/int8_linear.py), or None where it does not apply
-        (no kernel for the target, a shape it does not take): then the Relax int8 matmul below."""
+        """A Linear on a GEMM kernel - w8a8 (static or per-token scale) on the int8 kernel
+        (kernels/int8_linear.py), bf16 on the bfloat16 kernel (kernels/bf16_linear.py) - with the bias in
+        the kernel's epilogue, or None where none applies, and then the Relax matmul below: no kernel for
+        the target or the format, activations other than static 2-D / 3-D, or a shape the kernel does not
+        take (a reduction not a multiple of the instruction's step, output columns not whole vectors)."""
         fmt = get_format(layer.format)
-        shape = [int(d) for d in self.stored[var][0].ty.shape]
+        columns, depth = (int(d) for d in self.stored[var][0].ty.shape)
         x_shape = static_shape(x)
-        if self.int8_kernel is None or fmt.activations is None or fmt.weight_bits != 8 or x_shape is None:
+        rows = int(np.prod(x_shape[:-1])) if x_shape is not None else None
+        if self.int8_kernel is not None and fmt.activations is not None and fmt.weight_bits == 8:
+            kernel, name = "int8", self.int8_kernel.dot.name
+            fits = int8_linear_fits(self.int8_kernel.dot, rows, depth, columns)
+        elif self.bf16_kernel is not None and fmt.weight_dtype == "bfloat16":
+            kernel, name = "bf16", self.bf16_kernel.name
+            fits = self.bf16_kernel.fits(rows, depth, columns)
+        else:
             return None
-        columns, depth = shape
-        rows = int(np.prod(x_shape[:-1]))
-        if len(x_shape) not in (2, 3) or not int8_linear_fits(self.int8_kernel.dot, rows, depth, columns):
+        if x_shape is None or len(x_shape) not in (2, 3) or not fits:
+            self._count(f"{layer.kind} {fmt.name} Relax (shape the kernel does not take)")
             return None
         self._count(f"{layer.kind} {fmt.name}")
-        self._count(f"int8 kernel ({self.int8_kernel.dot.name})")
-        static = None if fmt.activations != "static" else self._scale_expr(bb, layer.scales or [1.0])
+        self._count(f"{kernel} kernel ({name})")
         bias = self._bias_of(out)
         if bias is not None:
-            self._count("int8 kernel bias fused")
+            self._count(f"{kernel} kernel bias fused")
         stored = self.stored[var]
+        if kernel == "bf16":
+            return self.bf16_kernel.linear(bb, x, stored[0], bias, dtype)
+        static = None if fmt.activations != "static" else self._scale_expr(bb, layer.scales or [1.0])
         return self.int8_kernel.linear(bb, x, static, stored[0], stored[1], bias, dtype)
 
     def _int8_kernel_conv(
@@ -595,7 +610,7 @@ class _Rewriter:
                             continue  # a view of a weight whose consumers now read the stored arrays
                         if isinstance(binding, relax.MatchCast):
                             new = bb.match_cast(self._subst(bb, binding.value), binding.ty)
-                        elif binding.var in self.fused_bias:  # the int8 kernel added the bias already
+                        elif binding.var in self.fused_bias:  # the int8 / bf16 kernel added the bias
                             new = self.remap[self.fused_bias[binding.var]]
                             if dataflow and not isinstance(binding.var, relax.DataflowVar):
                                 new = bb.emit_output(new, binding.var.name)
@@ -671,6 +686,18 @@ def _int8_emitter(spec: TargetSpec) -> Int8LinearEmitter | None:
     return None if dot.name == "portable" else Int8LinearEmitter(dot)
 
 
+def _bf16_emitter(spec: TargetSpec) -> BF16LinearEmitter | None:
+    """The bf16 GEMM kernel for a CPU target that lists bfloat16: ``vdpbf16ps`` where its LLVM target has
+    AVX512-BF16, else the kernel's portable path (bfloat16 widened to float32 in registers). None for
+    other targets, which keep the Relax bf16 matmul."""
+    if spec.kind != "cpu" or not spec.supports_dtype("bfloat16"):
+        return None
+    target = spec.build_target()
+    if target.kind.name != "llvm":
+        return None
+    return BF16LinearEmitter(has_avx512bf16(target))
+
+
 @register_pass("mixed-precision")
 @tvm.transform.module_pass(opt_level=0, name="edgediff.MixedPrecision")
 class MixedPrecision:
@@ -694,7 +721,9 @@ class MixedPrecision:
             raise PassError(
                 "the mixed-precision pass needs a precision plan: compile with precision='auto' (or a format)"
             )
-        rewriter = _Rewriter(mod["main"], self.plan, self.weight_names, _int8_emitter(self.spec))
+        rewriter = _Rewriter(
+            mod["main"], self.plan, self.weight_names, _int8_emitter(self.spec), _bf16_emitter(self.spec)
+        )
         before = relax_op_histogram(mod)
         mod = rewriter.rewrite(mod)
         after = relax_op_histogram(mod)

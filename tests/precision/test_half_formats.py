@@ -19,19 +19,14 @@ from edgediff.precision.assignment import candidate_formats, require_supported
 from edgediff.precision.quantizers import get_format, quantize_weight, stored_nbytes
 from edgediff.precision.sensitivity import FakeQuant
 from edgediff.targets import TargetSpec
-from tests.conftest import pinned_host
 from tests.precision.helpers import compile_at, mixed_precision_report, rewrite_counts
+from tests.precision.test_bf16_linear import host_bf16 as bf16_host
 
 
 @pytest.fixture(scope="module")
 def host_bf16() -> TargetSpec:
-    """This machine with bfloat16 listed (a host with AVX512-BF16 lists it; the portable kernels run
-    anywhere), machine-dependent values pinned."""
-    data = pinned_host().to_dict()
-    data["name"] = "host-bf16"
-    data["dtypes"] = ["float32", "float16", "bfloat16"]
-    data["compute"]["peak_gflops"]["bfloat16"] = 300
-    return TargetSpec.from_dict(data)
+    """This machine with bfloat16 listed, machine-dependent values pinned (test_bf16_linear.host_bf16)."""
+    return bf16_host()
 
 
 def test_candidates_follow_the_target_dtypes():
