@@ -80,15 +80,21 @@ def pinned_host(name: str = "host-pinned", **compute: int) -> TargetSpec:
     return TargetSpec.from_dict(data)
 
 
+def pinned_host_with(dtype: str) -> TargetSpec:
+    """:func:`pinned_host` with ``dtype`` (int8, bfloat16) added at 300 GFLOP/s, named ``host-<dtype>``
+    (``host-int8``, ``host-bf16``): artifacts of that format that run here, with plans that do not depend
+    on the machine."""
+    data = pinned_host().to_dict()
+    data["name"] = "host-" + {"bfloat16": "bf16"}.get(dtype, dtype)
+    data["dtypes"] = [*PINNED_HOST_DTYPES, dtype]
+    data["compute"]["peak_gflops"][dtype] = 300
+    return TargetSpec.from_dict(data)
+
+
 @pytest.fixture(scope="session")
 def host_int8() -> TargetSpec:
-    """This machine with int8 in its dtypes (x86 has VNNI / pmaddubsw): int8 artifacts that run here, with
-    the machine-dependent spec values pinned (their plans must not depend on the machine)."""
-    data = pinned_host().to_dict()
-    data["name"] = "host-int8"
-    data["dtypes"] = ["float32", "float16", "int8"]
-    data["compute"]["peak_gflops"]["int8"] = 300
-    return TargetSpec.from_dict(data)
+    """This machine with int8 in its dtypes (x86 has VNNI / pmaddubsw): int8 artifacts that run here."""
+    return pinned_host_with("int8")
 
 
 @pytest.fixture(scope="module")

@@ -356,7 +356,7 @@ def plan_merge(manifest: Mapping[str, Any], layers: list[LoraLayer], where: str)
             continue
         weight = modules[module]
         quant = plan.get(weight)
-        fmt = quant["format"] if quant and quant["format"] not in ("fp32", "fp16") else None
+        fmt = quant["format"] if quant and _requantizes(quant["format"]) else None
         stored = by_source.get(weight, [])
         for tensor in stored:
             reason = _refusal(tensor)
@@ -429,6 +429,14 @@ def merged_tensors(targets: list[MergeTarget], scale: float, read: Any) -> dict[
     return out
 
 
+def _requantizes(fmt: str) -> bool:
+    """Whether a layer at format ``fmt`` stores integers and scales that a merge re-quantizes; float formats
+    (fp32, fp16, fp16-acc16, bf16) store the weight itself, which takes the delta in place."""
+    from edgediff.runtime import quantize as q
+
+    return q.get_format(fmt).weight_bits not in (16, 32)
+
+
 def _requantized(target: MergeTarget, delta: np.ndarray, read: Any) -> dict[int, np.ndarray]:
     """A quantized layer: dequantize the stored integers, add the delta, quantize again with the plan's
     format (the compiler's own numpy quantizer), and store both the integers and the scales."""
@@ -456,7 +464,7 @@ def mergeable_summary(manifest: Mapping[str, Any]) -> str:
     weights = {t.source for t in tensors if t.source.endswith(".weight") and _rank(t) in (2, 4)}
     weights |= {w for w, layer in plan.items() if len(layer.get("weight_shape", [])) in (2, 4)}
     refused = {t.source for t in tensors if t.source in weights and _refusal(t)}
-    quantized = {w for w, layer in plan.items() if layer["format"] not in ("fp32", "fp16")}
+    quantized = {w for w, layer in plan.items() if _requantizes(layer["format"])}
     text = f"{len(weights) - len(refused)} linear/conv weights take a LoRA at load time (--lora)"
     if quantized:
         text += f", {len(quantized - refused)} of them re-quantized"

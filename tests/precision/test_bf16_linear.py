@@ -27,7 +27,7 @@ from edgediff.kernels.bf16_matmul import KERNEL_NAME, has_avx512bf16, pack_bf16_
 from edgediff.passes.mixed_precision import _bf16_emitter
 from edgediff.runtime.artifact import load_weights
 from edgediff.targets import TargetSpec
-from tests.conftest import pinned_host
+from tests.conftest import pinned_host, pinned_host_with
 from tests.precision.helpers import ZNVER3, ZNVER4, compile_at, plan_of, rewrite_counts, with_target
 from tests.precision.test_compile import _calls
 
@@ -89,11 +89,7 @@ def _reference(model: FourLinears, x: torch.Tensor, y: torch.Tensor, rounded: bo
 def host_bf16(target: dict | None = None) -> TargetSpec:
     """This machine with bfloat16 listed (a host with AVX512-BF16 lists it; the portable kernels run
     anywhere), machine-dependent values pinned; built for the LLVM ``target`` when one is given."""
-    data = pinned_host().to_dict()
-    data["name"] = "host-bf16"
-    data["dtypes"] = ["float32", "float16", "bfloat16"]
-    data["compute"]["peak_gflops"]["bfloat16"] = 300
-    spec = TargetSpec.from_dict(data)
+    spec = pinned_host_with("bfloat16")
     return spec if target is None else with_target(spec, target)
 
 

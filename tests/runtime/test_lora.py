@@ -298,3 +298,40 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
     got = read_safetensors(tmp_path / "t.safetensors")
     for name, value in tensors.items():
         np.testing.assert_array_equal(got[name], value.float().numpy() if name == "c" else value.numpy())
+
+
+def test_bf16_layers_take_the_delta_in_place_and_kernel_packed_ones_are_refused(zoo_model, tmp_path):
+    """bf16 stores the weight itself (no scales): a LoRA on a bf16 conv is added to it and rounded once to
+    bfloat16; a Linear packed for the bf16 GEMM kernel is refused with the reason, not merged wrongly."""
+    import ml_dtypes
+
+    from edgediff import compile_model
+    from tests.conftest import pinned_host_with
+
+    artifact = compile_model(
+        MODEL,
+        target=pinned_host_with("bfloat16"),
+        precision="bf16",
+        output_dir=tmp_path / "a",
+        progress=False,
+    )
+    zm = zoo_model(MODEL)
+    lora = _make_lora(zm.module)
+    convs = {path: pair for path, pair in lora.items() if path.endswith(("conv1", "proj_in"))}
+    module = artifact.load()
+    state = module.set_lora(Lora.load(_save(convs, "peft", tmp_path / "convs.safetensors"), 1.0))
+    assert state["layers"] == len(convs) and state["requantized"] == 0
+    fused = _fused_with_diffusers(zm.module, convs, 1.0, None).state_dict()
+    for target in plan_merge(module.manifest, Lora.load(tmp_path / "convs.safetensors").layers, "test"):
+        (tensor,) = target.stored
+        assert module._merged[tensor.index].dtype == ml_dtypes.bfloat16
+        stored = from_stored(module.read_weight(tensor.index), tensor, target.weight_shape)
+        delta = fused[target.weight].numpy() - zm.module.state_dict()[target.weight].numpy()
+        expected = (stored.astype(np.float32) + delta).astype(ml_dtypes.bfloat16)
+        got = from_stored(module._merged[tensor.index], tensor, target.weight_shape)
+        # the same one rounding, up to the float32 delta's own rounding (one bfloat16 step at a tie)
+        step = np.abs(expected.astype(np.float32)) * 2.0**-7
+        assert np.all(np.abs(got.astype(np.float32) - expected.astype(np.float32)) <= step + 1e-12)
+    linear = {path: pair for path, pair in lora.items() if path.endswith("to_q")}
+    with pytest.raises(LoraError, match=r"cannot merge LoRA layer .*to_q.* stored as"):
+        module.set_lora(Lora.load(_save(linear, "peft", tmp_path / "linear.safetensors"), 1.0))
