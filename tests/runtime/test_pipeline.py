@@ -280,8 +280,9 @@ def test_ctrl_c_exits_cleanly_without_a_partial_png(artifact_set, tmp_path):
         _read_until(terminal, r"\b[1-9]\d*/1000\b", timeout=300)
         assert process.poll() is None, "generation finished before it could be interrupted"
         os.kill(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
-        stderr = _read_until(terminal, r"interrupted", timeout=30)
+        # drain the terminal while the child winds down: a full pty buffer would block its last writes
+        stderr = _read_until(terminal, r"interrupted", timeout=120)
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
