@@ -306,7 +306,8 @@ class _Rewriter(relax.PyExprMutator):
         ):
             weight = self.values[weight].args[0]
         if isinstance(weight, relax.Var) and weight not in self.values:
-            return weight.name.removeprefix("p_").removesuffix("_weight")
+            # (a quantized layer's stored weight is named after the torch parameter: ``conv.weight``)
+            return weight.name.removeprefix("p_").removesuffix("_weight").removesuffix(".weight")
         return self.binding
 
     def visit_call_(self, call: Any) -> Any:
