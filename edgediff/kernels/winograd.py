@@ -107,8 +107,21 @@ class ConvShape:
     w: int
     k: int
     pad: tuple[int, int, int, int]  # top, left, bottom, right
-    dtype: str  # data and weight (what the GEMM reads)
+    dtype: str  # data and transformed weight (what the GEMM reads)
     out_dtype: str
+    # the stored weight's dtype when it differs from ``dtype``: an integer weight of a weight-only (``w8``)
+    # layer, cast by the weight transform, which then runs on every call (its float result would store the
+    # weight as float again, so ``lift-weight-transforms`` keeps it un-lifted)
+    weight_dtype: str = ""
+
+    @property
+    def stored_weight_dtype(self) -> str:
+        return self.weight_dtype or self.dtype
+
+    @property
+    def weight_at_run_time(self) -> bool:
+        """Whether the weight transform runs on every call (an integer weight) instead of at compile time."""
+        return self.stored_weight_dtype != self.dtype
 
     @property
     def out_h(self) -> int:
@@ -122,7 +135,8 @@ class ConvShape:
         return -(-self.out_h // m), -(-self.out_w // m)
 
     def describe(self) -> str:
-        return f"{self.c}->{self.k} {self.h}x{self.w} {self.dtype}"
+        weight = f" ({self.weight_dtype} weight)" if self.weight_at_run_time else ""
+        return f"{self.c}->{self.k} {self.h}x{self.w} {self.dtype}{weight}"
 
 
 def padded_tiles(shape: ConvShape, m: int, multiple: int) -> int:

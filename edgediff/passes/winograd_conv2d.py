@@ -19,6 +19,13 @@ of the rest the target's roofline cost model picks the fastest, a Winograd varia
 least ``min_speedup`` (1.5x) faster than the direct conv: small layers do not pay for three kernels and
 padded tiles, and a rewritten layer's stored weights grow alpha^2/9 times.
 
+Weight-only int8 layers (``w8``: float data, an int8 weight, the per-channel scale on the conv's output,
+which commutes with the transform) are eligible too: their weight stays int8 in weights.bin, and the weight
+transform casts it and runs on every call (``lift-weight-transforms`` keeps a widening transform
+un-lifted). It is charged to the layer in the cost model (reading the int8 weight, writing U) and adds no
+stored bytes, so the weight budget does not limit these layers; the direct w8 conv is charged one byte per
+weight.
+
 The transform matrices come from the Cook-Toom construction over the interpolation points 0, +-1, +-2,
 +-1/2 and infinity (Lavin & Gray 2016; the points ncnn uses for F(6x6,3x3)), computed exactly with
 fractions; each row's Lagrange denominator moves from B^T into G so that B^T and A^T hold small numbers.
@@ -36,6 +43,7 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
+from edgediff.kernels.dequantize import is_weight_only
 from edgediff.kernels.winograd import (
     KERNEL,
     TILE_SIZES,
@@ -84,19 +92,21 @@ def _nonzeros(matrix: np.ndarray) -> int:
 
 def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_multiple: int) -> float:
     """Roofline time of the direct conv (``m=None``) or of the three Winograd kernels (weight transform
-    lifted to compile time).
+    lifted to compile time), plus the weight transform itself where it runs on every call (an integer
+    weight, ``shape.weight_at_run_time``).
 
     Each kernel is charged its arithmetic (the transforms only their non-zero coefficients), its DRAM
     traffic, intermediates included (V and M are written by one kernel and read by the next, and U is
     alpha^2/9 times the weight's bytes), and one launch.
     """
     size = DTYPE_BITS[shape.dtype] // 8
+    weight_size = DTYPE_BITS[shape.stored_weight_dtype] // 8
     out_size = DTYPE_BITS[shape.out_dtype] // 8
     dtype = shape.dtype
     x_elems, y_elems = shape.n * shape.c * shape.h * shape.w, shape.n * shape.k * shape.out_h * shape.out_w
     if m is None:
         flops = 2.0 * y_elems * shape.c * KERNEL * KERNEL
-        traffic = size * (x_elems + shape.k * shape.c * KERNEL * KERNEL) + out_size * y_elems
+        traffic = size * x_elems + weight_size * shape.k * shape.c * KERNEL * KERNEL + out_size * y_elems
         return cost.estimate_seconds(flops, traffic, dtype) + LAUNCH_SECONDS
     mats = winograd_matrices(m)
     alpha2 = mats.alpha**2
@@ -113,7 +123,17 @@ def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_mult
     output_t = cost.estimate_seconds(
         2.0 * _nonzeros(mats.A) ** 2 * shape.k * tiles, out_size * (m_elems + y_elems), dtype
     )
-    return input_t + gemm + output_t + 3 * LAUNCH_SECONDS
+    total = input_t + gemm + output_t + 3 * LAUNCH_SECONDS
+    if shape.weight_at_run_time:
+        # U = G g G^T on every call: the integer weight read, U written (and read again by the GEMM,
+        # charged there); each U entry sums its non-zero G[xi, a] G[nu, b] taps
+        pairs = shape.k * shape.c
+        total += LAUNCH_SECONDS + cost.estimate_seconds(
+            2.0 * _nonzeros(mats.G) ** 2 * pairs,
+            weight_size * KERNEL * KERNEL * pairs + size * alpha2 * pairs,
+            dtype,
+        )
+    return total
 
 
 @cache
@@ -159,12 +179,15 @@ class LayerChoice:
 
     @property
     def weight_bytes(self) -> int:
-        return self.shape.k * self.shape.c * KERNEL * KERNEL * DTYPE_BITS[self.shape.dtype] // 8
+        return self.shape.k * self.shape.c * KERNEL * KERNEL * DTYPE_BITS[self.shape.stored_weight_dtype] // 8
 
     def extra_bytes(self, variant: str) -> int:
-        """Bytes the stored weight grows by when ``variant`` is chosen (alpha^2/9 - 1 times the weight)."""
+        """Bytes the stored weight grows by when ``variant`` is chosen (alpha^2/9 - 1 times the weight; none
+        for an integer weight, which is stored as it is and transformed on every call)."""
         m = variant_tile(variant)
-        return self.weight_bytes * (m + 2) ** 2 // 9 - self.weight_bytes if m else 0
+        if not m or self.shape.weight_at_run_time:
+            return 0
+        return self.weight_bytes * (m + 2) ** 2 // 9 - self.weight_bytes
 
     @property
     def estimated_speedup(self) -> float:
@@ -214,8 +237,8 @@ def _variant_name(value: Any) -> str:
 
 
 def eligible_conv(call: Any) -> ConvShape | None:
-    """The shape of a conv2d the rewrite handles (3x3, stride 1, dilation 1, groups 1, NCHW/OIHW, float,
-    static shapes), else None."""
+    """The shape of a conv2d the rewrite handles (3x3, stride 1, dilation 1, groups 1, NCHW/OIHW, float
+    data, a weight of the data's dtype or a weight-only integer one (``w8``), static shapes), else None."""
     if (
         not isinstance(call, relax.Call)
         or not isinstance(call.op, tvm.ir.Op)
@@ -236,16 +259,27 @@ def eligible_conv(call: Any) -> ConvShape | None:
     if data is None or weight is None or len(data) != 4 or weight[2:] != (KERNEL, KERNEL):
         return None
     dtype = str(call.args[0].ty.dtype)
+    weight_dtype = str(call.args[1].ty.dtype)
     out_dtype = str(call.ty.dtype)
-    if (
-        dtype not in ("float32", "float16")
-        or str(call.args[1].ty.dtype) != dtype
-        or out_dtype not in ("float32", "float16")
-    ):
+    if dtype not in ("float32", "float16") or out_dtype not in ("float32", "float16"):
+        return None
+    # a weight-only int8 conv (mixed-precision: float data, int8 weight, per-channel scale on the output,
+    # which commutes with the transform): the weight transform casts it, on every call
+    if weight_dtype != dtype and not (weight_dtype == "int8" and is_weight_only(weight_dtype, out_dtype)):
         return None
     pad = tuple(int(p) for p in attrs.padding)
     pad = pad * 2 if len(pad) == 2 else pad
-    return ConvShape(data[0], data[1], data[2], data[3], weight[0], pad, dtype, out_dtype)  # type: ignore[arg-type]
+    return ConvShape(
+        data[0],
+        data[1],
+        data[2],
+        data[3],
+        weight[0],
+        pad,  # type: ignore[arg-type]
+        dtype,
+        out_dtype,
+        weight_dtype if weight_dtype != dtype else "",
+    )
 
 
 @relax.expr_functor.mutator
@@ -272,7 +306,8 @@ class _Rewriter(relax.PyExprMutator):
         ):
             weight = self.values[weight].args[0]
         if isinstance(weight, relax.Var) and weight not in self.values:
-            return weight.name.removeprefix("p_").removesuffix("_weight")
+            # (a quantized layer's stored weight is named after the torch parameter: ``conv.weight``)
+            return weight.name.removeprefix("p_").removesuffix("_weight").removesuffix(".weight")
         return self.binding
 
     def visit_call_(self, call: Any) -> Any:
@@ -287,6 +322,8 @@ class _Rewriter(relax.PyExprMutator):
         data, weight = call.args
         tiles = padded_tiles(shape, m, self.decide.tile_multiple(shape))
         # emit_te passes only tensors and plain values through: the rest is bound here
+        # (an integer weight's transform casts it and is kept un-lifted by lift-weight-transforms: it runs
+        # on every call, scheduled by the Winograd rule)
         u = bb.emit_te(
             lambda w: weight_transform_te(w, m, shape.dtype), weight, primfunc_name_hint="winograd_weight"
         )

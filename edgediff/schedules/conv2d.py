@@ -21,6 +21,12 @@ from edgediff.schedules.common import (
     vectorize_innermost,
 )
 
+# The largest float panel of widened int8 weights (one block of output channels, its whole reduction) that
+# a weight-only conv widens once for all its output rows: an L1 data cache (32 KB and up). Widened per
+# 16-channel chunk under every register tile instead, w8 1x1 convs ran 3-11% slower than fp32; a panel in
+# L2 was slower still (640-channel 3x3: 0.80x of fp32, its broadcasts 23 KB apart); benchmarks/w8_conv.py.
+WIDENED_PANEL_BYTES = 32 * 1024
+
 
 class Conv2d(CostModelRule):
     """Schedule a (fused) ``conv2d_nchw`` kernel: the padding stage, the convolution and its epilogue.
@@ -60,20 +66,42 @@ class Conv2d(CostModelRule):
         dtype = output_dtype(sch, conv)
         lanes = self.cost.vector_lanes(dtype)
         tile = choose_register_tile(self.cost, dtype, int(sch.get(f).extent), int(sch.get(x).extent))
-        # int8 weights (weight-only w8): converted a chunk of input channels at a time, see
-        # dequantize_weights
-        chunks = split_for_dequantize(sch, conv, rc)
+        # int8 weights (weight-only w8): the block of output channels' whole weights widened once, shared
+        # by all its output rows and pixel blocks (which then run serially under it, the channel blocks
+        # being the parallel work), when that float panel fits in L1 and the blocks are enough tasks for
+        # every core; else a chunk of input channels at a
+        # time under each register tile, see dequantize_weights
+        reduction = int(sch.get(rc).extent) * int(sch.get(ry).extent) * int(sch.get(rx).extent)
+        blocks = int(sch.get(n).extent) * int(sch.get(f).extent) // tile.rows  # the parallel tasks then
+        panel = (
+            bool(dequantize_stages(sch, conv))
+            and tile.rows * reduction * 4 <= WIDENED_PANEL_BYTES
+            and blocks >= 4 * self.cost.spec.compute.cores
+        )
+        chunks = [rc] if panel else split_for_dequantize(sch, conv, rc)
         tiled = schedule_register_tiled(
-            sch, conv, self.cost, tile, outer=[n, f, y, x], row=f, col=x, reductions=[*chunks, ry, rx]
+            sch,
+            conv,
+            self.cost,
+            tile,
+            outer=[n, f, y, x],
+            row=f,
+            col=x,
+            reductions=[*chunks, ry, rx],
+            parallel=2 if panel else None,
         )
         done = {sch.get(b) for b in (conv, tiled.write_back, *pads, *dequantize_stages(sch, conv))}
         epilogue = [b for b in child_blocks(sch) if sch.get(b) not in done]
         for block in try_inline_all(sch, epilogue) + pads:
             self._schedule_rest(sch, block, lanes)
-        # the widened weights: per chunk of input channels, or around a reduction too short to split
-        dequantize_weights(
-            sch, conv, chunks[0] if len(chunks) > 1 else loop_above(sch, conv, chunks[0]), lanes
-        )
+        # the widened weights: per block of output channels (a heap buffer per task), per chunk of input
+        # channels, or around a reduction too short to split
+        if panel:
+            dequantize_weights(sch, conv, loop_above(sch, conv, tiled.serial[0]), lanes, scope="global")
+        else:
+            dequantize_weights(
+                sch, conv, chunks[0] if len(chunks) > 1 else loop_above(sch, conv, chunks[0]), lanes
+            )
         finish_reduction(sch, conv, tiled, lanes)
         return sch
 

@@ -103,10 +103,15 @@ def test_conv2d_rule_widens_int8_weight_per_chunk(channels):
     sch = Conv2d(CostModel(spec)).apply(te.create_prim_func([x, w, y]), spec.build_target(), False)
     assert sch is not None and widened_in_kernel(sch.mod["main"]) is True
     stage = sch.get_sblock(DEQUANTIZE_BLOCK)
-    assert sch.get(stage).writes[0].source.scope() == "local"
-    # under a reduction chunk of 16 input channels (48), or around the whole (short) reduction (4)
+    # under a reduction chunk of 16 input channels (48), or around the whole (short) reduction (4), in
+    # registers; or, where an output-channel block's float weights fit in L1 and the blocks keep every core
+    # of this machine busy, once per block into a heap buffer (pinned: the test below)
     region = [int(r.extent) for r in sch.get(stage).writes[0].region]
-    assert region[1:] == [min(channels, 16), 3, 3] or region[1] == 1
+    if sch.get(stage).writes[0].source.scope() == "global":
+        assert region[1:] == [channels, 3, 3]
+    else:
+        assert sch.get(stage).writes[0].source.scope() == "local"
+        assert region[1:] == [min(channels, 16), 3, 3] or region[1] == 1
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((1, channels, 9, 9)).astype("float32")
     ws = rng.integers(-127, 128, (24, channels, 3, 3)).astype("int8")
@@ -139,3 +144,38 @@ def test_matmul_rule_widens_each_int8_panel_once_per_row_group():
     want = xs.astype(np.float64) @ dense
     got = _run_kernel(sch, [xs, ws], (40, 64))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_conv2d_rule_widens_a_small_panel_once_per_output_channel_block():
+    """A 1x1 conv whose output-channel block's float weights fit in L1: widened once per block (a heap
+    buffer per task), shared by all the block's output rows, instead of once per register tile."""
+    from tvm import te, topi
+
+    from edgediff.kernels.dequantize import DEQUANTIZE_BLOCK, weight_dequantize_te
+    from edgediff.schedules import Conv2d
+    from edgediff.schedules.common import choose_register_tile, widened_in_kernel
+    from edgediff.targets import CostModel
+    from tests.conftest import pinned_host
+
+    spec = pinned_host(cores=2)  # 128 output channels in blocks of at most 16: 8 tasks, enough for 2 cores
+    x = te.placeholder((1, 64, 6, 16), "float32", name="x")
+    w = te.placeholder((128, 64, 1, 1), "int8", name="w")
+    y = topi.nn.conv2d_nchw(x, weight_dequantize_te(w, "float32"), 1, 0, 1, out_dtype="float32")
+    sch = Conv2d(CostModel(spec)).apply(te.create_prim_func([x, w, y]), spec.build_target(), False)
+    assert sch is not None and widened_in_kernel(sch.mod["main"]) is True
+    stage = sch.get_sblock(DEQUANTIZE_BLOCK)
+    assert sch.get(stage).writes[0].source.scope() == "global"
+    # under the output-channel block loop, above the output rows: each iteration widens the block's
+    # rows x 64 weights, which all its output rows and pixel blocks then read
+    loops = [sch.get(loop) for loop in sch.get_loops(stage)]
+    names = [str(loop.loop_var) for loop in loops]
+    assert "ff_0" in names and not any(name.startswith("yy") for name in names), names
+    inner = int(np.prod([int(loop.extent) for loop in loops[names.index("ff_0") + 1 :]]))
+    rows = choose_register_tile(CostModel(spec), "float32", 128, 16).rows
+    assert inner == rows * 64 and 128 // rows >= 4 * spec.compute.cores
+    rng = np.random.default_rng(0)
+    xs = rng.standard_normal((1, 64, 6, 16)).astype("float32")
+    ws = rng.integers(-127, 128, (128, 64, 1, 1)).astype("int8")
+    want = torch.nn.functional.conv2d(torch.from_numpy(xs), torch.from_numpy(ws.astype("float32")))
+    got = _run_kernel(sch, [xs, ws], tuple(want.shape))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(want.numpy()).max()))
