@@ -274,6 +274,10 @@ def test_ctrl_c_exits_cleanly_without_a_partial_png(artifact_set, tmp_path):
         stdout=subprocess.PIPE,
         stderr=child_side,
         text=True,
+        # Ctrl-C in a terminal reaches a process whose SIGINT is at its default; the test runner's may be
+        # ignored (a pytest-xdist worker, or a run started in the background), and an ignored SIGINT is
+        # inherited and kept ignored by Python
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.close(child_side)
     try:
