@@ -37,17 +37,6 @@ CASES = [
 ]
 
 
-def _int8_spec():
-    from edgediff.targets import TargetSpec, load_target
-
-    data = load_target("host").to_dict()
-    data["name"] = "host-int8"
-    if "int8" not in data["dtypes"]:
-        data["dtypes"] = [*data["dtypes"], "int8"]
-    data["compute"]["peak_gflops"].setdefault("int8", 2 * max(data["compute"]["peak_gflops"].values()))
-    return TargetSpec.from_dict(data)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -61,8 +50,9 @@ def main() -> None:
 
     import edgediff
     from edgediff.kernels.int8_conv2d import IM2COL_NAME, ConvShape, int8_im2col_func
+    from edgediff.tools.bench.quality import host_int8
 
-    spec = _int8_spec()
+    spec = host_int8()
     target, dot = int8_host_target(spec, args.threads, args.runs)
     print(
         f"{'conv':<28} {'fp32 ms':>8} {'int8 ms':>8} {'im2col':>7} {'relax8 ms':>9} "

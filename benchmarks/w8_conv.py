@@ -44,17 +44,6 @@ CASES = [
 ]
 
 
-def _int8_spec():
-    from edgediff.targets import TargetSpec, load_target
-
-    data = load_target("host").to_dict()
-    data["name"] = "host-int8"
-    if "int8" not in data["dtypes"]:
-        data["dtypes"] = [*data["dtypes"], "int8"]
-    data["compute"]["peak_gflops"].setdefault("int8", 2 * max(data["compute"]["peak_gflops"].values()))
-    return TargetSpec.from_dict(data)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -69,8 +58,9 @@ def main() -> None:
 
     import edgediff
     from edgediff.tools.bench.measure import time_alternating
+    from edgediff.tools.bench.quality import host_int8
 
-    spec = _int8_spec()
+    spec = host_int8()
     print(f"{args.threads} thread(s); least CPU time of {args.runs} calls, ms")
     builds = {
         "fp32": {"pass_options": {"winograd-conv2d": {"max_weight_growth": 100.0}}},
