@@ -1,4 +1,5 @@
-"""Weight-only int8 (``w8``) conv2d vs fp32, one SD 1.5 conv at a time: does w8 get fp32's schedules?
+"""Weight-only int8 (``w8``) or int4 (``--precision w4``) conv2d vs fp32, one SD 1.5 conv at a time: does a
+weight-only build get fp32's schedules?
 
 Each case is one ``nn.Conv2d`` (SD 1.5 UNet shapes at latent 32) compiled by edgediff for this host (int8
 added to its dtypes, as ``benchmarks/precision.py`` does): ``fp32`` and ``w8`` with the Winograd pass free to
@@ -50,7 +51,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cases", type=int, nargs="*", help="indices into CASES (default: all)")
+    parser.add_argument("--precision", choices=("w8", "w4"), default="w8", help="the weight-only format")
     args = parser.parse_args()
+    low = args.precision
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
 
@@ -64,14 +67,14 @@ def main() -> None:
     print(f"{args.threads} thread(s); least CPU time of {args.runs} calls, ms")
     builds = {
         "fp32": {"pass_options": {"winograd-conv2d": {"max_weight_growth": 100.0}}},
-        "w8": {"precision": "w8", "pass_options": {"winograd-conv2d": {"max_weight_growth": 100.0}}},
+        low: {"precision": low, "pass_options": {"winograd-conv2d": {"max_weight_growth": 100.0}}},
         "fp32-direct": {"pass_options": {"winograd-conv2d": {"variant": "direct"}}},
-        "w8-direct": {"precision": "w8", "pass_options": {"winograd-conv2d": {"variant": "direct"}}},
+        f"{low}-direct": {"precision": low, "pass_options": {"winograd-conv2d": {"variant": "direct"}}},
     }
     print(
         f"{'conv':<24} "
         + " ".join(f"{name:>12}" for name in builds)
-        + f" {'fp32/w8':>8} {'chosen fp32/w8':>15} {'w8 MB':>6}  max|w8-ref|/max|ref|"
+        + f" {'fp32/' + low:>8} {'chosen fp32/' + low:>15} {low + ' MB':>6}  max|{low}-ref|/max|ref|"
     )
     dev = tvm.cpu()
     cases = [CASES[i] for i in args.cases] if args.cases else CASES
@@ -101,13 +104,13 @@ def main() -> None:
                 k: min(v) * 1e3
                 for k, v in time_alternating(calls, args.runs, args.warmup, cpu_time=True).items()
             }
-        err = float(np.abs(outputs["w8"] - want).max() / np.abs(want).max())
+        err = float(np.abs(outputs[low] - want).max() / np.abs(want).max())
         name = f"{channels}x{size}x{size}->{out_channels} {kernel}x{kernel}"
         print(
             f"{name:<24} "
             + " ".join(f"{times[e]:>12.2f}" for e in builds)
-            + f" {times['fp32'] / times['w8']:>8.2f} {chosen['fp32'] + '/' + chosen['w8']:>15}"
-            + f" {sizes['w8']:>6.2f}  {err:.1e}",
+            + f" {times['fp32'] / times[low]:>8.2f} {chosen['fp32'] + '/' + chosen[low]:>15}"
+            + f" {sizes[low]:>6.2f}  {err:.1e}",
             flush=True,
         )
 

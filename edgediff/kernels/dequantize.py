@@ -1,4 +1,4 @@
-"""Weight-only quantized conv2d as TE: the integer weight widened by a stage of its own inside the kernel.
+"""Weight-only quantized weights as TE: an int8 conv2d weight widened inside the kernel, and the int4 unpack.
 
 Relax's conv2d of an int8 weight with a float output casts each weight element inside the reduction; the
 register-tiled schedule then pays a scalar load, sign extension and conversion for every broadcast weight.
@@ -6,13 +6,23 @@ With the widening as a separate stage of the same kernel (``DEQUANTIZE_BLOCK``),
 (``schedules/common.py``: ``dequantize_weights``) compute it chunk by chunk into a small float buffer under
 the reduction, vectorized, and the micro-kernel is the fp32 one. The per-channel scale is not here: it
 commutes with the reduction and stays on the output, fused into the kernel's epilogue.
+
+An int4 (``w4``) weight is two nibbles a byte with one scale per group of inputs, which does not commute with
+the reduction: :func:`int4_weight_te` unpacks it to float as one kernel (``INT4_DEQUANTIZE``), and
+:func:`int4_weight_loader` gives the same element as an expression, so that a consumer that transforms the
+weight anyway (the Winograd weight transform) reads the packed nibbles directly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from edgediff.runtime.quantize import INT4_OFFSET
 from edgediff.schedules.common import DEQUANTIZE_BLOCK
+
+# The PrimFunc name of the int4 unpack kernel (its Relax call is how passes recognise an int4 weight).
+INT4_DEQUANTIZE = "dequantize_int4"
 
 
 def is_weight_only(weight_dtype: str, out_dtype: str) -> bool:
@@ -25,6 +35,36 @@ def weight_dequantize_te(weight: Any, dtype: str) -> Any:
     from tvm import te
 
     return te.compute(weight.shape, lambda *i: weight(*i).astype(dtype), name=DEQUANTIZE_BLOCK)
+
+
+def int4_weight_loader(packed: Any, scale: Any, shape: Sequence[int]) -> Callable[..., Any]:
+    """``load(o, *index)``: element ``index`` of output channel ``o`` of a weight of ``shape`` stored as
+    int4 (``runtime/quantize.py``'s ``quantize_int4``: packed uint8 ``[O, inputs / 2]``, element ``2i`` the
+    low nibble of byte ``i``; float32 scale ``[O, groups, 1]``), as a float32 expression."""
+    from tvm import tirx
+
+    dims = [int(d) for d in shape[1:]]
+    group = 2 * int(packed.shape[1]) // int(scale.shape[1])
+
+    def load(o: Any, *index: Any) -> Any:
+        flat = index[0]
+        for i, size in zip(index[1:], dims[1:], strict=True):
+            flat = flat * size + i
+        byte = packed[o, flat // 2]
+        shift = (flat % 2 * 4).astype("uint8")
+        nibble = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
+        centred = nibble.astype("float32") - tirx.const(float(INT4_OFFSET), "float32")
+        return centred * scale[o, flat // group, 0]
+
+    return load
+
+
+def int4_weight_te(packed: Any, scale: Any, shape: Sequence[int], dtype: str) -> Any:
+    """The int4 weight of ``shape`` unpacked to ``dtype`` (see :func:`int4_weight_loader`)."""
+    from tvm import te
+
+    load = int4_weight_loader(packed, scale, shape)
+    return te.compute(tuple(shape), lambda o, *i: load(o, *i).astype(dtype), name=INT4_DEQUANTIZE)
 
 
 def legalize_conv2d(bb: Any, call: Any) -> Any:

@@ -10,6 +10,7 @@ fractions; each row's Lagrange denominator moves from B^T into G so that B^T and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
@@ -214,7 +215,15 @@ def _select(index: Any, cases: list[Any]) -> Any:
 
 
 def weight_transform_te(weight: Any, m: int, dtype: str) -> Any:
-    """U[xi * alpha + nu, k, c] = (G g_kc G^T)[xi, nu], accumulated in float32, stored in ``dtype``.
+    """U[xi * alpha + nu, k, c] = (G g_kc G^T)[xi, nu] of the OIHW 3x3 ``weight``, accumulated in float32,
+    stored in ``dtype``."""
+    k, c = weight.shape[0], weight.shape[1]
+    return loaded_weight_transform_te(lambda *i: weight[i].astype("float32"), k, c, m, dtype)
+
+
+def loaded_weight_transform_te(load: Callable[..., Any], k: Any, c: Any, m: int, dtype: str) -> Any:
+    """The weight transform of a ``k x c x 3 x 3`` weight whose float32 element ``(ko, ci, a, b)`` is
+    ``load(ko, ci, a, b)`` (a widened tensor element, or an int4 weight read from its packed nibbles).
 
     G is a small table computed in the kernel, so the weight block is nine multiply-adds per element with
     table loads: cheap to build and run unscheduled, which is how ``lift-weight-transforms`` runs it at
@@ -224,7 +233,6 @@ def weight_transform_te(weight: Any, m: int, dtype: str) -> Any:
 
     mats = winograd_matrices(m)
     alpha = mats.alpha
-    k, c = weight.shape[0], weight.shape[1]
 
     def entry(row: Any, col: Any) -> Any:
         cases = [_select(col, [tirx.const(float(v), "float32") for v in mats.G[r]]) for r in range(alpha)]
@@ -237,7 +245,7 @@ def weight_transform_te(weight: Any, m: int, dtype: str) -> Any:
         total = None
         for a in range(KERNEL):
             for b in range(KERNEL):
-                term = table[xi, a] * table[nu, b] * weight[ko, ci, a, b].astype("float32")
+                term = table[xi, a] * table[nu, b] * load(ko, ci, a, b)
                 total = term if total is None else total + term
         return total.astype(dtype)
 

@@ -16,9 +16,10 @@ on every call - more traffic than the float model. So for per-output-channel int
 prologue: the conv2d/matmul reads the int8 weight directly (TVM's kernel casts each element as it
 accumulates) and the per-channel scale, which commutes with the reduction, multiplies the output, where
 FuseOps does fuse it (with the bias) into the same kernel. int4's per-group scales do not commute, so int4
-weights are unpacked and dequantized by a separate kernel before the op (its cost is charged to w4 in the
-cost model). Activation quantization (round/clip/cast to int8) is elementwise on the layer's input and
-fuses into the producer's kernel.
+weights are unpacked and dequantized by a separate kernel before the op (``dequantize_int4``; its cost is
+charged to w4 in the cost model), except where ``winograd-conv2d`` then transforms the weight: its weight
+transform reads the nibbles itself. Activation quantization (round/clip/cast to int8) is elementwise on the
+layer's input and fuses into the producer's kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tvm import relax
 from edgediff.errors import PassError
 from edgediff.kernels.bf16_linear import BF16LinearEmitter
 from edgediff.kernels.bf16_matmul import has_avx512bf16
+from edgediff.kernels.dequantize import INT4_DEQUANTIZE, int4_weight_te
 from edgediff.kernels.int8_attention import Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
 from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
@@ -45,12 +47,10 @@ from edgediff.passes.report import PassReport
 from edgediff.precision.assignment import format_bytes
 from edgediff.precision.plan import LayerPlan, PrecisionPlan
 from edgediff.precision.quantizers import (
-    INT4_OFFSET,
     INT8_MAX,
     INT8_MIN,
     MIN_SCALE,
     get_format,
-    int4_layout,
     quantize_weight,
     stored_shapes,
 )
@@ -347,22 +347,13 @@ class _Rewriter:
             elif fmt.weight_bits == 8:
                 scale = relax.op.reshape(stored[1], [shape[0]] + [1] * (len(shape) - 1))
                 value = relax.op.multiply(relax.op.astype(stored[0], dtype), _cast(scale, dtype))
-            else:
-                inputs, groups, size = int4_layout(shape)
-                emit = bb.emit  # reshape needs its input's type: build the chain binding by binding
-                low = relax.op.bitwise_and(stored[0], relax.const(15, "uint8"))
-                high = relax.op.right_shift(stored[0], relax.const(4, "uint8"))
-                nibbles = emit(
-                    relax.op.reshape(emit(relax.op.stack([low, high], axis=2)), [shape[0], groups, size])
+            else:  # one kernel, recognised by winograd-conv2d, which then reads the nibbles itself
+                value = bb.call_te(
+                    lambda packed, scale: int4_weight_te(packed, scale, shape, dtype),
+                    stored[0],
+                    stored[1],
+                    primfunc_name_hint=INT4_DEQUANTIZE,
                 )
-                centred = relax.op.subtract(
-                    relax.op.astype(nibbles, dtype), relax.const(float(INT4_OFFSET), dtype)
-                )
-                scaled = emit(relax.op.multiply(centred, _cast(stored[1], dtype)))
-                rows = emit(relax.op.reshape(scaled, [shape[0], groups * size]))
-                if inputs != groups * size:
-                    rows = emit(relax.op.strided_slice(rows, axes=[1], begin=[0], end=[inputs]))
-                value = relax.op.reshape(rows, shape)
             self.dequantized[var] = bb.emit(value, f"{var.name}_dequantized")
             self._count("dequantize kernel (int4 or generic use)")
         return self.dequantized[var]
@@ -684,6 +675,13 @@ def _int8_emitter(spec: TargetSpec) -> Int8LinearEmitter | None:
         return None
     dot = dot_instruction(target)
     return None if dot.name == "portable" else Int8LinearEmitter(dot)
+
+
+def stores_int8_column_sums(spec: TargetSpec) -> bool:
+    """Whether this target's int8 kernels store an int32 sum per output channel next to each packed weight
+    (the compensation of ``vpdpbusd``'s uint8 activations), which the precision plan counts in its bytes."""
+    emitter = _int8_emitter(spec)
+    return emitter is not None and emitter.dot.compensated
 
 
 def _bf16_emitter(spec: TargetSpec) -> BF16LinearEmitter | None:

@@ -24,7 +24,9 @@ which commutes with the transform) are eligible too: their weight stays int8 in 
 transform casts it and runs on every call (``lift-weight-transforms`` keeps a widening transform
 un-lifted). It is charged to the layer in the cost model (reading the int8 weight, writing U) and adds no
 stored bytes, so the weight budget does not limit these layers; the direct w8 conv is charged one byte per
-weight.
+weight. Int4 layers (``w4``) likewise: mixed-precision unpacks their weight with a ``dequantize_int4``
+kernel, and where a layer takes Winograd its weight transform reads the packed nibbles and group scales
+itself instead (half a byte per weight read, one kernel), the unpack kernel then left unused.
 
 The transform matrices come from the Cook-Toom construction over the interpolation points 0, +-1, +-2,
 +-1/2 and infinity (Lavin & Gray 2016; the points ncnn uses for F(6x6,3x3)), computed exactly with
@@ -34,7 +36,7 @@ fractions; each row's Lagrange denominator moves from B^T into G so that B^T and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -43,13 +45,14 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
-from edgediff.kernels.dequantize import is_weight_only
+from edgediff.kernels.dequantize import INT4_DEQUANTIZE, int4_weight_loader, is_weight_only
 from edgediff.kernels.winograd import (
     KERNEL,
     TILE_SIZES,
     ConvShape,
     direct_conv2d_numpy,
     input_transform_te,
+    loaded_weight_transform_te,
     output_transform_te,
     padded_tiles,
     weight_transform_te,
@@ -86,6 +89,11 @@ DEFAULT_MAX_WEIGHT_GROWTH = 0.05
 # --- a layer and its candidates -----------------------------------------------------------------------------
 
 
+def _weight_bits(shape: ConvShape) -> int:
+    """Bits per stored weight element (4 for an int4 weight, whose per-group scales are not counted)."""
+    return tvm.runtime.DataType(shape.stored_weight_dtype).bits
+
+
 def _nonzeros(matrix: np.ndarray) -> int:
     return int(np.count_nonzero(matrix))
 
@@ -100,7 +108,7 @@ def estimate_seconds(cost: CostModel, shape: ConvShape, m: int | None, tile_mult
     alpha^2/9 times the weight's bytes), and one launch.
     """
     size = DTYPE_BITS[shape.dtype] // 8
-    weight_size = DTYPE_BITS[shape.stored_weight_dtype] // 8
+    weight_size = _weight_bits(shape) / 8
     out_size = DTYPE_BITS[shape.out_dtype] // 8
     dtype = shape.dtype
     x_elems, y_elems = shape.n * shape.c * shape.h * shape.w, shape.n * shape.k * shape.out_h * shape.out_w
@@ -179,7 +187,7 @@ class LayerChoice:
 
     @property
     def weight_bytes(self) -> int:
-        return self.shape.k * self.shape.c * KERNEL * KERNEL * DTYPE_BITS[self.shape.stored_weight_dtype] // 8
+        return self.shape.k * self.shape.c * KERNEL * KERNEL * _weight_bits(self.shape) // 8
 
     def extra_bytes(self, variant: str) -> int:
         """Bytes the stored weight grows by when ``variant`` is chosen (alpha^2/9 - 1 times the weight; none
@@ -310,23 +318,49 @@ class _Rewriter(relax.PyExprMutator):
             return weight.name.removeprefix("p_").removesuffix("_weight").removesuffix(".weight")
         return self.binding
 
+    def int4_source(self, weight: Any) -> tuple[Any, Any] | None:
+        """``(packed, scale)`` where ``weight`` is an int4 weight unpacked by mixed-precision's
+        ``dequantize_int4`` kernel, else None."""
+        value = self.values.get(weight)
+        if (
+            isinstance(value, relax.Call)
+            and value.op.same_as(tvm.ir.Op.get("relax.call_tir"))
+            and value.args[0].name_hint.startswith(INT4_DEQUANTIZE)
+        ):
+            packed, scale = value.args[1].fields
+            return packed, scale
+        return None
+
     def visit_call_(self, call: Any) -> Any:
         call = self.visit_expr_post_order(call)
         shape = eligible_conv(call)
         if shape is None:
             return call
-        m = self.decide(self.layer_name(call.args[1]), shape)
+        data, weight = call.args
+        int4 = self.int4_source(weight)
+        if int4 is not None:  # the transform reads the nibbles: stored as int4, transformed on every call
+            shape = replace(shape, weight_dtype="int4")
+        m = self.decide(self.layer_name(int4[0] if int4 else weight), shape)
         if m is None:
             return call
         bb = self.builder_
-        data, weight = call.args
         tiles = padded_tiles(shape, m, self.decide.tile_multiple(shape))
         # emit_te passes only tensors and plain values through: the rest is bound here
         # (an integer weight's transform casts it and is kept un-lifted by lift-weight-transforms: it runs
         # on every call, scheduled by the Winograd rule)
-        u = bb.emit_te(
-            lambda w: weight_transform_te(w, m, shape.dtype), weight, primfunc_name_hint="winograd_weight"
-        )
+        if int4 is None:
+            u = bb.emit_te(
+                lambda w: weight_transform_te(w, m, shape.dtype), weight, primfunc_name_hint="winograd_weight"
+            )
+        else:
+            dims = static_shape(weight)
+            u = bb.emit_te(
+                lambda packed, scale: loaded_weight_transform_te(
+                    int4_weight_loader(packed, scale, dims), shape.k, shape.c, m, shape.dtype
+                ),
+                *int4,
+                primfunc_name_hint="winograd_weight",
+            )
         v = bb.emit_te(
             lambda x: input_transform_te(x, m, shape.pad, tiles, shape.dtype),
             data,
