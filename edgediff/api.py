@@ -351,6 +351,7 @@ def plan_stage(
     pass_options = {name: dict(opts) for name, opts in request.pass_options.items()}
     plan = None
     if request.precision is not None:
+        from edgediff.passes.mixed_precision import stores_int8_column_sums
         from edgediff.precision.planner import plan_for_compile
 
         plan = plan_for_compile(
@@ -359,6 +360,7 @@ def plan_stage(
             imported[0],
             request.spec,
             progress=lambda s: bar.stage(f"precision: {s}"),
+            int8_column_sums=stores_int8_column_sums(request.spec),
         )
     guard_options = pass_options.get("fp16-overflow-guard", {})
     if "fp16-overflow-guard" in request.pass_names and "guard" not in guard_options:

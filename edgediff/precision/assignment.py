@@ -98,11 +98,16 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // WEIGHT_ALIGNMENT) * WEIGHT_ALIGNMENT
 
 
-def weight_bytes(info: LayerInfo, fmt: Format) -> int:
-    """Aligned bytes of a layer's stored weight arrays in ``fmt`` (0 for attention, which has none)."""
+def weight_bytes(info: LayerInfo, fmt: Format, column_sums: bool = False) -> int:
+    """Aligned bytes of a layer's stored weight arrays in ``fmt`` (0 for attention, which has none).
+    ``column_sums``: the target's int8 kernel also stores an int32 sum per output channel for a layer with
+    int8 activations (the uint8 ``vpdpbusd`` compensation, computed at compile time)."""
     if info.kind == "attention":
         return 0
-    return sum(aligned(n) for n in stored_nbytes(info.weight_shape, fmt))
+    stored = sum(aligned(n) for n in stored_nbytes(info.weight_shape, fmt))
+    if column_sums and fmt.activations:
+        stored += aligned(4 * info.weight_shape[0])
+    return stored
 
 
 def estimate_latency(
@@ -291,12 +296,14 @@ def layer_options(
     cost_model: Any,
     dtypes: Sequence[str],
     batch: int,
+    column_sums: bool = False,
 ) -> list[Option]:
-    """The options of one layer: each candidate format with its bytes, estimated latency and error."""
+    """The options of one layer: each candidate format with its bytes (``column_sums``: see
+    :func:`weight_bytes`), estimated latency and error."""
     return [
         Option(
             fmt,
-            weight_bytes(info, get_format(fmt)),
+            weight_bytes(info, get_format(fmt), column_sums),
             estimate_latency(info, get_format(fmt), cost_model, dtypes, batch),
             float(errors.get(fmt, 0.0)),
         )

@@ -87,11 +87,14 @@ def make_plan(
     *,
     weights: Mapping[str, tuple[tuple[int, ...], str]],
     progress: Callable[[str], None] | None = None,
+    int8_column_sums: bool = False,
 ) -> PrecisionPlan:
     """Measure ``module`` and choose a format for every quantizable layer on target ``spec``.
 
     ``weights`` maps the compiled graph's weight names to (shape, dtype): layers whose weight is not a
     graph weight are left alone, and everything not quantized counts at its own size in the byte budget.
+    ``int8_column_sums``: the target's int8 kernel stores an int32 sum per output channel of each layer
+    with int8 activations (``passes.mixed_precision.stores_int8_column_sums``), counted in its bytes.
     """
     from edgediff.targets import CostModel
 
@@ -181,7 +184,13 @@ def make_plan(
             errors = {n: {} for n in candidates}
         options = {
             info.name: layer_options(
-                info, candidates[info.name], errors[info.name], cost_model, dtypes, calibration.model_batch
+                info,
+                candidates[info.name],
+                errors[info.name],
+                cost_model,
+                dtypes,
+                calibration.model_batch,
+                int8_column_sums,
             )
             if info.name not in guarded
             else _guarded_options(info, candidates[info.name], cost_model, dtypes, calibration.model_batch)
@@ -501,9 +510,11 @@ def plan_for_compile(
     imported: Any,
     spec: TargetSpec,
     progress: Callable[[str], None] | None = None,
+    int8_column_sums: bool = False,
 ) -> PrecisionPlan:
     """The plan ``compile_model`` realises: a given plan as is, else one measured on the captured torch
-    model, accounting bytes against the weights the Relax import actually holds."""
+    model, accounting bytes against the weights the Relax import actually holds (``int8_column_sums``: see
+    :func:`make_plan`)."""
     weights = {
         name: (tuple(int(d) for d in w.shape), str(w.dtype))
         for name, w in zip(imported.weight_names, imported.weights, strict=True)
@@ -529,4 +540,5 @@ def plan_for_compile(
         request,
         weights=weights,
         progress=progress,
+        int8_column_sums=int8_column_sums,
     )

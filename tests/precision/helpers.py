@@ -75,6 +75,21 @@ def run_int8_matmul(
     return out.numpy()
 
 
+def host_dot_compensated(spec: Any) -> bool:
+    """Whether a target spec's int8 step stores an int32 column sum per output channel (``vpdpbusd``)."""
+    return dot_instruction(spec.build_target()).compensated
+
+
+def assert_packed_for_the_kernel(artifact: Any, weight: str, spec: Any) -> None:
+    """weights.bin holds ``weight`` packed for the int8 kernel (one 4-D int8 tensor) and, where the
+    instruction takes uint8 activations, its int32 column sums, computed at compile time."""
+    computed = [t for t in artifact.manifest["weights"]["tensors"] if t["name"].startswith(f"{weight}:")]
+    packed = [t for t in computed if t["dtype"] == "int8"]
+    sums = [t for t in computed if t["dtype"] == "int32"]
+    assert len(packed) == 1 and len(packed[0]["shape"]) == 4, computed
+    assert len(sums) == int(host_dot_compensated(spec)) and len(computed) == len(packed) + len(sums), computed
+
+
 def host_instruction(spec: Any) -> str:
     """The name of the int8 step a target spec's build uses ("portable" where it has none)."""
     return dot_instruction(spec.build_target()).name

@@ -16,11 +16,15 @@ from edgediff import zoo
 from edgediff.cli import main as cli_main
 from edgediff.errors import PrecisionError
 from edgediff.precision import PrecisionConfig
+from edgediff.precision.assignment import aligned
+from edgediff.targets import load_target
 from tests.precision.helpers import (
     A78,
     ARMV8,
     ZNVER4,
+    assert_packed_for_the_kernel,
     compile_at,
+    host_dot_compensated,
     host_instruction,
     plan_of,
     rewrite_counts,
@@ -45,12 +49,18 @@ def fragile_artifacts(fragile, host_int8, tmp_path_factory):
     return artifacts
 
 
-def test_uniform_formats_shrink_weights_bin(fragile_artifacts):
+def test_uniform_formats_shrink_weights_bin(fragile_artifacts, host_int8):
     size = {p: a.manifest["weights"]["bytes"] for p, a in fragile_artifacts.items()}
     assert size["w4"] < size["w8"] <= size["int8"] < size["fp16"] < size[None]
     # int8 stores the same weights, packed for the int8 kernels; only conv_out's 4 output channels are
-    # padded with zero rows to whole vectors of the GEMM (8 or 16 lanes): 4-12 rows of 144 bytes
-    assert size["int8"] - size["w8"] <= 12 * (16 * 9 + 8)
+    # padded with zero rows to whole vectors of the GEMM (8 or 16 lanes): 4-12 rows of 144 bytes; on a
+    # vpdpbusd host also an int32 column sum per output channel of each kernel layer
+    column_sums = [
+        t for t in fragile_artifacts["int8"].manifest["weights"]["tensors"] if t["dtype"] == "int32"
+    ]
+    assert bool(column_sums) == host_dot_compensated(host_int8)
+    column_bytes = sum(aligned(4 * int(np.prod(t["shape"]))) for t in column_sums)
+    assert size["int8"] - size["w8"] - column_bytes <= 12 * (16 * 9 + 8)
     assert size["w8"] < 0.4 * size[None]
     for precision in ("fp16", "w8", "int8", "w4"):
         assert (fragile_artifacts[precision].path / "weights.bin").stat().st_size == size[precision]
@@ -168,11 +178,18 @@ def test_unreachable_budget_names_the_smallest_reachable_size(fragile, host_int8
 
 
 def test_a_dtype_the_target_lacks_is_refused_before_capture(capsys, tmp_path):
-    status = cli_main(["compile", "--model", "tiny-dit", "--precision", "int8", "-o", str(tmp_path / "y")])
+    # this host's spec without int8, whatever its CPU has (`host` lists int8 where it has VNNI / dotprod)
+    data = load_target("host").to_dict()
+    data.update(name="host-float", dtypes=["float32", "float16"])
+    data["compute"]["peak_gflops"] = {"float32": 150, "float16": 75}
+    spec_file = tmp_path / "host-float.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    args = ["compile", "--model", "tiny-dit", "--target", str(spec_file), "--precision", "int8"]
+    status = cli_main([*args, "-o", str(tmp_path / "y")])
     assert status == 1
     message = capsys.readouterr().err.strip()
     assert message == (
-        "edgediff: error: target 'host' does not support int8 (needed by precision 'w8a8'); "
+        "edgediff: error: target 'host-float' does not support int8 (needed by precision 'w8a8'); "
         "it computes in float32, float16"
     )
     pins = PrecisionConfig(pins={"*.proj_out_2": "int4"})
@@ -311,9 +328,7 @@ def test_int8_artifact_runs_its_linear_layers_on_the_int8_kernel(fragile_artifac
         pytest.skip("this CPU has no int8 dot-product step (AVX2, VNNI, dotprod): the Relax path is used")
     artifact = fragile_artifacts["int8"]
     assert rewrite_counts(artifact)[f"int8 kernel ({instruction})"] == 5
-    tensors = {t["name"]: t for t in artifact.manifest["weights"]["tensors"]}
-    packed = [t for name, t in tensors.items() if name.startswith("attn.to_q.weight:")]
-    assert len(packed) == 1 and packed[0]["dtype"] == "int8" and len(packed[0]["shape"]) == 4
+    assert_packed_for_the_kernel(artifact, "attn.to_q.weight", host_int8)
 
 
 def test_per_token_int8_build_matches_the_measurement(fragile, host_int8, tmp_path):

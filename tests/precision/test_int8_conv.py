@@ -24,7 +24,15 @@ from edgediff.kernels.int8_conv2d import (
 )
 from edgediff.kernels.int8_matmul import KERNEL_NAME, DotInstruction
 from edgediff.runtime.quantize import INT8_MAX, INT8_MIN
-from tests.precision.helpers import GENERIC, compile_at, host_instruction, plan_of, portable, rewrite_counts
+from tests.precision.helpers import (
+    GENERIC,
+    assert_packed_for_the_kernel,
+    compile_at,
+    host_instruction,
+    plan_of,
+    portable,
+    rewrite_counts,
+)
 from tests.precision.ties import assert_matches_measurement
 
 SHAPES = {
@@ -154,9 +162,7 @@ def test_int8_build_runs_its_convs_on_the_kernel_and_matches_the_relax_path(frag
     assert rewritten[f"int8 kernel conv2d ({instruction})"] == rewritten["conv2d w8a8"] == 4
     assert rewritten["int8 kernel conv2d bias fused"] == 4
     assert rewritten[f"int8 kernel ({instruction})"] == 5  # the Linear layers, as before
-    tensors = {t["name"]: t for t in artifact.manifest["weights"]["tensors"]}
-    packed = [t for name, t in tensors.items() if name.startswith("conv_out.weight:")]
-    assert len(packed) == 1 and packed[0]["dtype"] == "int8" and len(packed[0]["shape"]) == 4
+    assert_packed_for_the_kernel(artifact, "conv_out.weight", host_int8)
 
     with mock.patch("edgediff.passes.mixed_precision.int8_conv2d_fits", return_value=False):
         relax_path = compile_at(*fragile, host_int8, tmp_path / "relax", "int8")
