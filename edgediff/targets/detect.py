@@ -8,7 +8,7 @@ merely possible: LLVM can run int8 and fp16 anywhere through widening, which is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 # Each capability: the flags that grant it, in /proc/cpuinfo spelling and in LLVM's (the fallback reader).
@@ -20,6 +20,16 @@ BF16_FLAGS: dict[str, tuple[str, ...]] = {"x86_64": ("avx512_bf16", "avx512bf16"
 FP16_COMPUTE_FLAGS: dict[str, tuple[str, ...]] = {
     "x86_64": ("avx512_fp16", "avx512fp16"),
     "aarch64": ("asimdhp", "fullfp16", "fphp"),
+}
+# The /proc/cpuinfo flags of those capabilities and the LLVM feature that makes LLVM emit their instructions.
+LLVM_FEATURES: dict[str, dict[str, str]] = {
+    "x86_64": {
+        "avx512_vnni": "avx512vnni",
+        "avx_vnni": "avxvnni",
+        "avx512_bf16": "avx512bf16",
+        "avx512_fp16": "avx512fp16",
+    },
+    "aarch64": {"asimddp": "dotprod", "asimdhp": "fullfp16"},
 }
 # Peak throughput of each dtype relative to float32 on one vector unit, for `peak_gflops: auto` entries:
 # VNNI/sdot do 4 int8 MACs per 32-bit lane per instruction, vdpbf16ps and fp16 FMA 2 per lane; float16
@@ -94,3 +104,13 @@ def detect_dtypes(flags: Iterable[str], arch: str) -> Detected:
     if bf16 is not None:
         dtypes.append("bfloat16")
     return Detected(arch=arch, dtypes=tuple(dtypes), int8_dot=int8, bf16=bf16, fp16_compute=fp16)
+
+
+def missing_llvm_features(flags: Iterable[str], arch: str, cpu_has: Callable[[str], bool]) -> list[str]:
+    """``+feature`` entries for an LLVM ``mattr``: the dot-product / half-precision capabilities the CPU
+    reports in ``flags`` that LLVM's CPU name lacks (``cpu_has(feature)``). A virtual machine may report an
+    older CPU model than the flags it passes through (LLVM named this Xeon ``rocketlake``, which has no
+    AVX512-BF16, while the flags list ``avx512_bf16``); without the entry the kernels never use it."""
+    flags = {str(f).lower() for f in flags}
+    wanted = LLVM_FEATURES.get(arch, {})
+    return [f"+{feature}" for flag, feature in wanted.items() if flag in flags and not cpu_has(feature)]

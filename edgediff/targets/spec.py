@@ -21,7 +21,7 @@ import yaml
 
 from edgediff.errors import TargetSpecError
 from edgediff.runtime.arch import machine_arch, normalise_arch
-from edgediff.targets.detect import Detected, detect_dtypes
+from edgediff.targets.detect import Detected, detect_dtypes, missing_llvm_features
 from edgediff.targets.schema import AUTO, validate, validate_measured
 
 if TYPE_CHECKING:
@@ -369,7 +369,7 @@ def _resolve_auto(
     detected = None
     peaks = compute["peak_gflops"]
     if data["dtypes"] == AUTO or AUTO in peaks.values():
-        detected = detect_dtypes(cpu(), normalise_arch(arch) if arch else machine_arch())
+        detected = detect_dtypes(cpu(), _arch(arch))
     if data["dtypes"] == AUTO:
         data["dtypes"] = list(detected.dtypes)
         compute["peak_gflops"] = peaks = {d: peaks[d] for d in data["dtypes"]}
@@ -386,7 +386,23 @@ def _resolve_auto(
             del target["mcpu"]
         else:
             target["mcpu"] = mcpu
+            if "mattr" not in target and _arch(arch) == machine_arch():  # flags of this machine's CPU
+                mattr = missing_llvm_features(cpu(), _arch(arch), lambda f: _cpu_has(mcpu, f))
+                if mattr:
+                    target["mattr"] = mattr
     return data, detected
+
+
+def _arch(arch: str | None) -> str:
+    return normalise_arch(arch) if arch else machine_arch()
+
+
+def _cpu_has(mcpu: str, feature: str) -> bool:
+    """Whether LLVM's CPU ``mcpu`` (of this machine's triple) has ``feature``."""
+    import tvm
+    from tvm.target import codegen
+
+    return bool(codegen.target_has_features(feature, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
 
 
 def _parse_yaml(text: str, source: str) -> Any:

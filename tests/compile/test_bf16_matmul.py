@@ -100,9 +100,9 @@ def test_avx2_build_has_no_vdpbf16ps():
 
 
 def test_vdpbf16ps_kernel_where_the_cpu_has_it():
-    from tvm.target import codegen
+    from tests.precision.helpers import host_target
 
-    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    host = tvm.target.Target(host_target())
     if not has_avx512bf16(host):
         pytest.skip("this CPU lacks AVX512-BF16: the vdpbf16ps build is checked by its assembly only")
     rows, depth, columns = 16, 256, 64

@@ -35,10 +35,11 @@ def portable(lanes: int, activation_dtype: str) -> DotInstruction:
 
 
 def host_target() -> dict:
-    """This CPU by name: the target whose build runs on this host's own int8 step."""
-    from tvm.target import codegen
+    """This CPU as the ``host`` spec builds for it (LLVM's name for it, plus the dot-product features its
+    flags grant that the name lacks): the target whose build runs on this host's own int8 step."""
+    from edgediff.targets import load_target
 
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    return dict(load_target("host").to_dict()["tvm"]["target"])
 
 
 def host_dot() -> DotInstruction:

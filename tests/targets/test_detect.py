@@ -11,7 +11,7 @@ import yaml
 from edgediff.cli import main as cli_main
 from edgediff.errors import TargetSpecError
 from edgediff.targets import TargetSpec
-from edgediff.targets.detect import detect_dtypes
+from edgediff.targets.detect import detect_dtypes, missing_llvm_features
 
 # /proc/cpuinfo excerpts of real CPUs (the flags that matter, plus a few that do not)
 SKYLAKE_AVX2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}
@@ -84,6 +84,32 @@ def test_host_spec_resolves_dtypes_peaks_and_features_from_flags() -> None:
     assert a78.dtypes == ("float32", "float16", "int8")
     assert a78.compute.peak_gflops["float16"] == 300.0  # native fp16 arithmetic: 2x float32
     assert a78.compute.vector_bits == 128
+
+
+def test_flags_llvm_s_cpu_name_lacks_become_mattr_entries() -> None:
+    # a VM whose CPU model LLVM reads as an older one (only VNNI) while its flags pass everything through
+    assert missing_llvm_features(SAPPHIRE_RAPIDS, "x86_64", lambda f: f == "avx512vnni") == [
+        "+avx512bf16",
+        "+avx512fp16",
+    ]
+    assert missing_llvm_features(SAPPHIRE_RAPIDS, "x86_64", lambda f: True) == []
+    assert missing_llvm_features(SKYLAKE_AVX2, "x86_64", lambda f: False) == []
+    assert missing_llvm_features(CORTEX_A78, "aarch64", lambda f: False) == ["+dotprod", "+fullfp16"]
+
+
+def test_host_build_target_has_the_instructions_its_flags_grant() -> None:
+    """Whatever LLVM calls this machine's CPU, the host spec resolved with Sapphire Rapids flags builds
+    with VNNI, AVX512-BF16 and AVX512-FP16, so the kernels use them (on an x86 machine LLVM names)."""
+    from edgediff.runtime.arch import machine_arch
+
+    spec = TargetSpec.from_dict(host_yaml(), cpu_flags=SAPPHIRE_RAPIDS, arch="x86_64")
+    target = spec.build_target()
+    if machine_arch() != "x86_64" or "mcpu" not in spec.to_dict()["tvm"]["target"]:
+        assert "mattr" not in spec.to_dict()["tvm"]["target"]  # another machine's flags: left alone
+        return
+    from tvm.target import codegen
+
+    assert codegen.target_has_features(["avx512vnni", "avx512bf16", "avx512fp16"], target)
 
 
 def test_resolved_host_round_trips_without_redetecting() -> None:
