@@ -67,6 +67,56 @@ def int4_weight_te(packed: Any, scale: Any, shape: Sequence[int], dtype: str) ->
     return te.compute(tuple(shape), lambda o, *i: load(o, *i).astype(dtype), name=INT4_DEQUANTIZE)
 
 
+# Values one step of the vectorized unpack writes: 16 bytes of nibbles, low then high nibble of each.
+INT4_VECTOR = 32
+
+
+def int4_dequantize_fits(shape: Sequence[int], group: int) -> bool:
+    """Whether :func:`int4_dequantize_func` takes a weight of ``shape`` with groups of ``group`` inputs
+    (no padded inputs, whole vectors per group); else :func:`int4_weight_te` unpacks it."""
+    inputs = 1
+    for d in shape[1:]:
+        inputs *= int(d)
+    return group % INT4_VECTOR == 0 and inputs % group == 0
+
+
+def int4_dequantize_func(shape: Sequence[int], group: int, dtype: str) -> Any:
+    """The int4 unpack as a scheduled PrimFunc: per 16 packed bytes, the low and high nibbles as two
+    vectors, centred and scaled, interleaved by one shuffle into 32 consecutive weights (the TE form's
+    per-element index arithmetic does not vectorize). Parallel over output channels."""
+    from tvm.script import tirx as T
+
+    rows = int(shape[0])
+    inputs = 1
+    for d in shape[1:]:
+        inputs *= int(d)
+    groups, half, steps = inputs // group, INT4_VECTOR // 2, group // INT4_VECTOR
+    lanes = f"{dtype}x{half}"
+    order = [i // 2 + (i % 2) * half for i in range(INT4_VECTOR)]  # low0 high0 low1 high1 ...
+    out_shape = tuple(int(d) for d in shape)
+
+    @T.prim_func
+    def func(
+        packed: T.Buffer((rows, inputs // 2), "uint8"),
+        scale: T.Buffer((rows, groups, 1), "float32"),
+        out: T.Buffer(out_shape, dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        flat = T.decl_buffer((rows * inputs,), dtype, data=out.data)
+        for o in T.parallel(rows):
+            for g, c in T.grid(groups, steps):
+                v = packed[o, T.ramp(g * (group // 2) + c * half, 1, half)]
+                s = T.broadcast(scale[o, g, 0], half)
+                offset = T.broadcast(T.float32(INT4_OFFSET), half)
+                low = (T.bitwise_and(v, T.broadcast(T.uint8(15), half)).astype("float32x16") - offset) * s
+                high = (T.shift_right(v, T.broadcast(T.uint8(4), half)).astype("float32x16") - offset) * s
+                start = o * inputs + g * group + c * INT4_VECTOR
+                pairs = T.Shuffle([low.astype(lanes), high.astype(lanes)], order)
+                flat[T.ramp(start, 1, INT4_VECTOR)] = pairs
+
+    return func
+
+
 def legalize_conv2d(bb: Any, call: Any) -> Any:
     """Relax's conv2d legalization, with a widening stage for an integer weight with a float output."""
     import tvm

@@ -35,7 +35,12 @@ from tvm import relax
 from edgediff.errors import PassError
 from edgediff.kernels.bf16_linear import BF16LinearEmitter
 from edgediff.kernels.bf16_matmul import has_avx512bf16
-from edgediff.kernels.dequantize import INT4_DEQUANTIZE, int4_weight_te
+from edgediff.kernels.dequantize import (
+    INT4_DEQUANTIZE,
+    int4_dequantize_fits,
+    int4_dequantize_func,
+    int4_weight_te,
+)
 from edgediff.kernels.int8_attention import Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
 from edgediff.kernels.int8_linear import Int8LinearEmitter, int8_linear_fits
@@ -51,6 +56,7 @@ from edgediff.precision.quantizers import (
     INT8_MIN,
     MIN_SCALE,
     get_format,
+    int4_layout,
     quantize_weight,
     stored_shapes,
 )
@@ -210,6 +216,7 @@ class _Rewriter:
         self.uses = _var_uses(func)
         self.remap: dict[relax.Var, relax.Expr] = {}
         self.dequantized: dict[relax.Var, relax.Expr] = {}
+        self.int4_kernels: dict[tuple[tuple[int, ...], str], Any] = {}  # (shape, dtype) -> GlobalVar
         self.transposed: dict[relax.Var, relax.Expr] = {}
         self.timestep_bucket: relax.Expr | None = None
         self.counts: dict[str, int] = {}
@@ -347,7 +354,17 @@ class _Rewriter:
             elif fmt.weight_bits == 8:
                 scale = relax.op.reshape(stored[1], [shape[0]] + [1] * (len(shape) - 1))
                 value = relax.op.multiply(relax.op.astype(stored[0], dtype), _cast(scale, dtype))
-            else:  # one kernel, recognised by winograd-conv2d, which then reads the nibbles itself
+            elif len(shape) == 4 and int4_dequantize_fits(shape, int4_layout(shape)[2]):
+                # a conv weight: one vectorized kernel, recognised by winograd-conv2d, which then reads the
+                # nibbles itself (a Linear weight keeps the TE unpack, which FuseOps fuses with the
+                # transpose after it: the two as separate kernels write the float weight twice)
+                key = (tuple(shape), dtype)
+                if key not in self.int4_kernels:
+                    func = int4_dequantize_func(shape, int4_layout(shape)[2], dtype)
+                    name = f"{INT4_DEQUANTIZE}_{'x'.join(map(str, shape))}"
+                    self.int4_kernels[key] = bb.add_func(func.without_attr("global_symbol"), name)
+                value = relax.call_tir(self.int4_kernels[key], stored[:2], relax.TensorType(shape, dtype))
+            else:  # the same unpack as TE
                 value = bb.call_te(
                     lambda packed, scale: int4_weight_te(packed, scale, shape, dtype),
                     stored[0],

@@ -1,7 +1,7 @@
 """Weight-only int8 (``w8``) runs the fp32 kernels: the same schedule rules take its convolutions and Linear
 layers, the int8 weight is widened inside their register-tiled loop nests (kernels/dequantize.py,
-schedules/common.py ``dequantize_weights``), and the results are the fake-quant measurement's.
-No timing assertions: the speed is measured by ``edgediff bench --precisions w8`` (BENCHMARKS.md)."""
+schedules/common.py ``dequantize_weights``), and the results are the fake-quant measurement's. int4
+(``w4``) weights are unpacked by a vectorized kernel, exactly as the numpy dequantization. No timing assertions: the speed is measured by ``edgediff bench --precisions w8`` (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -179,3 +179,32 @@ def test_conv2d_rule_widens_a_small_panel_once_per_output_channel_block():
     want = torch.nn.functional.conv2d(torch.from_numpy(xs), torch.from_numpy(ws.astype("float32")))
     got = _run_kernel(sch, [xs, ws], tuple(want.shape))
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5 * float(np.abs(want.numpy()).max()))
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"), [((64, 32, 3, 3), "float32"), ((40, 64), "float32"), ((16, 96), "float16")]
+)
+def test_int4_unpack_kernel_equals_the_numpy_dequantization(shape, dtype):
+    """The vectorized int4 unpack (w4 weights of whole 32-input groups) writes exactly what
+    ``runtime/quantize.py`` dequantizes: the nibble order, the offset and each group's scale."""
+    import tvm
+
+    from edgediff.kernels.dequantize import int4_dequantize_fits, int4_dequantize_func
+    from edgediff.runtime.quantize import DEFAULT_GROUP_SIZE, dequantize_int4, quantize_int4
+    from tests.precision.helpers import host_target
+
+    assert int4_dequantize_fits(shape, DEFAULT_GROUP_SIZE)
+    weight = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    packed, scale = quantize_int4(weight)
+    func = int4_dequantize_func(shape, DEFAULT_GROUP_SIZE, dtype)
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), host_target())
+    out = tvm.runtime.tensor(np.zeros(shape, dtype))
+    ex["main"](tvm.runtime.tensor(packed), tvm.runtime.tensor(scale), out)
+    np.testing.assert_array_equal(out.numpy(), dequantize_int4(packed, scale, shape).astype(dtype))
+
+
+def test_small_int4_layers_keep_the_te_unpack():
+    from edgediff.kernels.dequantize import int4_dequantize_fits
+
+    assert not int4_dequantize_fits((16, 4, 3, 3), 36)  # 36 inputs: one group under a whole vector
+    assert not int4_dequantize_fits((16, 40), 32)  # inputs padded to whole groups
