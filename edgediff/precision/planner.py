@@ -70,11 +70,21 @@ def _pins(pins: Mapping[str, str], layers: Sequence[LayerInfo]) -> dict[str, str
     return resolved
 
 
-def _uniform(mode: str, kind: str, float_fmt: str) -> str:
+def _uniform(mode: str, kind: str, float_fmt: str, float_attention: bool) -> str:
     fmt = get_format(mode)
     if kind in fmt.kinds:
         return fmt.name
+    if kind == "attention" and float_attention:
+        return float_fmt
     return UNIFORM_FALLBACK.get(fmt.name, {}).get(kind, float_fmt)
+
+
+def keeps_float_attention(spec: TargetSpec) -> bool:
+    """Whether attention layers stay in float unless pinned: on CPU targets ``fuse-attention`` computes a
+    whole attention in one kernel that never writes its score matrix, measured ~4.5x faster than the int8
+    (``a8``) matmuls with a float softmax between them (SD 1.5's 1024-token self-attention, AVX2 and
+    AVX512-VNNI alike; BENCHMARKS.md), and more accurate."""
+    return spec.kind == "cpu"
 
 
 def make_plan(
@@ -130,15 +140,30 @@ def make_plan(
         for info in layers
         if info.kind != "attention"
     }
+    float_attention = keeps_float_attention(spec)
     if auto:
         candidates = {
-            info.name: [pins[info.name]] if info.name in pins else candidate_formats(info.kind, dtypes)
+            info.name: [pins[info.name]]
+            if info.name in pins
+            else [
+                f
+                for f in candidate_formats(info.kind, dtypes)
+                if not (float_attention and info.kind == "attention" and get_format(f).activations)
+            ]
             for info in layers
         }
     else:
         candidates = {
-            info.name: [pins.get(info.name) or _uniform(config.mode, info.kind, float_fmt)] for info in layers
+            info.name: [pins.get(info.name) or _uniform(config.mode, info.kind, float_fmt, float_attention)]
+            for info in layers
         }
+    attention = [info.name for info in layers if info.kind == "attention" and info.name not in pins]
+    int8_attention = "int8" in dtypes and (auto or get_format(config.mode).activations is not None)
+    if float_attention and attention and int8_attention:
+        notes.append(
+            f"{len(attention)} attention layers keep float on this CPU target: its fused attention kernel is "
+            "faster than int8 matmuls around a float softmax; pin them ('*.sdpa': a8) to quantize them"
+        )
     guard, guarded = _overflow_guard(calibration, module, config, layers, pins, candidates, dtypes, notes)
     # on a float16-only target the guarded fp32 layers run on the host: fake quantization cannot emulate
     # them (it would round to float16), so they are not measured and count as exact

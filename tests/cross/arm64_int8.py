@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 import edgediff
-from tests.precision.helpers import compile_at
+from tests.precision.helpers import INT8_A8, compile_at
 
 REPO = Path(__file__).resolve().parents[2]
 OBJDUMP = "aarch64-linux-gnu-objdump"  # binutils-aarch64-linux-gnu, installed by `make device-tools`
@@ -32,9 +32,10 @@ print("ran")
 def int8_builds(
     model: Any, inputs: Sequence[Any], names: Sequence[str], host_int8: Any, root: Path
 ) -> dict[str, edgediff.Artifact]:
-    """``model`` at ``--precision int8`` for this host (``host_int8``) and for arm-a78, under ``root``."""
+    """``model`` at ``--precision int8``, attention matmuls included (``INT8_A8``), for this host
+    (``host_int8``) and for arm-a78, under ``root``."""
     return {
-        target: compile_at(model, inputs, names, spec, root / target, "int8")
+        target: compile_at(model, inputs, names, spec, root / target, INT8_A8)
         for target, spec in (("host", host_int8), ("arm-a78", "arm-a78"))
     }
 

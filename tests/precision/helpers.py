@@ -20,13 +20,17 @@ from edgediff.kernels.int8_matmul import (
     dot_instruction,
     pack_int8_weight,
 )
-from edgediff.precision import PrecisionPlan
+from edgediff.precision import PrecisionConfig, PrecisionPlan
 
 ZNVER4 = {"kind": "llvm", "mcpu": "znver4"}  # AVX512-VNNI: vpdpbusd, uint8 activations + compensation
 ZNVER3 = {"kind": "llvm", "mcpu": "znver3"}  # AVX2, no VNNI: the vpmaddwd step
 A78 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon", "+dotprod"]}
 ARMV8 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}  # no dotprod: portable
 GENERIC = {"kind": "llvm"}  # this host's ISA at its baseline: runs on any machine of the host's arch
+
+
+# uniform w8a8 with the attention matmuls quantized too: CPU targets keep attention in float unless pinned
+INT8_A8 = PrecisionConfig(mode="int8", pins={"*.sdpa": "a8"})
 
 
 def portable(lanes: int, activation_dtype: str) -> DotInstruction:

@@ -33,6 +33,7 @@ from tests.precision.helpers import (
     A78,
     ARMV8,
     GENERIC,
+    INT8_A8,
     ZNVER3,
     ZNVER4,
     compile_at,
@@ -241,7 +242,7 @@ def test_what_the_kernel_does_not_take():
 @pytest.fixture(scope="module")
 def int8_fragile(fragile, host_int8, tmp_path_factory):
     model, inputs, names = fragile
-    return compile_at(model, inputs, names, host_int8, tmp_path_factory.mktemp("attn") / "int8", "int8")
+    return compile_at(model, inputs, names, host_int8, tmp_path_factory.mktemp("attn") / "int8", INT8_A8)
 
 
 def _attention_counts(rewritten: dict[str, int]) -> dict[str, int]:
@@ -330,7 +331,7 @@ def test_geglu_projection_runs_on_the_int8_kernel_and_the_gating_fuses(host_int8
     gen = torch.Generator().manual_seed(1)
     inputs = (torch.randn(1, 16, 16, generator=gen), torch.randn(1, 4, 8, generator=gen))
     names = ("x", "context")
-    artifact = compile_at(model, inputs, names, host_int8, tmp_path / "a", "int8")
+    artifact = compile_at(model, inputs, names, host_int8, tmp_path / "a", INT8_A8)
     plan = plan_of(artifact)
     rewritten = rewrite_counts(artifact)
     assert rewritten["linear w8a8"] == 10 and rewritten["attention matmul a8"] == 4

@@ -1,7 +1,8 @@
 """Weight-only int8 (``w8``) runs the fp32 kernels: the same schedule rules take its convolutions and Linear
 layers, the int8 weight is widened inside their register-tiled loop nests (kernels/dequantize.py,
 schedules/common.py ``dequantize_weights``), and the results are the fake-quant measurement's. int4
-(``w4``) weights are unpacked by a vectorized kernel, exactly as the numpy dequantization. No timing assertions: the speed is measured by ``edgediff bench --precisions w8`` (BENCHMARKS.md)."""
+(``w4``) weights are unpacked by a vectorized kernel, exactly as the numpy dequantization. No timing
+assertions: the speed is measured by ``edgediff bench --precisions w8`` (BENCHMARKS.md)."""
 
 from __future__ import annotations
 
