@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import edgediff
+from tests.precision.helpers import compile_at
 from tests.precision.models import FragileDenoiser
 from tests.precision.ties import assert_matches_measurement
 
@@ -27,16 +27,9 @@ def builds(host_int8, tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     inputs = (torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500.0]))
     root = tmp_path_factory.mktemp("w8")
+    names = ("sample", "timestep")
     artifacts = {
-        precision: edgediff.compile_model(
-            model,
-            inputs,
-            target=host_int8,
-            input_names=("sample", "timestep"),
-            output_dir=root / str(precision),
-            progress=False,
-            precision=precision,
-        )
+        precision: compile_at(model, inputs, names, host_int8, root / str(precision), precision)
         for precision in (None, "w8")
     }
     return model, inputs, artifacts

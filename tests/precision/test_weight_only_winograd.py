@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import edgediff
+from tests.precision.helpers import compile_at
 from tests.precision.ties import assert_matches_measurement
 
 CHANNELS = 64
@@ -47,15 +47,8 @@ def builds(request, host_int8, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{precision}wino")
     options = {"auto": None, "direct": {"winograd-conv2d": {"variant": "direct"}}}
     artifacts = {
-        name: edgediff.compile_model(
-            model,
-            inputs,
-            target=host_int8,
-            input_names=("sample", "timestep"),
-            output_dir=root / name,
-            progress=False,
-            precision=precision,
-            pass_options=option,
+        name: compile_at(
+            model, inputs, ("sample", "timestep"), host_int8, root / name, precision, pass_options=option
         )
         for name, option in options.items()
     }
