@@ -51,9 +51,12 @@ def machine_line(threads: int) -> str:
     from edgediff.targets import load_target
 
     spec = load_target("host")
+    mattr = " ".join(spec.tvm_target.get("mattr") or [])  # features the flags add to LLVM's CPU name
     return (
         f"{platform.machine()}, {spec.compute.cores} cores ({threads} threads used), "
         f"{spec.compute.vector_bits}-bit vectors, LLVM mcpu {spec.tvm_target.get('mcpu', 'generic')}"
+        + (f" {mattr}" if mattr else "")
+        + f"; dtypes {', '.join(spec.dtypes)}"
     )
 
 
