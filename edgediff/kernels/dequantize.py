@@ -30,6 +30,35 @@ def is_weight_only(weight_dtype: str, out_dtype: str) -> bool:
     return weight_dtype.startswith(("int", "uint")) and out_dtype.startswith(("float", "bfloat"))
 
 
+def rounds_data_for_conv(weight_dtype: str, data_dtype: str, out_dtype: str) -> bool:
+    """Whether a conv2d of a ``weight_dtype`` weight runs as float32 data rounded to it and the weight
+    widened in the float32 kernel (bfloat16: its products are exact in float32), instead of a Relax conv2d
+    on bfloat16 operands that TVM widens element by element."""
+    return weight_dtype == "bfloat16" and data_dtype == "float32" and out_dtype == "float32"
+
+
+def round_to_bfloat16_te(x: Any) -> Any:
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), kept in float32, with integer ops on its
+    bits: a float32 -> bfloat16 -> float32 cast pair inside one kernel is folded away by TVM's bfloat16
+    legalization, which computes bfloat16 arithmetic in float32."""
+    from tvm import te, tirx
+
+    def rounded(*i: Any) -> Any:
+        bits = tirx.reinterpret("uint32", x(*i))
+        even = tirx.bitwise_and(tirx.shift_right(bits, tirx.const(16, "uint32")), tirx.const(1, "uint32"))
+        up = bits + tirx.const(0x7FFF, "uint32") + even
+        return tirx.reinterpret("float32", tirx.bitwise_and(up, tirx.const(0xFFFF0000, "uint32")))
+
+    return te.compute(x.shape, rounded, name="round_to_bfloat16")
+
+
+def widens_weight(weight_dtype: str, data_dtype: str, out_dtype: str) -> bool:
+    """Whether a conv2d widens its weight inside the float kernel: weight-only integer, or bfloat16 with
+    float32 data (:func:`rounds_data_for_conv`)."""
+    rounded = rounds_data_for_conv(weight_dtype, data_dtype, out_dtype)
+    return rounded or is_weight_only(weight_dtype, out_dtype)
+
+
 def weight_dequantize_te(weight: Any, dtype: str) -> Any:
     """``weight`` widened to ``dtype`` as a stage of its own."""
     from tvm import te
@@ -126,7 +155,7 @@ def legalize_conv2d(bb: Any, call: Any) -> Any:
     out_dtype = str(attrs.out_dtype) or str(call.ty.dtype)
     default = tvm.ir.Op.get("relax.nn.conv2d").get_attr("FLegalize")
     if (
-        not is_weight_only(str(call.args[1].ty.dtype), out_dtype)
+        not widens_weight(str(call.args[1].ty.dtype), str(call.args[0].ty.dtype), out_dtype)
         or attrs.out_layout != attrs.data_layout
         or len(attrs.data_layout) != 4
         or len(attrs.kernel_layout) != 4

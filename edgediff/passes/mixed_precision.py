@@ -40,6 +40,8 @@ from edgediff.kernels.dequantize import (
     int4_dequantize_fits,
     int4_dequantize_func,
     int4_weight_te,
+    round_to_bfloat16_te,
+    rounds_data_for_conv,
 )
 from edgediff.kernels.int8_attention import Int8AttentionEmitter, int8_attention_fits
 from edgediff.kernels.int8_conv2d import ConvShape, Int8Conv2dEmitter, int8_conv2d_fits
@@ -540,6 +542,14 @@ class _Rewriter:
         """The conv/matmul ``op`` of a layer at its format (stored = [weight, scale...])."""
         self._count(f"{layer.kind} {fmt.name}")
         if fmt.weight_bits == 16:
+            if layer.kind == "conv2d" and rounds_data_for_conv(str(fmt.weight_dtype), _dtype(x), out_dtype):
+                # the same products as a bfloat16 conv with float32 accumulation (a product of two
+                # bfloat16 values is exact in float32), on the float32 conv kernels: the data rounded to
+                # bfloat16 and back (elementwise, fused into its producer), the weight widened inside the
+                # kernel or by Winograd's weight transform
+                rounded = bb.call_te(round_to_bfloat16_te, x, primfunc_name_hint="round_to_bfloat16")
+                self._count("conv2d bf16 on the float32 conv kernels")
+                return op(rounded, stored[0], out_dtype)
             return _half_op(op, fmt, x, stored[0], out_dtype)
         if fmt.activations is None:  # int8 weights: cast inside the kernel, per-channel scale on the output
             return relax.op.multiply(op(x, stored[0], out_dtype), _cast(stored[1], out_dtype))

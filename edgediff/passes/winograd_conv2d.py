@@ -45,7 +45,12 @@ import tvm
 from tvm import relax
 
 from edgediff.errors import PassError
-from edgediff.kernels.dequantize import INT4_DEQUANTIZE, int4_weight_loader, is_weight_only
+from edgediff.kernels.dequantize import (
+    INT4_DEQUANTIZE,
+    int4_weight_loader,
+    is_weight_only,
+    rounds_data_for_conv,
+)
 from edgediff.kernels.winograd import (
     KERNEL,
     TILE_SIZES,
@@ -273,7 +278,10 @@ def eligible_conv(call: Any) -> ConvShape | None:
         return None
     # a weight-only int8 conv (mixed-precision: float data, int8 weight, per-channel scale on the output,
     # which commutes with the transform): the weight transform casts it, on every call
-    if weight_dtype != dtype and not (weight_dtype == "int8" and is_weight_only(weight_dtype, out_dtype)):
+    if weight_dtype != dtype and not (
+        (weight_dtype == "int8" and is_weight_only(weight_dtype, out_dtype))
+        or rounds_data_for_conv(weight_dtype, dtype, out_dtype)  # a bf16 layer: the transform widens it
+    ):
         return None
     pad = tuple(int(p) for p in attrs.padding)
     pad = pad * 2 if len(pad) == 2 else pad
