@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from edgediff.runtime.quantize import INT4_OFFSET
+from edgediff.runtime.quantize import DEFAULT_GROUP_SIZE, INT4_OFFSET, int4_layout
 from edgediff.schedules.common import DEQUANTIZE_BLOCK
 
 # The PrimFunc name of the int4 unpack kernel (its Relax call is how passes recognise an int4 weight).
@@ -100,26 +100,22 @@ def int4_weight_te(packed: Any, scale: Any, shape: Sequence[int], dtype: str) ->
 INT4_VECTOR = 32
 
 
-def int4_dequantize_fits(shape: Sequence[int], group: int) -> bool:
-    """Whether :func:`int4_dequantize_func` takes a weight of ``shape`` with groups of ``group`` inputs
-    (no padded inputs, whole vectors per group); else :func:`int4_weight_te` unpacks it."""
-    inputs = 1
-    for d in shape[1:]:
-        inputs *= int(d)
-    return group % INT4_VECTOR == 0 and inputs % group == 0
+def int4_dequantize_fits(shape: Sequence[int], group_size: int = DEFAULT_GROUP_SIZE) -> bool:
+    """Whether :func:`int4_dequantize_func` takes a weight of ``shape`` (``int4_layout``: no padded inputs,
+    whole vectors per group); else :func:`int4_weight_te` unpacks it."""
+    inputs, groups, size = int4_layout(tuple(shape), group_size)
+    return size % INT4_VECTOR == 0 and inputs == groups * size
 
 
-def int4_dequantize_func(shape: Sequence[int], group: int, dtype: str) -> Any:
+def int4_dequantize_func(shape: Sequence[int], dtype: str, group_size: int = DEFAULT_GROUP_SIZE) -> Any:
     """The int4 unpack as a scheduled PrimFunc: per 16 packed bytes, the low and high nibbles as two
     vectors, centred and scaled, interleaved by one shuffle into 32 consecutive weights (the TE form's
     per-element index arithmetic does not vectorize). Parallel over output channels."""
     from tvm.script import tirx as T
 
     rows = int(shape[0])
-    inputs = 1
-    for d in shape[1:]:
-        inputs *= int(d)
-    groups, half, steps = inputs // group, INT4_VECTOR // 2, group // INT4_VECTOR
+    inputs, groups, group = int4_layout(tuple(shape), group_size)
+    half, steps = INT4_VECTOR // 2, group // INT4_VECTOR
     lanes = f"{dtype}x{half}"
     order = [i // 2 + (i % 2) * half for i in range(INT4_VECTOR)]  # low0 high0 low1 high1 ...
     out_shape = tuple(int(d) for d in shape)

@@ -58,7 +58,6 @@ from edgediff.precision.quantizers import (
     INT8_MIN,
     MIN_SCALE,
     get_format,
-    int4_layout,
     quantize_weight,
     stored_shapes,
 )
@@ -356,13 +355,13 @@ class _Rewriter:
             elif fmt.weight_bits == 8:
                 scale = relax.op.reshape(stored[1], [shape[0]] + [1] * (len(shape) - 1))
                 value = relax.op.multiply(relax.op.astype(stored[0], dtype), _cast(scale, dtype))
-            elif len(shape) == 4 and int4_dequantize_fits(shape, int4_layout(shape)[2]):
+            elif len(shape) == 4 and int4_dequantize_fits(shape):
                 # a conv weight: one vectorized kernel, recognised by winograd-conv2d, which then reads the
                 # nibbles itself (a Linear weight keeps the TE unpack, which FuseOps fuses with the
                 # transpose after it: the two as separate kernels write the float weight twice)
                 key = (tuple(shape), dtype)
                 if key not in self.int4_kernels:
-                    func = int4_dequantize_func(shape, int4_layout(shape)[2], dtype)
+                    func = int4_dequantize_func(shape, dtype)
                     name = f"{INT4_DEQUANTIZE}_{'x'.join(map(str, shape))}"
                     self.int4_kernels[key] = bb.add_func(func.without_attr("global_symbol"), name)
                 value = relax.call_tir(self.int4_kernels[key], stored[:2], relax.TensorType(shape, dtype))

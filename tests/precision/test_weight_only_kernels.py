@@ -184,13 +184,13 @@ def test_int4_unpack_kernel_equals_the_numpy_dequantization(shape, dtype):
     import tvm
 
     from edgediff.kernels.dequantize import int4_dequantize_fits, int4_dequantize_func
-    from edgediff.runtime.quantize import DEFAULT_GROUP_SIZE, dequantize_int4, quantize_int4
+    from edgediff.runtime.quantize import dequantize_int4, quantize_int4
     from tests.precision.helpers import host_target
 
-    assert int4_dequantize_fits(shape, DEFAULT_GROUP_SIZE)
+    assert int4_dequantize_fits(shape)
     weight = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     packed, scale = quantize_int4(weight)
-    func = int4_dequantize_func(shape, DEFAULT_GROUP_SIZE, dtype)
+    func = int4_dequantize_func(shape, dtype)
     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), host_target())
     out = tvm.runtime.tensor(np.zeros(shape, dtype))
     ex["main"](tvm.runtime.tensor(packed), tvm.runtime.tensor(scale), out)
