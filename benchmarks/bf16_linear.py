@@ -47,7 +47,7 @@ def main() -> None:
 
     import edgediff
     from benchmarks.int8_matmul import CASES  # SD 1.5 Linear layers at latent 32x32, as for int8
-    from benchmarks.kernels import least_cpu_ms
+    from benchmarks.kernel_speed import least_cpu_ms
     from edgediff.passes import mixed_precision
 
     spec = _host_bf16()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import int8_host_target, least_cpu_ms  # noqa: E402
+from kernel_speed import int8_host_target, least_cpu_ms  # noqa: E402
 
 # SD 1.5 UNet attention at latent 32x32 (heads, queries, keys, head dim): self-attention at the first two
 # levels, cross-attention (77 text tokens) at the first

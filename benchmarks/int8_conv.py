@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import int8_host_target, least_cpu_ms  # noqa: E402
+from kernel_speed import int8_host_target, least_cpu_ms  # noqa: E402
 
 # SD 1.5 UNet convs at latent 32: (in channels, size, out channels, kernel, stride)
 CASES = [

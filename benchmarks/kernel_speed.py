@@ -9,8 +9,8 @@ time: with ``--threads 1`` that is what a call costs on a quiet core even when o
 machine. To compare two versions of edgediff, run the script with each on PYTHONPATH (the script uses only
 ``edgediff.compile_model`` and ``edgediff.load``).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/kernels.py
-    PYTHONPATH=. .venv/bin/python benchmarks/kernels.py --threads 1 --cpu-time --cases 'linear*' 'conv*'
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_speed.py
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_speed.py --threads 1 --cpu-time --cases 'linear*' 'conv*'
 """
 
 from __future__ import annotations
