@@ -13,6 +13,8 @@ process CPU time of ``--runs`` calls (``--threads 1``: a quiet core).
 
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/int8_attention.py --threads 1 --runs 10
 
+The int8 builds pin attention to ``a8`` (``--pin '*sdpa=a8'``): CPU targets otherwise keep attention in float.
+
 ``--tiny-unet`` instead compiles the zoo's tiny-sd15-unet with ``--precision int8`` for the same target and
 prints the mixed-precision pass's counts: which Linear layers (GEGLU projections included) and attention
 matmuls run on the int8 kernels.
@@ -106,13 +108,15 @@ def main() -> None:
 
     import edgediff
     from edgediff.passes import mixed_precision
+    from edgediff.precision import PrecisionConfig
     from edgediff.tools.bench.quality import host_int8
 
     spec = host_int8()
+    int8_a8 = PrecisionConfig(mode="int8", pins={"*sdpa": "a8"})  # CPU plans keep attention float otherwise
     if args.tiny_unet:
         with tempfile.TemporaryDirectory() as tmp:
             artifact = edgediff.compile_model(
-                "tiny-sd15-unet", target=spec, output_dir=f"{tmp}/a", progress=False, precision="int8"
+                "tiny-sd15-unet", target=spec, output_dir=f"{tmp}/a", progress=False, precision=int8_a8
             )
         report = {p["name"]: p["report"] for p in artifact.manifest["passes"]}["mixed-precision"]
         for key, count in report["rewritten"].items():
@@ -130,7 +134,7 @@ def main() -> None:
         q, k, v = (torch.randn(1, heads, n, dim, generator=gen) for n in (queries, keys, keys))
         calls, outputs, sites = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
-            variants = (("fp32", None), ("fp32 unfused", None), ("int8", "int8"), ("Relax int8", "int8"))
+            variants = (("fp32", None), ("fp32 unfused", None), ("int8", int8_a8), ("Relax int8", int8_a8))
             for name, precision in variants:
                 # the previous path: the pass without the attention emitter (this process only)
                 mixed_precision._Rewriter._int8_kernel_attention = (
