@@ -123,7 +123,7 @@ def bench_model(name: str, latent: int | None, args: argparse.Namespace, workdir
         flush=True,
     )
     if args.profile:
-        _print_profile(module, inputs)
+        print_profile(module, inputs)
     return row
 
 
@@ -154,7 +154,9 @@ def _bench_onnxruntime(
     return time_calls(lambda: session.run(None, feed), args.runs, args.warmup, args.cpu_time)
 
 
-def _print_profile(module: Any, inputs: tuple[Any, ...]) -> None:
+def print_profile(module: Any, inputs: tuple[Any, ...], top: int = 25) -> None:
+    """The ``top`` kernels of one call of a loaded artifact on ``inputs`` (torch tensors), and the time per
+    op family."""
     import tvm
 
     from edgediff.backend.profile import profile_vm
@@ -163,7 +165,7 @@ def _print_profile(module: Any, inputs: tuple[Any, ...]) -> None:
     vm_args = [tvm.runtime.tensor(np.ascontiguousarray(x.numpy())) for x in inputs] + list(module._weights)
     module(*inputs)  # warm: the first call also starts TVM's thread pool
     profile = profile_vm(module._vm, vm_args, runs=1)
-    print(profile.table(top=25))
+    print(profile.table(top=top))
     families = ", ".join(f"{k} {1e3 * v:.0f} ms" for k, v in profile.by_family().items())
     print(f"  by op family: {families}")
 
